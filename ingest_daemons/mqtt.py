@@ -1,0 +1,122 @@
+"""MQTT ingest daemon: subscribes to every device's telemetry topic, normalises, hands to the sink."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from sensormine.bus import ReadingSink, make_sink
+from sensormine.db import connect
+from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_client, parse_telemetry_topic
+from sensormine.payload import PayloadError, parse_device_payload
+from sensormine.reading import now_us
+from sensormine.registry import DeviceDirectory
+from sensormine.settings import Settings, get_settings
+
+log = logging.getLogger("sensormine.ingest.mqtt")
+SOURCE = "mqtt"
+
+
+@dataclass
+class MqttStats:
+    """Counters since start."""
+
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
+
+class MqttIngest:
+    """Turns MQTT messages into readings (or dead letters); one instance per process."""
+
+    def __init__(self, sink: ReadingSink, is_registered: Callable[[str, str], bool]) -> None:
+        self.sink = sink
+        self.is_registered = is_registered
+        self.stats = MqttStats()
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """Process one message; True when its readings were handed to the sink."""
+        self.stats.received += 1
+        ident = parse_telemetry_topic(topic)
+        tenant_id, device_id = ident if ident else (None, None)
+        reason = None
+        if ident is None:
+            reason = "topic does not match sensormine/{tenant}/{device}/telemetry"
+        elif not self.is_registered(tenant_id, device_id):  # type: ignore[arg-type]
+            reason = f"unknown device {device_id!r} of tenant {tenant_id!r}"
+        else:
+            try:
+                readings = parse_device_payload(payload, tenant_id, device_id, now_us())  # type: ignore[arg-type]
+            except PayloadError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self.stats.rejected += 1
+            self.sink.reject(SOURCE, topic, reason, payload, tenant_id, device_id)
+            return False
+        self.stats.accepted += 1
+        self.sink.publish(tenant_id, device_id, SOURCE, readings)  # type: ignore[arg-type]
+        return True
+
+
+class MqttDaemon:
+    """The always-on process: a paho client looping on its own thread, feeding MqttIngest."""
+
+    def __init__(self, settings: Settings | None = None, sink: ReadingSink | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.sink = sink or make_sink(self.settings)
+        self.directory = DeviceDirectory(lambda: connect(self.settings))
+        self.directory.refresh()
+        self.ingest = MqttIngest(self.sink, self.directory.contains)
+        self.subscribed = threading.Event()
+        self.client = make_client("sensormine-ingest", self.settings)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+
+    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code.is_failure:
+            log.error("MQTT connect refused: %s", reason_code)
+            return
+        client.subscribe(TELEMETRY_SUBSCRIPTION, qos=1)  # re-subscribes after every reconnect
+        log.info("subscribed to %s", TELEMETRY_SUBSCRIPTION)
+
+    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+        try:
+            self.ingest.handle(msg.topic, msg.payload)
+        except Exception:  # a daemon must outlive any one message
+            log.exception("failed to handle a message on %s", msg.topic)
+
+    def start(self, wait_s: float = 10.0) -> MqttDaemon:
+        """Start looping in the background and wait for the subscription."""
+        self.client.loop_start()
+        if not self.subscribed.wait(wait_s):
+            raise RuntimeError("MQTT subscription was not acknowledged; is the broker up?")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect and flush what was handed to the sink."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.sink.flush(30)
+
+
+def main() -> None:
+    """Run the MQTT daemon until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    daemon = MqttDaemon().start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(10):
+        s = daemon.ingest.stats
+        log.info("received=%d accepted=%d rejected=%d", s.received, s.accepted, s.rejected)
+    daemon.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Where daemons hand their readings and rejects: Kafka when configured, else the hot store in-process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import psycopg
+
+from sensormine.hotstore import HotStoreWriter
+from sensormine.payload import encode_envelope
+from sensormine.reading import Reading, now_us
+from sensormine.settings import Settings, get_settings
+from sensormine.validation import validate_message
+
+log = logging.getLogger(__name__)
+
+
+class ReadingSink(Protocol):
+    """What an ingest daemon writes to."""
+
+    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+        """Hand over one device's normalised readings."""
+
+    def reject(
+        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+    ) -> None:
+        """Send a rejected payload, unchanged, to the dead-letter queue with its reason."""
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Wait for everything handed over to be durable; returns what is still pending."""
+
+
+def dlq_headers(source: str, origin: str, reason: str, tenant_id: str | None, device_id: str | None) -> list[tuple[str, bytes]]:
+    """Kafka headers carried by a dead letter."""
+    headers = [("reason", reason.encode()), ("source", source.encode()), ("origin", origin.encode())]
+    if tenant_id:
+        headers.append(("tenant_id", tenant_id.encode()))
+    if device_id:
+        headers.append(("device_id", device_id.encode()))
+    headers.append(("rejected_at_us", str(now_us()).encode()))
+    return headers
+
+
+class KafkaSink:
+    """Produces envelopes to `{env}.{tenant}.telemetry` keyed by device, rejects to `{env}.dlq`."""
+
+    def __init__(self, settings: Settings | None = None, producer=None) -> None:  # noqa: ANN001
+        from sensormine.kafka import make_producer
+
+        self.settings = settings or get_settings()
+        self.producer = producer or make_producer(self.settings)
+        self.delivery_errors = 0
+
+    def _on_delivery(self, err, msg) -> None:  # noqa: ANN001
+        if err is not None:
+            self.delivery_errors += 1
+            log.error("Kafka delivery to %s failed: %s", msg.topic(), err)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:  # noqa: ANN001
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: let librdkafka drain, then retry
+                self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+        self._produce(
+            self.settings.telemetry_topic(tenant_id), device_id.encode(), encode_envelope(tenant_id, device_id, source, readings)
+        )
+
+    def reject(
+        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+    ) -> None:
+        self._produce(
+            self.settings.dlq_topic,
+            device_id.encode() if device_id else None,
+            payload,
+            dlq_headers(source, origin, reason, tenant_id, device_id),
+        )
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return self.producer.flush(timeout)
+
+
+def store_dead_letter(
+    conn: psycopg.Connection, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None, device_id: str | None
+) -> None:
+    """Keep a rejected payload in the database's dead-letter table (used without Kafka)."""
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO dead_letters (source, origin, tenant_id, device_id, reason, payload) VALUES (%s, %s, %s, %s, %s, %s)",
+            (source, origin, tenant_id, device_id, reason, payload),
+        )
+
+
+class DirectSink:
+    """Without Kafka: validate and write to the hot store in-process, on the consumer's path."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._conn = connect()
+        self._writer = HotStoreWriter(self._conn)
+        self._lock = threading.Lock()
+
+    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+        reason = validate_message(readings, self.settings)
+        with self._lock:
+            if reason is None:
+                self._writer.write(readings)
+            else:
+                payload = encode_envelope(tenant_id, device_id, source, readings)
+                store_dead_letter(self._conn, source, "in-process", reason, payload, tenant_id, device_id)
+
+    def reject(
+        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+    ) -> None:
+        with self._lock:
+            store_dead_letter(self._conn, source, origin, reason, payload, tenant_id, device_id)
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+def make_sink(settings: Settings | None = None) -> ReadingSink:
+    """Kafka when SENSORMINE_KAFKA_BOOTSTRAP is set, else the in-process path."""
+    settings = settings or get_settings()
+    if settings.kafka_bootstrap:
+        return KafkaSink(settings)
+    from sensormine.db import connect
+
+    return DirectSink(lambda: connect(settings), settings)
+

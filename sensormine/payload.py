@@ -1,0 +1,169 @@
+"""Device payload parsing and normalisation into Readings, and the Kafka envelope.
+
+Device payloads are JSON: `{"ts": <ISO-8601 or epoch ms>, "values": {"<metric>": <number>}}`
+or a JSON array of such objects. A payload is accepted whole or rejected whole with a
+reason; rejected bytes go to the dead-letter queue unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN, Reading, datetime_to_us
+
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_READINGS_PER_PAYLOAD = 10_000
+MAX_METRIC_LEN = 128
+METRIC_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
+# Epoch values below this are taken as seconds by nobody: the contract says milliseconds.
+_MIN_US = datetime_to_us(datetime.fromisoformat("2000-01-01T00:00:00+00:00"))
+_MAX_US = datetime_to_us(datetime.fromisoformat("2100-01-01T00:00:00+00:00"))
+_QUALITY_NAMES = {"good": QUALITY_GOOD, "uncertain": QUALITY_UNCERTAIN, "bad": QUALITY_BAD}
+
+
+class PayloadError(ValueError):
+    """A payload that cannot become readings; `reason` is what goes to the dead-letter queue."""
+
+    def __init__(self, reason: str, pointer: str = "") -> None:
+        super().__init__(f"{reason} at {pointer}" if pointer else reason)
+        self.reason = reason
+        self.pointer = pointer
+
+    def __str__(self) -> str:  # the DLQ reason, pointer included
+        return f"{self.reason} (at {self.pointer})" if self.pointer else self.reason
+
+
+def parse_timestamp(raw: Any, pointer: str = "/ts") -> int:
+    """Epoch microseconds from an ISO-8601 string (zone required, or taken as UTC) or epoch milliseconds."""
+    if isinstance(raw, bool):
+        raise PayloadError("timestamp must be ISO-8601 or epoch milliseconds", pointer)
+    if isinstance(raw, int | float):
+        if not math.isfinite(raw):
+            raise PayloadError("timestamp is not finite", pointer)
+        us = int(round(raw * 1000))
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            us = datetime_to_us(datetime.fromisoformat(text))
+        except (ValueError, OverflowError):
+            raise PayloadError(f"unparseable timestamp {raw[:64]!r}", pointer) from None
+    else:
+        raise PayloadError("timestamp must be ISO-8601 or epoch milliseconds", pointer)
+    if not _MIN_US <= us < _MAX_US:
+        raise PayloadError("timestamp outside 2000-01-01..2100-01-01", pointer)
+    return us
+
+
+def parse_value(raw: Any, pointer: str) -> float:
+    """A finite float from a JSON number or boolean; anything else is rejected."""
+    if isinstance(raw, bool):
+        return 1.0 if raw else 0.0
+    if isinstance(raw, int | float):
+        try:
+            value = float(raw)
+        except OverflowError:
+            raise PayloadError("number too large for float64", pointer) from None
+        if not math.isfinite(value):
+            raise PayloadError("value is not finite", pointer)
+        return value
+    raise PayloadError(f"non-numeric value of type {type(raw).__name__}", pointer)
+
+
+def _parse_quality(raw: Any, pointer: str) -> int:
+    if raw is None:
+        return QUALITY_GOOD
+    if isinstance(raw, str) and raw.lower() in _QUALITY_NAMES:
+        return _QUALITY_NAMES[raw.lower()]
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw in (0, 1, 2):
+        return raw
+    raise PayloadError("quality must be good, uncertain, bad or 0..2", pointer)
+
+
+def _decode(raw: bytes) -> Any:
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"malformed JSON: {exc}") from None
+
+
+def parse_device_payload(raw: bytes, tenant_id: str, device_id: str, ingest_ts: int) -> list[Reading]:
+    """Normalise one device payload into readings, or raise PayloadError."""
+    doc = _decode(raw)
+    if isinstance(doc, dict):
+        items, base = [doc], ""
+    elif isinstance(doc, list):
+        if not doc:
+            raise PayloadError("empty array")
+        items, base = doc, "/{}"
+    else:
+        raise PayloadError("payload must be a JSON object or array of objects")
+    readings: list[Reading] = []
+    for i, item in enumerate(items):
+        ptr = base.format(i) if base else ""
+        if not isinstance(item, dict):
+            raise PayloadError("reading must be a JSON object", ptr or "/")
+        if "ts" not in item:
+            raise PayloadError("missing ts", ptr or "/")
+        ts = parse_timestamp(item["ts"], f"{ptr}/ts")
+        values = item.get("values")
+        if not isinstance(values, dict) or not values:
+            raise PayloadError("values must be a non-empty object", f"{ptr}/values")
+        quality = _parse_quality(item.get("quality"), f"{ptr}/quality")
+        for metric, raw_value in values.items():
+            mptr = f"{ptr}/values/{_escape(metric)}"
+            if not METRIC_RE.match(metric):
+                raise PayloadError("metric names are 1-128 of A-Z a-z 0-9 _ . : / -", mptr)
+            readings.append(
+                Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts)
+            )
+        if len(readings) > MAX_READINGS_PER_PAYLOAD:
+            raise PayloadError(f"more than {MAX_READINGS_PER_PAYLOAD} readings in one payload")
+    return readings
+
+
+def _escape(token: str) -> str:
+    """JSON-pointer escaping of one reference token (RFC 6901)."""
+    return token[:MAX_METRIC_LEN].replace("~", "~0").replace("/", "~1")
+
+
+# --- Kafka envelope: normalised readings of one device, as produced by every daemon ---
+
+ENVELOPE_VERSION = 1
+
+
+def encode_envelope(tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> bytes:
+    """Serialise one device's normalised readings for the telemetry topic."""
+    ingest_ts = readings[0].ingest_ts if readings else 0
+    return orjson.dumps(
+        {
+            "v": ENVELOPE_VERSION,
+            "tenant_id": tenant_id,
+            "device_id": device_id,
+            "source": source,
+            "ingest_ts": ingest_ts,
+            "points": [[r.metric, r.ts, r.value, r.quality] for r in readings],
+        }
+    )
+
+
+def decode_envelope(raw: bytes) -> list[Reading]:
+    """Readings from a telemetry-topic message; raises PayloadError when it is not a valid envelope."""
+    try:
+        doc = orjson.loads(raw)
+        if doc.get("v") != ENVELOPE_VERSION:
+            raise PayloadError(f"unsupported envelope version {doc.get('v')!r}", "/v")
+        tenant_id, device_id, ingest_ts = doc["tenant_id"], doc["device_id"], doc["ingest_ts"]
+        return [Reading(tenant_id, device_id, m, ts, float(v), q, ingest_ts) for m, ts, v, q in doc["points"]]
+    except PayloadError:
+        raise
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"malformed envelope: {exc}") from None

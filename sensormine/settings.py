@@ -1,0 +1,89 @@
+"""One place for configuration: every setting is read from SENSORMINE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Platform settings; unset service URLs select the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix="SENSORMINE_", extra="ignore")
+
+    env: str = Field("dev", description="Environment name; prefixes every Kafka topic.")
+    state_dir: Path = Field(Path(".sensormine"), description="Where local services and the local lake live.")
+    database_url: str | None = None
+    kafka_bootstrap: str | None = None
+    mqtt_url: str | None = None
+    redis_url: str | None = None
+    lake_uri: str | None = None
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+    api_key_header: str = "X-API-Key"
+    consumer_group: str = "sensormine-hot-writer"
+    consumer_batch_size: int = 20_000
+    consumer_batch_ms: int = 200
+    partition_days_ahead: int = 7
+    partition_days_back: int = 7
+    max_future_skew_s: int = 86_400
+
+    @property
+    def lake_root(self) -> str:
+        """The lake's root URI: SENSORMINE_LAKE_URI, or a folder in the state directory."""
+        if self.lake_uri:
+            return self.lake_uri.rstrip("/")
+        return str((self.state_dir / "lake").resolve())
+
+    @property
+    def dlq_topic(self) -> str:
+        """Kafka topic for rejected messages."""
+        return f"{self.env}.dlq"
+
+    def telemetry_topic(self, tenant_id: str) -> str:
+        """Kafka topic that carries one tenant's readings."""
+        return f"{self.env}.{tenant_id}.telemetry"
+
+    @property
+    def telemetry_topic_pattern(self) -> str:
+        """Regex subscription matching every tenant's telemetry topic."""
+        return rf"^{self.env}\.[^.]+\.telemetry$"
+
+    def storage_options(self) -> dict[str, str]:
+        """Object-store options for delta-rs when the lake lives on S3."""
+        if not self.lake_root.startswith("s3://"):
+            return {}
+        opts = {
+            "AWS_REGION": self.s3_region,
+            "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+        }
+        if self.s3_endpoint:
+            opts["AWS_ENDPOINT_URL"] = self.s3_endpoint
+            opts["AWS_ALLOW_HTTP"] = "true"
+        if self.s3_access_key:
+            opts["AWS_ACCESS_KEY_ID"] = self.s3_access_key
+        if self.s3_secret_key:
+            opts["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_key
+        return opts
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call `reset_settings()` after changing the environment)."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings so the next `get_settings()` re-reads the environment."""
+    get_settings.cache_clear()
+
+
+def environ_snapshot() -> dict[str, str]:
+    """The SENSORMINE_* variables currently set (for child processes)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("SENSORMINE_")}

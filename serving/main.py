@@ -1,0 +1,45 @@
+"""Builds the FastAPI app: routers, problem+json errors, and the connection pool's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sensormine.db import connect, make_pool, migrate
+from sensormine.settings import Settings, get_settings
+from serving.problems import install_problem_handlers
+from serving.routes import health, query
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API application for `settings` (the environment's by default)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with connect(settings) as conn:
+            migrate(conn)
+        app.state.pool = make_pool(settings)
+        try:
+            yield
+        finally:
+            app.state.pool.close()
+
+    app = FastAPI(
+        title="Sensormine API",
+        version="0.1.0",
+        description="Industrial-IoT telemetry: devices, schemas and one time-series query over hot store and lake.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(query.router)
+    return app
+
+
+def app() -> FastAPI:
+    """Factory for `uvicorn --factory serving.main:app`."""
+    return create_app()
