@@ -52,6 +52,9 @@ def make_consumer(group_id: str, settings: Settings | None = None, **overrides: 
         "fetch.wait.max.ms": 50,
         "max.partition.fetch.bytes": 8_388_608,
         "topic.metadata.refresh.interval.ms": 2_000,
+        # A crashed member's partitions move to a live one after this, not after the 45 s default.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
     }
     conf.update(overrides)
     return Consumer(conf)

@@ -1,0 +1,90 @@
+"""SIGKILL the consumer mid-stream and restart it: every reading lands exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from sensormine.bus import KafkaSink
+from sensormine.hotstore import stored_offsets
+from sensormine.kafka import ensure_topics
+from sensormine.settings import Settings
+from tests.factories import DAY_US, make_tenant, readings
+
+pytestmark = pytest.mark.e2e
+
+MESSAGES = 400
+PER_MESSAGE = 250  # 125 timestamps x 2 metrics
+
+
+def start_consumer(settings: Settings, log_path) -> subprocess.Popen:  # noqa: ANN001
+    env = {
+        **os.environ,
+        "SENSORMINE_ENV": settings.env,
+        "SENSORMINE_DATABASE_URL": settings.database_url,
+        "SENSORMINE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SENSORMINE_CONSUMER_GROUP": settings.consumer_group,
+        "SENSORMINE_CONSUMER_BATCH_SIZE": "2000",  # small batches so the kill lands mid-stream
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "ingest_daemons.consumer"], env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT
+    )
+
+
+def wait_for_rows(conn: psycopg.Connection, predicate, timeout: float) -> int:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        n = conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
+        conn.commit()
+        if predicate(n):
+            return n
+        time.sleep(0.05)
+    return n
+
+
+def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+    make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
+    topic = settings.telemetry_topic("acme")
+    ensure_topics([topic], settings=settings)
+    sink = KafkaSink(settings)
+    log = tmp_path / "consumer.log"
+    first = start_consumer(settings, log)
+    second = None
+    expected = 0
+    try:
+        # Publish while the consumer works; kill it once it has written some rows, keep publishing.
+        for m in range(MESSAGES):
+            device = f"d{m % 8}"
+            batch = readings("acme", device, PER_MESSAGE // 2, start_us=DAY_US + (m // 8) * 125_000_000)
+            sink.publish("acme", device, "test", batch)
+            expected += len(batch)
+            sink.producer.poll(0.004)
+            if m == MESSAGES // 2:
+                sink.flush(30)
+                seen = wait_for_rows(conn, lambda n: n > 0, timeout=60)
+                assert seen > 0  # the first consumer was writing when it was killed
+                first.send_signal(signal.SIGKILL)
+                first.wait(10)
+                second = start_consumer(settings, log)
+        assert sink.flush(30) == 0
+        final = wait_for_rows(conn, lambda n: n >= expected, timeout=120)
+        time.sleep(1.0)  # give a redelivery, if any, the chance to show up as extra rows
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+
+    assert final == expected, log.read_text()[-3000:]
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == expected
+    distinct = conn.execute("SELECT count(*) FROM (SELECT DISTINCT device_id, metric, ts FROM telemetry) s").fetchone()[0]
+    assert distinct == expected
+    offsets = stored_offsets(conn, settings.consumer_group)
+    assert sum(offsets.values()) == MESSAGES  # resumed from the database's offsets, to the last message

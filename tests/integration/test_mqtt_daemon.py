@@ -1,0 +1,100 @@
+"""The MQTT daemon against the real Mosquitto, on the in-process path (no Kafka) and into Kafka."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import psycopg
+import pytest
+
+from ingest_daemons.mqtt import MqttDaemon
+from sensormine.mqtt import make_client, telemetry_topic
+from sensormine.payload import decode_envelope
+from sensormine.registry import create_device
+from sensormine.settings import Settings
+from tests.factories import drain_topic, make_tenant
+
+pytestmark = pytest.mark.integration
+
+GOOD = {"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 21.5, "pressure": 1.01}}
+
+
+def publish(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
+    client = make_client("test-pub", settings)
+    client.loop_start()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+
+
+def wait_until(check, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_in_process_path_writes_rows_and_dead_letters(settings: Settings, conn: psycopg.Connection) -> None:
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    make_tenant(conn, "acme", ["press-1"])
+    daemon = MqttDaemon(direct).start()
+    try:
+        publish(direct, [
+            (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
+            (telemetry_topic("acme", "press-1"), b"{broken"),
+            (telemetry_topic("acme", "ghost"), orjson.dumps(GOOD)),
+            (telemetry_topic("nobody", "press-1"), orjson.dumps(GOOD)),
+        ])
+        assert wait_until(lambda: daemon.ingest.stats.received == 4)
+    finally:
+        daemon.stop()
+    rows = conn.execute("SELECT tenant_id, device_id, metric, value FROM telemetry ORDER BY metric").fetchall()
+    assert rows == [("acme", "press-1", "pressure", 1.01), ("acme", "press-1", "temperature", 21.5)]
+    dead = conn.execute("SELECT origin, reason, payload FROM dead_letters ORDER BY id").fetchall()
+    assert [d[0] for d in dead] == [telemetry_topic("acme", "press-1"), telemetry_topic("acme", "ghost"), telemetry_topic("nobody", "press-1")]
+    assert dead[0][1].startswith("malformed JSON") and bytes(dead[0][2]) == b"{broken"
+    assert "unknown device 'ghost'" in dead[1][1]
+    assert "unknown device" in dead[2][1]
+
+
+def test_new_device_is_accepted_within_a_second(settings: Settings, conn: psycopg.Connection) -> None:
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    make_tenant(conn, "acme", [])
+    daemon = MqttDaemon(direct).start()
+    try:
+        create_device(conn, "acme", "late-1")
+        time.sleep(1.1)  # the directory refreshes on a miss at most once a second
+        publish(direct, [(telemetry_topic("acme", "late-1"), orjson.dumps(GOOD))])
+        assert wait_until(lambda: daemon.ingest.stats.received == 1)
+    finally:
+        daemon.stop()
+    assert daemon.ingest.stats.accepted == 1
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 2
+
+
+def test_kafka_path_produces_envelopes_and_dlq(settings: Settings, conn: psycopg.Connection) -> None:
+    make_tenant(conn, "acme", ["press-1"])
+    daemon = MqttDaemon(settings).start()
+    try:
+        publish(settings, [
+            (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
+            (telemetry_topic("acme", "press-1"), orjson.dumps({"ts": "noon", "values": {"a": 1}})),
+        ])
+        assert wait_until(lambda: daemon.ingest.stats.received == 2)
+    finally:
+        daemon.stop()
+    telemetry = drain_topic(settings.kafka_bootstrap, settings.telemetry_topic("acme"))
+    assert [m.key() for m in telemetry] == [b"press-1"]
+    points = decode_envelope(telemetry[0].value())
+    assert [(r.device_id, r.metric, r.value) for r in points] == [("press-1", "temperature", 21.5), ("press-1", "pressure", 1.01)]
+    dlq = drain_topic(settings.kafka_bootstrap, settings.dlq_topic)
+    assert len(dlq) == 1
+    headers = dict(dlq[0].headers())
+    assert headers["reason"].startswith(b"unparseable timestamp")
+    assert headers["source"] == b"mqtt" and headers["tenant_id"] == b"acme"
+    assert orjson.loads(dlq[0].value()) == {"ts": "noon", "values": {"a": 1}}
