@@ -36,6 +36,9 @@ class ConsumerStats:
     duplicates: int = 0
     rejected: int = 0
     batches: int = 0
+    # time.monotonic() of the first message received and of the last batch committed (throughput probes)
+    first_message_at: float | None = None
+    last_commit_at: float | None = None
 
 
 class HotStoreConsumer:
@@ -104,6 +107,7 @@ class HotStoreConsumer:
         self.stats.inserted += result.inserted
         self.stats.duplicates += result.duplicates
         self.stats.batches += 1
+        self.stats.last_commit_at = time.monotonic()
         return result.inserted
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> ConsumerStats:
@@ -119,6 +123,8 @@ class HotStoreConsumer:
                 got = self.consumer.consume(num_messages=min(10_000, batch_target), timeout=max(0.0, deadline - time.monotonic()))
                 if not got:
                     break
+                if self.stats.first_message_at is None:
+                    self.stats.first_message_at = time.monotonic()
                 pending.extend(got)
             if pending:
                 last_message = time.monotonic()

@@ -122,11 +122,16 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 @app.command("demo")
-def demo(port: int = typer.Option(8000, help="API port."), dagster_port: int = typer.Option(3000, help="Dagster UI port.")) -> None:
+def demo(
+    port: int = typer.Option(8000, help="API port."),
+    dagster_port: int = typer.Option(3000, help="Dagster UI port."),
+    check: bool = typer.Option(False, help="Exit 0 once a simulated point is served by the API (smoke test)."),
+    dagster: bool = typer.Option(True, help="Also run the Dagster UI."),
+) -> None:
     """Run the whole platform on its embedded defaults with simulated devices for two tenants."""
     from sensormine.demo import run_demo
 
-    run_demo(api_port=port, dagster_port=dagster_port)
+    raise typer.Exit(run_demo(api_port=port, dagster_port=dagster_port, check=check, with_dagster=dagster))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""`sensormine demo`: the platform on its embedded defaults, with simulated devices for two tenants.
+
+Starts PostgreSQL and an MQTT broker (through the service launcher), seeds two tenants with
+devices, then runs the MQTT ingest daemon (in-process write path: no Kafka), a device
+simulator, the API and the Dagster UI as child processes, and prints where to look.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+
+from sensormine.db import connect, ensure_partition_window, migrate
+from sensormine.registry import RegistryError, create_api_key, create_device, create_tenant, get_tenant
+from sensormine.settings import Settings
+
+DEMO_TENANTS = {
+    "acme": ["motor-1", "tank-1", "motor-2"],
+    "globex": ["motor-1", "tank-1"],
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def seed(conn: psycopg.Connection) -> dict[str, str]:
+    """Create the demo tenants and devices when missing; return a fresh API key per tenant."""
+    keys = {}
+    for tenant_id, devices in DEMO_TENANTS.items():
+        if get_tenant(conn, tenant_id) is None:
+            create_tenant(conn, tenant_id, tenant_id.capitalize(), plan="pro")
+        for device_id in devices:
+            try:
+                create_device(conn, tenant_id, device_id, device_type="motor" if "motor" in device_id else "tank")
+            except RegistryError:
+                pass  # seeded by an earlier run
+        keys[tenant_id] = create_api_key(conn, tenant_id, "demo")
+    return keys
+
+
+def _start_services(state_dir: Path, say) -> dict[str, str]:  # noqa: ANN001
+    from sensormine.services.errors import ServiceError
+    from sensormine.services.launcher import up
+
+    try:
+        return up(["postgres", "mosquitto"], state_dir=state_dir, progress=say)
+    except ServiceError as exc:
+        say(f"system services unavailable ({str(exc).splitlines()[0]}); using the embedded ones")
+        return up(["postgres", "mosquitto"], state_dir=state_dir, progress=say, embedded=True)
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False, with_dagster: bool = True) -> int:
+    """Run until Ctrl-C (or, with `check`, until one simulated point is served by the API)."""
+    state_dir = Path(os.environ.get("SENSORMINE_STATE_DIR", Path.cwd() / ".sensormine")).absolute()
+    say = lambda msg: print(f"[demo] {msg}", flush=True)  # noqa: E731
+    services = _start_services(state_dir, say)
+    env = {**os.environ, **services, "SENSORMINE_STATE_DIR": str(state_dir)}
+    env.pop("SENSORMINE_KAFKA_BOOTSTRAP", None)  # the embedded default: daemons write in-process
+    settings = Settings(database_url=services["SENSORMINE_DATABASE_URL"], mqtt_url=services["SENSORMINE_MQTT_URL"], state_dir=state_dir)
+    with connect(settings) as conn:
+        migrate(conn)
+        ensure_partition_window(conn, datetime.now(UTC).date(), settings)
+        keys = seed(conn)
+
+    logs = state_dir / "demo"
+    logs.mkdir(parents=True, exist_ok=True)
+    if with_dagster:
+        dagster_home = state_dir / "dagster"
+        dagster_home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "orchestration" / "dagster.yaml", dagster_home / "dagster.yaml")
+        env["DAGSTER_HOME"] = str(dagster_home)
+    py = sys.executable
+    devices = [f"{t}/{d}" for t, ds in DEMO_TENANTS.items() for d in ds]
+    commands = {
+        "mqtt-daemon": [py, "-m", "ingest_daemons.mqtt"],
+        "simulator": [py, "-m", "ingest_daemons.simulators.mqtt_publisher", "--interval", "1", *devices],
+        "api": [py, "-m", "uvicorn", "serving.main:app", "--factory", "--host", "127.0.0.1", "--port", str(api_port)],
+    }
+    if with_dagster:
+        commands["dagster"] = [py, "-m", "dagster", "dev", "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(dagster_port)]
+    children: dict[str, subprocess.Popen] = {}
+    for name, cmd in commands.items():
+        say(f"starting {name} (log: {logs / (name + '.log')})")
+        children[name] = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        api = f"http://127.0.0.1:{api_port}"
+        if not _wait_http(f"{api}/readyz", 60):
+            say(f"the API did not become ready; its log says:\n{_tail(logs / 'api.log')}")
+            return 1
+        now = datetime.now(UTC)
+        start = (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        end = (now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        example = f"{api}/api/query/telemetry?device_id=motor-1&metric=temperature&start={start}&end={end}"
+        if check:
+            return _check(example, keys["acme"], say)
+        dagster_line = f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize telemetry_lake for today's partition)\n" if with_dagster else ""
+        print(
+            "\nSensormine demo is running.\n"
+            f"  API docs       {api}/docs\n"
+            f"{dagster_line}"
+            f"  MQTT broker    {services['SENSORMINE_MQTT_URL']}  (topic sensormine/{{tenant}}/{{device}}/telemetry)\n"
+            f"  PostgreSQL     {services['SENSORMINE_DATABASE_URL']}\n"
+            + "".join(f"  API key {t:<7}{k}\n" for t, k in keys.items())
+            + f"\nTry:\n  curl -H 'X-API-Key: {keys['acme']}' '{example}'\n"
+            f"\nLogs in {logs}. Stop with Ctrl-C (services keep running; `sensormine services down` stops them).\n",
+            flush=True,
+        )
+        _supervise(children, logs, say)
+        return 0
+    finally:
+        for proc in children.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in children.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:  # noqa: ANN001
+    try:
+        while True:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    say(f"{name} exited with {proc.returncode}; last lines of its log:\n{_tail(logs / (name + '.log'))}")
+                    return
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("stopping")
+
+
+def _check(url: str, key: str, say, timeout: float = 60) -> int:  # noqa: ANN001
+    import json
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(url, headers={"X-API-Key": key})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                body = json.load(resp)
+            if body["count"] > 0:
+                say(f"check passed: {body['count']} point(s) of acme/motor-1 temperature served by the API")
+                return 0
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    say("check failed: no simulated point reached the API")
+    return 1

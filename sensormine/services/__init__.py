@@ -1,0 +1,10 @@
+"""Local service launcher: PostgreSQL, Mosquitto, Redis, Kafka and S3 (moto) on loopback.
+
+Use `sensormine.services.launcher.up/down/status` from Python or `sensormine services ...`
+(`python -m sensormine.services.cli`) from a shell; see docs/services.md.
+"""
+
+from sensormine.services.errors import ServiceError
+from sensormine.services.launcher import ALL_SERVICES, down, env, status, up
+
+__all__ = ["ALL_SERVICES", "ServiceError", "down", "env", "status", "up"]
