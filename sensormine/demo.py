@@ -46,7 +46,7 @@ def seed(conn: psycopg.Connection) -> dict[str, str]:
     return keys
 
 
-def _start_services(state_dir: Path, say) -> dict[str, str]:  # noqa: ANN001
+def _start_services(state_dir: Path, say) -> dict[str, str]:
     from sensormine.services.errors import ServiceError
     from sensormine.services.launcher import up
 
@@ -122,6 +122,9 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         end = (now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         example = f"{api}/api/query/telemetry?device_id=motor-1&metric=temperature&start={start}&end={end}"
         if check:
+            if with_dagster and not _wait_http(f"http://127.0.0.1:{dagster_port}/server_info", 180):
+                say(f"the Dagster UI did not answer; its log says:\n{_tail(logs / 'dagster.log')}")
+                return 1
             return _check(example, keys["acme"], say)
         dagster_line = f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize telemetry_lake for today's partition)\n" if with_dagster else ""
         print(
@@ -148,7 +151,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:  # noqa: ANN001
+def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:
     try:
         while True:
             for name, proc in children.items():
@@ -160,7 +163,7 @@ def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None: 
         say("stopping")
 
 
-def _check(url: str, key: str, say, timeout: float = 60) -> int:  # noqa: ANN001
+def _check(url: str, key: str, say, timeout: float = 60) -> int:
     import json
 
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ MESSAGES = 400
 PER_MESSAGE = 250  # 125 timestamps x 2 metrics
 
 
-def start_consumer(settings: Settings, log_path) -> subprocess.Popen:  # noqa: ANN001
+def start_consumer(settings: Settings, log_path) -> subprocess.Popen:
     env = {
         **os.environ,
         "SENSORMINE_ENV": settings.env,
@@ -37,7 +37,7 @@ def start_consumer(settings: Settings, log_path) -> subprocess.Popen:  # noqa: A
     )
 
 
-def wait_for_rows(conn: psycopg.Connection, predicate, timeout: float) -> int:  # noqa: ANN001
+def wait_for_rows(conn: psycopg.Connection, predicate, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     n = 0
     while time.monotonic() < deadline:
@@ -49,7 +49,7 @@ def wait_for_rows(conn: psycopg.Connection, predicate, timeout: float) -> int:  
     return n
 
 
-def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:  # noqa: ANN001
+def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
     make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
     topic = settings.telemetry_topic("acme")
     ensure_topics([topic], settings=settings)
