@@ -78,16 +78,16 @@ class MqttDaemon:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
 
-    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("MQTT connect refused: %s", reason_code)
             return
         client.subscribe(TELEMETRY_SUBSCRIPTION, qos=1)  # re-subscribes after every reconnect
         log.info("subscribed to %s", TELEMETRY_SUBSCRIPTION)
 
-    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:  # noqa: ANN001
+    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.ingest.handle(msg.topic, msg.payload)
+            self.ingest.handle(msg.topic, bytes(msg.payload))
         except Exception:  # a daemon must outlive any one message
             log.exception("failed to handle a message on %s", msg.topic)
 

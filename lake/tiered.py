@@ -51,9 +51,10 @@ def query_points(
     ).select(POINT_SCHEMA.names).cast(POINT_SCHEMA)
     result.lake_rows = lake.num_rows
     # A row written around a compaction can be in both tiers: keep one (the lake's) per dedupe key.
+    both = pl.from_arrow(pa.concat_tables([lake, hot]))
+    assert isinstance(both, pl.DataFrame)
     merged = (
-        pl.from_arrow(pa.concat_tables([lake, hot]))
-        .unique(subset=["device_id", "metric", "ts"], keep="first", maintain_order=True)
+        both.unique(subset=["device_id", "metric", "ts"], keep="first", maintain_order=True)
         .sort(["device_id", "metric", "ts"])
     )
     result.points = merged.to_arrow().cast(POINT_SCHEMA)

@@ -33,9 +33,13 @@ class ReadingSink(Protocol):
         """Wait for everything handed over to be durable; returns what is still pending."""
 
 
-def dlq_headers(source: str, origin: str, reason: str, tenant_id: str | None, device_id: str | None) -> list[tuple[str, bytes]]:
+def dlq_headers(
+    source: str, origin: str, reason: str, tenant_id: str | None, device_id: str | None
+) -> list[tuple[str, str | bytes | None]]:
     """Kafka headers carried by a dead letter."""
-    headers = [("reason", reason.encode()), ("source", source.encode()), ("origin", origin.encode())]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("reason", reason.encode()), ("source", source.encode()), ("origin", origin.encode())
+    ]
     if tenant_id:
         headers.append(("tenant_id", tenant_id.encode()))
     if device_id:
@@ -47,19 +51,19 @@ def dlq_headers(source: str, origin: str, reason: str, tenant_id: str | None, de
 class KafkaSink:
     """Produces envelopes to `{env}.{tenant}.telemetry` keyed by device, rejects to `{env}.dlq`."""
 
-    def __init__(self, settings: Settings | None = None, producer=None) -> None:  # noqa: ANN001
+    def __init__(self, settings: Settings | None = None, producer=None) -> None:
         from sensormine.kafka import make_producer
 
         self.settings = settings or get_settings()
         self.producer = producer or make_producer(self.settings)
         self.delivery_errors = 0
 
-    def _on_delivery(self, err, msg) -> None:  # noqa: ANN001
+    def _on_delivery(self, err, msg) -> None:
         if err is not None:
             self.delivery_errors += 1
             log.error("Kafka delivery to %s failed: %s", msg.topic(), err)
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:  # noqa: ANN001
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)

@@ -122,6 +122,6 @@ def tenant_scope(conn: psycopg.Connection, tenant_ids: Iterable[str]) -> Iterato
         yield conn
 
 
-def make_pool(settings: Settings | None = None, max_size: int = 8) -> "ConnectionPool":
+def make_pool(settings: Settings | None = None, max_size: int = 8) -> ConnectionPool:
     """A connection pool for long-lived processes (API, daemons)."""
     return ConnectionPool(database_url(settings), min_size=1, max_size=max_size, open=True)

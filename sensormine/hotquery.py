@@ -9,6 +9,7 @@ import psycopg
 import pyarrow as pa
 
 from sensormine.db import tenant_scope
+from sensormine.reading import rows_to_table
 
 POINT_SCHEMA = pa.schema(
     [
@@ -65,5 +66,4 @@ def hot_points(
     with tenant_scope(conn, visible):
         cur = conn.execute(query, params)
         rows = cur.fetchall()
-    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in POINT_SCHEMA]
-    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, POINT_SCHEMA, strict=True)], schema=POINT_SCHEMA)
+    return rows_to_table(rows, POINT_SCHEMA)

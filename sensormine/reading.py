@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -71,8 +72,13 @@ def day_of(us: int) -> int:
     return us // US_PER_DAY
 
 
-def readings_to_table(readings: list[Reading]) -> pa.Table:
-    """Columnar form of a list of readings, in READING_SCHEMA."""
-    cols = list(zip(*readings, strict=True)) if readings else [[] for _ in READING_SCHEMA]
-    arrays = [pa.array(col, type=field.type) for col, field in zip(cols, READING_SCHEMA, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=READING_SCHEMA)
+def rows_to_table(rows: Sequence[Sequence[Any]], schema: pa.Schema) -> pa.Table:
+    """Columnar table of row tuples whose fields follow `schema`."""
+    cols: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in schema]
+    arrays = [pa.array(col, type=field.type) for col, field in zip(cols, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def readings_to_table(readings: Sequence[Reading]) -> pa.Table:
+    """Columnar form of readings, in READING_SCHEMA."""
+    return rows_to_table(readings, READING_SCHEMA)

@@ -160,7 +160,7 @@ class DeviceDirectory:
     one query per interval.
     """
 
-    def __init__(self, connect, ttl_s: float = 30.0, miss_refresh_s: float = 1.0) -> None:  # noqa: ANN001
+    def __init__(self, connect, ttl_s: float = 30.0, miss_refresh_s: float = 1.0) -> None:
         self._connect = connect
         self._ttl_s = ttl_s
         self._miss_refresh_s = miss_refresh_s
