@@ -30,7 +30,7 @@ def publish(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
     client.disconnect()
 
 
-def wait_until(check, timeout: float = 10.0) -> bool:  # noqa: ANN001
+def wait_until(check, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

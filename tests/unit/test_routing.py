@@ -7,10 +7,9 @@ from datetime import date
 
 from sensormine.db import epoch_day_to_date, partition_name
 from sensormine.mqtt import parse_telemetry_topic, telemetry_topic
-from sensormine.reading import US_PER_DAY, day_of
+from sensormine.reading import US_PER_DAY, Reading, day_of
 from sensormine.settings import Settings
 from sensormine.validation import validate_message
-from sensormine.reading import Reading
 
 
 def test_mqtt_topic_round_trip() -> None:
