@@ -23,10 +23,10 @@ POINT_SCHEMA = pa.schema(
 )
 
 
-def compacted_days(conn: psycopg.Connection, tenant_id: str, first: date, last: date) -> dict[date, int]:
-    """Days of a tenant held by the lake, with the snapshot xmin their compaction read at."""
+def compacted_days(conn: psycopg.Connection, tenant_id: str, first: date, last: date) -> dict[date, str | None]:
+    """Days of a tenant held by the lake, with the hot-store snapshot their compaction read."""
     rows = conn.execute(
-        "SELECT day, coalesce(hot_snapshot_xmin, 0) FROM lake_compactions WHERE tenant_id = %s AND day BETWEEN %s AND %s",
+        "SELECT day, hot_snapshot::text FROM lake_compactions WHERE tenant_id = %s AND day BETWEEN %s AND %s",
         (tenant_id, first, last),
     ).fetchall()
     return {d: x for d, x in rows}
@@ -40,24 +40,28 @@ def hot_points(
     metrics: Sequence[str] | None,
     start: datetime,
     end: datetime,
-    compacted: dict[date, int],
+    compacted: dict[date, str | None],
 ) -> pa.Table:
     """Points in [start, end) from the hot store, leaving out what the lake certainly holds.
 
-    For a compacted day only rows written by transactions at or after the compaction's snapshot
-    xmin are read (they may have missed the lake); the caller dedupes them against the lake.
+    For a compacted day only rows not visible in the compaction's snapshot are read (they may
+    have missed the lake); the caller dedupes them against the lake.
     """
     days = list(compacted)
-    xmins = [compacted[d] % (1 << 32) for d in days]
     query = (
         "SELECT t.tenant_id, t.device_id, t.metric, t.ts, t.value, t.quality FROM telemetry t "
-        "LEFT JOIN unnest(%(days)s::date[], %(xmins)s::bigint[]) AS c(day, xmin) "
+        "LEFT JOIN unnest(%(days)s::date[], %(snaps)s::text[]) AS c(day, snap) "
         "  ON c.day = (t.ts AT TIME ZONE 'UTC')::date "
         "WHERE t.tenant_id = %(tenant)s AND t.device_id = ANY(%(devices)s) AND t.ts >= %(start)s AND t.ts < %(end)s "
-        "  AND (c.day IS NULL OR t.xmin::text::bigint >= c.xmin) "
+        "  AND (c.day IS NULL OR c.snap IS NULL OR NOT sensormine_in_snapshot(t.xmin, c.snap::pg_snapshot)) "
     )
     params: dict[str, object] = {
-        "days": days, "xmins": xmins, "tenant": tenant_id, "devices": list(device_ids), "start": start, "end": end,
+        "days": days,
+        "snaps": [compacted[d] for d in days],
+        "tenant": tenant_id,
+        "devices": list(device_ids),
+        "start": start,
+        "end": end,
     }
     if metrics:
         query += " AND t.metric = ANY(%(metrics)s)"

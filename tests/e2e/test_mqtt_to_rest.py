@@ -79,17 +79,18 @@ def materialize_day(settings: Settings, tenants: list[str], day: date) -> None:
     """Run the Dagster asset in-process for each tenant's partition of `day`."""
     import dagster as dg
 
-    from assets.telemetry import telemetry_lake
-    from orchestration.resources import resources_for
+    from assets.telemetry import telemetry_lake, telemetry_partition_key
+    from orchestration.resources import HotStoreResource, LakeResource
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("tenants", tenants)
+    resources = {
+        "hot_store": HotStoreResource(database_url=settings.database_url),
+        "lake": LakeResource(lake_uri=settings.lake_uri),
+    }
     for tenant in tenants:
         result = dg.materialize(
-            [telemetry_lake],
-            partition_key=dg.MultiPartitionKey({"date": day.isoformat(), "tenant": tenant}),
-            resources=resources_for(settings),
-            instance=instance,
+            [telemetry_lake], partition_key=str(telemetry_partition_key(tenant, day)), resources=resources, instance=instance
         )
         assert result.success
 

@@ -1,0 +1,60 @@
+"""Dagster resources: typed handles on the hot store and the lake, each building a `Settings`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+
+from sensormine.db import connect
+from sensormine.settings import Settings
+
+
+class HotStoreResource(dg.ConfigurableResource):
+    """The PostgreSQL hot store (telemetry, registry, lake_compactions)."""
+
+    database_url: str
+
+    def settings(self) -> Settings:
+        """Platform settings pointing at this database."""
+        return Settings(database_url=self.database_url)
+
+    @contextmanager
+    def connect(self) -> Iterator[psycopg.Connection]:
+        """A connection for the duration of the block, closed afterwards."""
+        with connect(self.settings()) as conn:
+            yield conn
+
+
+class LakeResource(dg.ConfigurableResource):
+    """The Delta lake root: a local folder or s3://bucket/prefix, with its object-store credentials."""
+
+    lake_uri: str | None = None
+    state_dir: str | None = None
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+
+    def settings(self) -> Settings:
+        """Platform settings describing this lake (`lake_root`, `storage_options()`)."""
+        # Every lake field is passed, None included, so these values win over any SENSORMINE_*
+        # variable of the process that runs the asset: the resource config is the one source.
+        fields: dict[str, object] = {
+            "lake_uri": self.lake_uri,
+            "s3_endpoint": self.s3_endpoint,
+            "s3_access_key": self.s3_access_key,
+            "s3_secret_key": self.s3_secret_key,
+            "s3_region": self.s3_region,
+        }
+        if self.state_dir:
+            fields["state_dir"] = Path(self.state_dir)
+        return Settings(**fields)  # type: ignore[arg-type]
+
+    @property
+    def root(self) -> str:
+        """The lake's root URI."""
+        return self.settings().lake_root

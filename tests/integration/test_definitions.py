@@ -1,0 +1,151 @@
+"""The Dagster entry point loads, and the telemetry asset, tenant sensor and hourly schedule work in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import psycopg
+import pytest
+
+from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
+from lake.telemetry import read_telemetry
+from orchestration.definitions import defs, telemetry_lake_hourly_schedule
+from orchestration.resources import HotStoreResource, LakeResource
+from sensormine.hotstore import HotStoreWriter
+from sensormine.reading import readings_to_table
+from sensormine.registry import create_tenant
+from sensormine.settings import Settings
+from sensors.tenants import tenant_partitions_sensor
+from tests.factories import DAY, DAY_US, make_tenant, readings
+
+pytestmark = pytest.mark.integration
+
+
+def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Resources pointing at the test's database and lake folder."""
+    assert settings.database_url
+    return {
+        "hot_store": HotStoreResource(database_url=settings.database_url),
+        "lake": LakeResource(lake_uri=settings.lake_root),
+    }
+
+
+def test_definitions_load_with_the_expected_objects() -> None:
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert TELEMETRY_LAKE_KEY in graph.get_all_asset_keys()
+    assert dg.AssetKey(["lake", "telemetry"]) == TELEMETRY_LAKE_KEY
+    node = graph.get(TELEMETRY_LAKE_KEY)
+    assert {"dagster/kind/deltalake", "dagster/kind/postgres"} <= set(node.tags)
+    assert node.partitions_def is not None
+    job = defs.resolve_job_def("telemetry_lake_job")
+    assert job.asset_layer.selected_asset_keys == {TELEMETRY_LAKE_KEY}
+    assert defs.resolve_schedule_def("telemetry_lake_hourly_schedule").cron_schedule == "0 * * * *"
+    assert defs.resolve_sensor_def("tenant_partitions_sensor") is not None
+    assert set(defs.resources or {}) >= {"hot_store", "lake"}
+
+
+def test_materialize_compacts_one_tenant_day(conn: psycopg.Connection, settings: Settings) -> None:
+    make_tenant(conn, "acme", ["d1"])
+    make_tenant(conn, "globex", ["d1"])
+    rows = readings("acme", "d1", 24, step_us=3_600_000_000)
+    HotStoreWriter(conn).write(rows + readings("globex", "d1", 5))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("tenants", ["acme", "globex"])
+
+    result = dg.materialize(
+        [telemetry_lake],
+        partition_key=telemetry_partition_key("acme", DAY.date()),
+        resources=resources(settings),
+        instance=instance,
+    )
+
+    assert result.success
+    [mat] = result.asset_materializations_for_node("lake__telemetry")
+    assert mat.partition == "2026-11-26|acme"
+    assert mat.metadata["rows"].value == len(rows)
+    assert mat.metadata["table_version"].value == 1
+    assert mat.metadata["uri"].value == f"{settings.lake_root}/telemetry"
+    assert mat.metadata["hot_watermark"].value == DAY_US / 1e6
+    sort = [("device_id", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+    assert read_telemetry(settings, ["acme"]).equals(readings_to_table(rows).sort_by(sort))
+    assert read_telemetry(settings, ["globex"]).num_rows == 0
+    assert conn.execute("SELECT tenant_id, row_count FROM lake_compactions").fetchall() == [("acme", len(rows))]
+
+
+def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(conn: psycopg.Connection, settings: Settings) -> None:
+    create_tenant(conn, "globex")
+    create_tenant(conn, "acme")
+    instance = dg.DagsterInstance.ephemeral()
+    hot = {"hot_store": resources(settings)["hot_store"]}
+
+    with dg.build_sensor_context(instance=instance, resources=hot) as context:
+        first = tenant_partitions_sensor(context)
+    assert isinstance(first, dg.SensorResult)
+    [request] = first.dynamic_partitions_requests or []
+    assert isinstance(request, dg.AddDynamicPartitionsRequest)
+    assert (request.partitions_def_name, list(request.partition_keys)) == ("tenants", ["acme", "globex"])
+    assert json.loads(first.cursor or "") == ["acme", "globex"]
+    assert first.run_requests in (None, [])
+    instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+
+    # Nothing new: no request, same cursor.
+    with dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=hot) as context:
+        second = tenant_partitions_sensor(context)
+    assert isinstance(second, dg.SensorResult)
+    assert not second.dynamic_partitions_requests
+    assert second.skip_reason is not None
+    assert second.cursor == first.cursor
+
+    # A new tenant, plus one deleted from the instance by hand: both come back, nothing is removed.
+    create_tenant(conn, "initech")
+    instance.delete_dynamic_partition("tenants", "globex")
+    with dg.build_sensor_context(instance=instance, cursor=second.cursor, resources=hot) as context:
+        third = tenant_partitions_sensor(context)
+    assert isinstance(third, dg.SensorResult)
+    [request] = third.dynamic_partitions_requests or []
+    assert isinstance(request, dg.AddDynamicPartitionsRequest)
+    assert list(request.partition_keys) == ["globex", "initech"]
+    assert json.loads(third.cursor or "") == ["acme", "globex", "initech"]
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A temporary on-disk instance (schedule contexts need an instance reference, not an ephemeral one)."""
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def test_hourly_schedule_requests_today_for_every_tenant(instance: dg.DagsterInstance) -> None:
+    instance.add_dynamic_partitions("tenants", ["globex", "acme"])
+    noon = DAY.replace(hour=12, minute=0)
+
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=noon, repository_def=defs.get_repository_def()
+    ) as context:
+        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
+    keys = [r.partition_key for r in data.run_requests or []]
+    assert keys == ["2026-11-26|acme", "2026-11-26|globex"]
+    assert all(r.job_name in (None, "telemetry_lake_job") for r in data.run_requests or [])
+
+    # The midnight tick also closes off yesterday.
+    midnight = datetime(2026, 11, 27, tzinfo=UTC)
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=midnight, repository_def=defs.get_repository_def()
+    ) as context:
+        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
+    keys = [r.partition_key for r in data.run_requests or []]
+    yesterday = (midnight - timedelta(days=1)).date().isoformat()
+    assert keys == [f"{yesterday}|acme", f"{yesterday}|globex", "2026-11-27|acme", "2026-11-27|globex"]
+
+
+def test_hourly_schedule_skips_without_tenants(instance: dg.DagsterInstance) -> None:
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=DAY, repository_def=defs.get_repository_def()
+    ) as context:
+        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
+    assert not data.run_requests
+    assert data.skip_message and "no tenant partitions" in data.skip_message
