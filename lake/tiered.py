@@ -45,17 +45,25 @@ def query_points(
     result = TieredResult(points=hot, lake_days=sorted(compacted), hot_rows=hot.num_rows)
     if not compacted:
         return result
-    lake = read_telemetry(
-        settings, [tenant_id], device_ids=list(device_ids), metrics=list(metrics) if metrics else None,
-        start=start, end=end, days=sorted(compacted),
-    ).select(POINT_SCHEMA.names).cast(POINT_SCHEMA)
+    lake = (
+        read_telemetry(
+            settings,
+            [tenant_id],
+            device_ids=list(device_ids),
+            metrics=list(metrics) if metrics else None,
+            start=start,
+            end=end,
+            days=sorted(compacted),
+        )
+        .select(POINT_SCHEMA.names)
+        .cast(POINT_SCHEMA)
+    )
     result.lake_rows = lake.num_rows
     # A row written around a compaction can be in both tiers: keep one (the lake's) per dedupe key.
     both = pl.from_arrow(pa.concat_tables([lake, hot]))
     assert isinstance(both, pl.DataFrame)
-    merged = (
-        both.unique(subset=["device_id", "metric", "ts"], keep="first", maintain_order=True)
-        .sort(["device_id", "metric", "ts"])
+    merged = both.unique(subset=["device_id", "metric", "ts"], keep="first", maintain_order=True).sort(
+        ["device_id", "metric", "ts"]
     )
     result.points = merged.to_arrow().cast(POINT_SCHEMA)
     return result

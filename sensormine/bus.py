@@ -25,7 +25,13 @@ class ReadingSink(Protocol):
         """Hand over one device's normalised readings."""
 
     def reject(
-        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+        self,
+        source: str,
+        origin: str,
+        reason: str,
+        payload: bytes,
+        tenant_id: str | None = None,
+        device_id: str | None = None,
     ) -> None:
         """Send a rejected payload, unchanged, to the dead-letter queue with its reason."""
 
@@ -38,7 +44,9 @@ def dlq_headers(
 ) -> list[tuple[str, str | bytes | None]]:
     """Kafka headers carried by a dead letter."""
     headers: list[tuple[str, str | bytes | None]] = [
-        ("reason", reason.encode()), ("source", source.encode()), ("origin", origin.encode())
+        ("reason", reason.encode()),
+        ("source", source.encode()),
+        ("origin", origin.encode()),
     ]
     if tenant_id:
         headers.append(("tenant_id", tenant_id.encode()))
@@ -74,11 +82,19 @@ class KafkaSink:
 
     def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
         self._produce(
-            self.settings.telemetry_topic(tenant_id), device_id.encode(), encode_envelope(tenant_id, device_id, source, readings)
+            self.settings.telemetry_topic(tenant_id),
+            device_id.encode(),
+            encode_envelope(tenant_id, device_id, source, readings),
         )
 
     def reject(
-        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+        self,
+        source: str,
+        origin: str,
+        reason: str,
+        payload: bytes,
+        tenant_id: str | None = None,
+        device_id: str | None = None,
     ) -> None:
         self._produce(
             self.settings.dlq_topic,
@@ -92,12 +108,19 @@ class KafkaSink:
 
 
 def store_dead_letter(
-    conn: psycopg.Connection, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None, device_id: str | None
+    conn: psycopg.Connection,
+    source: str,
+    origin: str,
+    reason: str,
+    payload: bytes,
+    tenant_id: str | None,
+    device_id: str | None,
 ) -> None:
     """Keep a rejected payload in the database's dead-letter table (used without Kafka)."""
     with conn.transaction():
         conn.execute(
-            "INSERT INTO dead_letters (source, origin, tenant_id, device_id, reason, payload) VALUES (%s, %s, %s, %s, %s, %s)",
+            "INSERT INTO dead_letters (source, origin, tenant_id, device_id, reason, payload) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
             (source, origin, tenant_id, device_id, reason, payload),
         )
 
@@ -121,7 +144,13 @@ class DirectSink:
                 store_dead_letter(self._conn, source, "in-process", reason, payload, tenant_id, device_id)
 
     def reject(
-        self, source: str, origin: str, reason: str, payload: bytes, tenant_id: str | None = None, device_id: str | None = None
+        self,
+        source: str,
+        origin: str,
+        reason: str,
+        payload: bytes,
+        tenant_id: str | None = None,
+        device_id: str | None = None,
     ) -> None:
         with self._lock:
             store_dead_letter(self._conn, source, origin, reason, payload, tenant_id, device_id)
@@ -142,4 +171,3 @@ def make_sink(settings: Settings | None = None) -> ReadingSink:
     from sensormine.db import connect
 
     return DirectSink(lambda: connect(settings), settings)
-

@@ -7,6 +7,7 @@ simulator, the API and the Dagster UI as child processes, and prints where to lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -38,10 +39,8 @@ def seed(conn: psycopg.Connection) -> dict[str, str]:
         if get_tenant(conn, tenant_id) is None:
             create_tenant(conn, tenant_id, tenant_id.capitalize(), plan="pro")
         for device_id in devices:
-            try:
+            with contextlib.suppress(RegistryError):  # seeded by an earlier run
                 create_device(conn, tenant_id, device_id, device_type="motor" if "motor" in device_id else "tank")
-            except RegistryError:
-                pass  # seeded by an earlier run
         keys[tenant_id] = create_api_key(conn, tenant_id, "demo")
     return keys
 
@@ -84,7 +83,9 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
     services = _start_services(state_dir, say)
     env = {**os.environ, **services, "SENSORMINE_STATE_DIR": str(state_dir)}
     env.pop("SENSORMINE_KAFKA_BOOTSTRAP", None)  # the embedded default: daemons write in-process
-    settings = Settings(database_url=services["SENSORMINE_DATABASE_URL"], mqtt_url=services["SENSORMINE_MQTT_URL"], state_dir=state_dir)
+    settings = Settings(
+        database_url=services["SENSORMINE_DATABASE_URL"], mqtt_url=services["SENSORMINE_MQTT_URL"], state_dir=state_dir
+    )
     with connect(settings) as conn:
         migrate(conn)
         ensure_partition_window(conn, datetime.now(UTC).date(), settings)
@@ -105,12 +106,28 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         "api": [py, "-m", "uvicorn", "serving.main:app", "--factory", "--host", "127.0.0.1", "--port", str(api_port)],
     }
     if with_dagster:
-        commands["dagster"] = [py, "-m", "dagster", "dev", "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(dagster_port)]
+        commands["dagster"] = [
+            py,
+            "-m",
+            "dagster",
+            "dev",
+            "-m",
+            "orchestration.definitions",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(dagster_port),
+        ]
     children: dict[str, subprocess.Popen] = {}
     for name, cmd in commands.items():
         say(f"starting {name} (log: {logs / (name + '.log')})")
         children[name] = subprocess.Popen(
-            cmd, env=env, cwd=REPO, stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env=env,
+            cwd=REPO,
+            stdout=(logs / f"{name}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         api = f"http://127.0.0.1:{api_port}"
@@ -126,7 +143,11 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
                 say(f"the Dagster UI did not answer; its log says:\n{_tail(logs / 'dagster.log')}")
                 return 1
             return _check(example, keys["acme"], say)
-        dagster_line = f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize telemetry_lake for today's partition)\n" if with_dagster else ""
+        dagster_line = (
+            f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize telemetry_lake for today's partition)\n"
+            if with_dagster
+            else ""
+        )
         print(
             "\nSensormine demo is running.\n"
             f"  API docs       {api}/docs\n"
@@ -156,7 +177,9 @@ def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:
         while True:
             for name, proc in children.items():
                 if proc.poll() is not None:
-                    say(f"{name} exited with {proc.returncode}; last lines of its log:\n{_tail(logs / (name + '.log'))}")
+                    say(
+                        f"{name} exited with {proc.returncode}; last lines of its log:\n{_tail(logs / (name + '.log'))}"
+                    )
                     return
             time.sleep(1)
     except KeyboardInterrupt:

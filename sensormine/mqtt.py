@@ -34,7 +34,9 @@ def broker_address(settings: Settings | None = None) -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or 1883
 
 
-def make_client(prefix: str, settings: Settings | None = None, username: str | None = None, password: str | None = None) -> mqtt.Client:
+def make_client(
+    prefix: str, settings: Settings | None = None, username: str | None = None, password: str | None = None
+) -> mqtt.Client:
     """A connected (not yet looping) MQTT v3.1.1 client with a unique client id."""
     host, port = broker_address(settings)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-{uuid.uuid4().hex[:8]}")

@@ -50,7 +50,9 @@ def create_tenant(
 ) -> Tenant:
     """Create a tenant, optionally under a parent."""
     if not TENANT_ID_RE.match(tenant_id):
-        raise RegistryError(f"tenant id {tenant_id!r} must be 1-63 of a-z, 0-9 and '-', starting with a letter or digit")
+        raise RegistryError(
+            f"tenant id {tenant_id!r} must be 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+        )
     if plan not in PLANS:
         raise RegistryError(f"plan must be one of {', '.join(PLANS)}")
     try:
@@ -117,7 +119,9 @@ def list_devices(conn: psycopg.Connection, tenant_ids: list[str]) -> list[Device
     return [Device(*r) for r in rows]
 
 
-def create_api_key(conn: psycopg.Connection, tenant_id: str, name: str = "default", scopes: tuple[str, ...] = ("read", "write")) -> str:
+def create_api_key(
+    conn: psycopg.Connection, tenant_id: str, name: str = "default", scopes: tuple[str, ...] = ("read", "write")
+) -> str:
     """Issue an API key for a tenant; the returned secret is shown once and stored hashed."""
     key_id = secrets.token_hex(6)
     key = f"smk_{key_id}_{secrets.token_urlsafe(24)}"

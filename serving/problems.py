@@ -24,10 +24,18 @@ class Problem(Exception):
         self.extra = extra
 
 
-def problem_response(request: Request, status: int, detail: str, title: str | None = None, **extra: Any) -> JSONResponse:
+def problem_response(
+    request: Request, status: int, detail: str, title: str | None = None, **extra: Any
+) -> JSONResponse:
     """A problem+json response."""
-    body = {"type": "about:blank", "title": title or HTTPStatus(status).phrase, "status": status, "detail": detail,
-            "instance": request.url.path, **extra}
+    body = {
+        "type": "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extra,
+    }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 

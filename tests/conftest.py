@@ -13,7 +13,13 @@ import pytest
 from sensormine.settings import Settings, reset_settings
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICE_VARS = ("SENSORMINE_DATABASE_URL", "SENSORMINE_MQTT_URL", "SENSORMINE_KAFKA_BOOTSTRAP", "SENSORMINE_REDIS_URL", "SENSORMINE_S3_ENDPOINT")
+SERVICE_VARS = (
+    "SENSORMINE_DATABASE_URL",
+    "SENSORMINE_MQTT_URL",
+    "SENSORMINE_KAFKA_BOOTSTRAP",
+    "SENSORMINE_REDIS_URL",
+    "SENSORMINE_S3_ENDPOINT",
+)
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,15 @@ def make_tenant(conn: psycopg.Connection, tenant_id: str, devices: list[str], pa
     return create_api_key(conn, tenant_id, "test")
 
 
-def readings(tenant_id: str, device_id: str, n: int, metrics: tuple[str, ...] = ("temperature", "pressure"),
-             start_us: int = DAY_US, step_us: int = 1_000_000) -> list[Reading]:
-    """n timestamps × metrics readings with values derived from their position."""
+def readings(
+    tenant_id: str,
+    device_id: str,
+    n: int,
+    metrics: tuple[str, ...] = ("temperature", "pressure"),
+    start_us: int = DAY_US,
+    step_us: int = 1_000_000,
+) -> list[Reading]:
+    """n timestamps x metrics readings with values derived from their position."""
     return [
         Reading(tenant_id, device_id, m, start_us + i * step_us, float(i) + j / 10, 0, start_us)
         for i in range(n)
@@ -39,8 +45,12 @@ def drain_topic(bootstrap: str, topic: str, idle_s: float = 3.0, max_s: float = 
     from confluent_kafka import Consumer
 
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"drain-{uuid.uuid4().hex}", "auto.offset.reset": "earliest",
-         "enable.auto.commit": False}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"drain-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
     )
     consumer.subscribe([topic])
     out: list = []

@@ -22,9 +22,7 @@ def run(devices: list[tuple[str, str]], interval_s: float, stop: threading.Event
     """Publish for every (tenant, device) until `stop`; returns messages published."""
     client = make_client("sensormine-sim")
     client.loop_start()
-    signals = [
-        (t, d, MotorSignal(i) if i % 2 == 0 else TankSignal(i)) for i, (t, d) in enumerate(devices)
-    ]
+    signals = [(t, d, MotorSignal(i) if i % 2 == 0 else TankSignal(i)) for i, (t, d) in enumerate(devices)]
     rng = random.Random(7)
     sent = 0
     try:

@@ -84,7 +84,9 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
 
     assert final == expected, log.read_text()[-3000:]
     assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == expected
-    distinct = conn.execute("SELECT count(*) FROM (SELECT DISTINCT device_id, metric, ts FROM telemetry) s").fetchone()[0]
+    distinct = conn.execute("SELECT count(*) FROM (SELECT DISTINCT device_id, metric, ts FROM telemetry) s").fetchone()[
+        0
+    ]
     assert distinct == expected
     offsets = stored_offsets(conn, settings.consumer_group)
     assert sum(offsets.values()) == MESSAGES  # resumed from the database's offsets, to the last message

@@ -22,7 +22,17 @@ def free_port() -> int:
 
 def test_demo_serves_simulated_readings(services: dict[str, str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SENSORMINE_") or k == "SENSORMINE_STATE_DIR"}
-    cmd = [sys.executable, "-m", "sensormine.cli", "demo", "--check", "--port", str(free_port()), "--dagster-port", str(free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sensormine.cli",
+        "demo",
+        "--check",
+        "--port",
+        str(free_port()),
+        "--dagster-port",
+        str(free_port()),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "check passed" in proc.stdout

@@ -90,7 +90,10 @@ def materialize_day(settings: Settings, tenants: list[str], day: date) -> None:
     }
     for tenant in tenants:
         result = dg.materialize(
-            [telemetry_lake], partition_key=str(telemetry_partition_key(tenant, day)), resources=resources, instance=instance
+            [telemetry_lake],
+            partition_key=str(telemetry_partition_key(tenant, day)),
+            resources=resources,
+            instance=instance,
         )
         assert result.success
 
@@ -136,7 +139,12 @@ def test_reading_travels_mqtt_to_rest_through_both_tiers(settings: Settings, con
         assert query(client, keys["globex"], "tank-1")["count"] == 0
         denied = client.get(
             "/api/query/telemetry",
-            params={"device_id": "motor-1", "start": "2026-11-26T00:00:00Z", "end": "2026-11-27T00:00:00Z", "tenant_id": "acme"},
+            params={
+                "device_id": "motor-1",
+                "start": "2026-11-26T00:00:00Z",
+                "end": "2026-11-27T00:00:00Z",
+                "tenant_id": "acme",
+            },
             headers={"X-API-Key": keys["globex"]},
         )
         assert denied.status_code == 404
@@ -150,7 +158,14 @@ def test_reading_travels_mqtt_to_rest_through_both_tiers(settings: Settings, con
                 assert body["lake_days"] == [DAY.isoformat()]
                 assert body["points"] == hot_answers[(tenant, device)]  # identical answers from the lake
 
-        one = query(client, keys["acme"], "motor-1", metric="temperature", start="2026-11-26T10:00:00Z", end="2026-11-26T10:00:01Z")
+        one = query(
+            client,
+            keys["acme"],
+            "motor-1",
+            metric="temperature",
+            start="2026-11-26T10:00:00Z",
+            end="2026-11-26T10:00:01Z",
+        )
         assert [(p["metric"], p["value"]) for p in one["points"]] == [("temperature", 20.0)]
 
     dlq = drain_topic(settings.kafka_bootstrap, settings.dlq_topic)

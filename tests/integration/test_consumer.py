@@ -30,11 +30,18 @@ def run_consumer(settings: Settings) -> HotStoreConsumer:
 def test_consumer_writes_valid_and_dead_letters_invalid(settings: Settings, conn: psycopg.Connection) -> None:
     make_tenant(conn, "acme", ["d1", "d2"])
     make_tenant(conn, "globex", ["g1"])
-    ensure_topics([settings.telemetry_topic("acme"), settings.telemetry_topic("globex"), settings.dlq_topic], settings=settings)
+    ensure_topics(
+        [settings.telemetry_topic("acme"), settings.telemetry_topic("globex"), settings.dlq_topic], settings=settings
+    )
     sink = KafkaSink(settings)
     for device in ("d1", "d2"):
         for chunk in range(10):
-            sink.publish("acme", device, "test", readings("acme", device, 10, start_us=1_795_687_200_000_000 + chunk * 10_000_000))
+            sink.publish(
+                "acme",
+                device,
+                "test",
+                readings("acme", device, 10, start_us=1_795_687_200_000_000 + chunk * 10_000_000),
+            )
     sink.publish("globex", "g1", "test", readings("globex", "g1", 7))
     sink.producer.produce(settings.telemetry_topic("acme"), b"not an envelope", key=b"d1")
     future = readings("acme", "d1", 1, start_us=now_us() + 10 * 86_400_000_000)
@@ -62,7 +69,9 @@ def test_rerun_with_lost_offsets_creates_no_duplicates(settings: Settings, conn:
     ensure_topics([settings.telemetry_topic("acme")], settings=settings)
     sink = KafkaSink(settings)
     for chunk in range(5):
-        sink.publish("acme", "d1", "test", readings("acme", "d1", 20, start_us=1_795_687_200_000_000 + chunk * 20_000_000))
+        sink.publish(
+            "acme", "d1", "test", readings("acme", "d1", 20, start_us=1_795_687_200_000_000 + chunk * 20_000_000)
+        )
     sink.flush(30)
     run_consumer(settings)
     assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 200

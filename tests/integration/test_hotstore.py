@@ -25,7 +25,9 @@ def test_copy_creates_partitions_and_writes_exact_rows(conn: psycopg.Connection)
     result = w.write(rows)
     assert result.inserted == 220
     assert {date(2026, 11, 26), date(2026, 11, 27)} <= existing_partition_days(conn)
-    got = conn.execute("SELECT metric, value FROM telemetry WHERE ts = to_timestamp(%s / 1e6)", (DAY_US + 5_000_000,)).fetchall()
+    got = conn.execute(
+        "SELECT metric, value FROM telemetry WHERE ts = to_timestamp(%s / 1e6)", (DAY_US + 5_000_000,)
+    ).fetchall()
     assert sorted(got) == [("pressure", 5.1), ("temperature", 5.0)]
     assert conn.execute("SELECT count(*) FROM telemetry_p20261127").fetchone()[0] == 20
 

@@ -44,19 +44,26 @@ def test_in_process_path_writes_rows_and_dead_letters(settings: Settings, conn: 
     make_tenant(conn, "acme", ["press-1"])
     daemon = MqttDaemon(direct).start()
     try:
-        publish(direct, [
-            (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
-            (telemetry_topic("acme", "press-1"), b"{broken"),
-            (telemetry_topic("acme", "ghost"), orjson.dumps(GOOD)),
-            (telemetry_topic("nobody", "press-1"), orjson.dumps(GOOD)),
-        ])
+        publish(
+            direct,
+            [
+                (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
+                (telemetry_topic("acme", "press-1"), b"{broken"),
+                (telemetry_topic("acme", "ghost"), orjson.dumps(GOOD)),
+                (telemetry_topic("nobody", "press-1"), orjson.dumps(GOOD)),
+            ],
+        )
         assert wait_until(lambda: daemon.ingest.stats.received == 4)
     finally:
         daemon.stop()
     rows = conn.execute("SELECT tenant_id, device_id, metric, value FROM telemetry ORDER BY metric").fetchall()
     assert rows == [("acme", "press-1", "pressure", 1.01), ("acme", "press-1", "temperature", 21.5)]
     dead = conn.execute("SELECT origin, reason, payload FROM dead_letters ORDER BY id").fetchall()
-    assert [d[0] for d in dead] == [telemetry_topic("acme", "press-1"), telemetry_topic("acme", "ghost"), telemetry_topic("nobody", "press-1")]
+    assert [d[0] for d in dead] == [
+        telemetry_topic("acme", "press-1"),
+        telemetry_topic("acme", "ghost"),
+        telemetry_topic("nobody", "press-1"),
+    ]
     assert dead[0][1].startswith("malformed JSON") and bytes(dead[0][2]) == b"{broken"
     assert "unknown device 'ghost'" in dead[1][1]
     assert "unknown device" in dead[2][1]
@@ -81,17 +88,23 @@ def test_kafka_path_produces_envelopes_and_dlq(settings: Settings, conn: psycopg
     make_tenant(conn, "acme", ["press-1"])
     daemon = MqttDaemon(settings).start()
     try:
-        publish(settings, [
-            (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
-            (telemetry_topic("acme", "press-1"), orjson.dumps({"ts": "noon", "values": {"a": 1}})),
-        ])
+        publish(
+            settings,
+            [
+                (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
+                (telemetry_topic("acme", "press-1"), orjson.dumps({"ts": "noon", "values": {"a": 1}})),
+            ],
+        )
         assert wait_until(lambda: daemon.ingest.stats.received == 2)
     finally:
         daemon.stop()
     telemetry = drain_topic(settings.kafka_bootstrap, settings.telemetry_topic("acme"))
     assert [m.key() for m in telemetry] == [b"press-1"]
     points = decode_envelope(telemetry[0].value())
-    assert [(r.device_id, r.metric, r.value) for r in points] == [("press-1", "temperature", 21.5), ("press-1", "pressure", 1.01)]
+    assert [(r.device_id, r.metric, r.value) for r in points] == [
+        ("press-1", "temperature", 21.5),
+        ("press-1", "pressure", 1.01),
+    ]
     dlq = drain_topic(settings.kafka_bootstrap, settings.dlq_topic)
     assert len(dlq) == 1
     headers = dict(dlq[0].headers())

@@ -20,11 +20,13 @@ NEXT_US = DAY_US + 86_400_000_000
 START, END = datetime(2026, 11, 26, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC)
 
 
-def keys(table) -> list[tuple]:  # noqa: ANN001
+def keys(table) -> list[tuple]:
     return [(r["device_id"], r["metric"], r["ts"], r["value"]) for r in table.to_pylist()]
 
 
-def test_compacted_day_late_rows_and_hot_day_are_each_counted_once(settings: Settings, conn: psycopg.Connection) -> None:
+def test_compacted_day_late_rows_and_hot_day_are_each_counted_once(
+    settings: Settings, conn: psycopg.Connection
+) -> None:
     make_tenant(conn, "acme", ["d1"])
     writer = HotStoreWriter(conn)
     writer.write(readings("acme", "d1", 100))  # day 1, 200 points
@@ -91,7 +93,9 @@ def test_other_tenants_are_invisible(settings: Settings, conn: psycopg.Connectio
         (4294967295, True),  # the previous epoch's last xid: long settled
     ],
 )
-def test_row_visibility_in_a_compaction_snapshot_across_epochs(conn: psycopg.Connection, xid: int, visible: bool) -> None:
+def test_row_visibility_in_a_compaction_snapshot_across_epochs(
+    conn: psycopg.Connection, xid: int, visible: bool
+) -> None:
     snap = f"{(1 << 32) + 100}:{(1 << 32) + 104}:{(1 << 32) + 101}"
     got = conn.execute("SELECT sensormine_in_snapshot(%s::text::xid, %s::pg_snapshot)", (str(xid), snap)).fetchone()[0]
     assert got is visible

@@ -28,7 +28,9 @@ def test_object_payload_becomes_one_reading_per_metric() -> None:
 
 
 def test_array_payload_and_epoch_millis() -> None:
-    readings = parse([{"ts": 1_795_687_200_000, "values": {"a": 1}}, {"ts": "2026-11-26T11:00:00+01:00", "values": {"b": 2}}])
+    readings = parse(
+        [{"ts": 1_795_687_200_000, "values": {"a": 1}}, {"ts": "2026-11-26T11:00:00+01:00", "values": {"b": 2}}]
+    )
     assert [(r.metric, r.ts, r.value) for r in readings] == [("a", T0_US, 1.0), ("b", T0_US, 2.0)]
 
 

@@ -14,7 +14,12 @@ from sensormine.validation import validate_message
 
 def test_mqtt_topic_round_trip() -> None:
     assert parse_telemetry_topic(telemetry_topic("acme", "press-1")) == ("acme", "press-1")
-    for bad in ("sensormine/acme/telemetry", "sensormine/acme/p/x/telemetry", "other/acme/p/telemetry", "sensormine//p/telemetry"):
+    for bad in (
+        "sensormine/acme/telemetry",
+        "sensormine/acme/p/x/telemetry",
+        "other/acme/p/telemetry",
+        "sensormine//p/telemetry",
+    ):
         assert parse_telemetry_topic(bad) is None
 
 
