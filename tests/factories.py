@@ -66,3 +66,16 @@ def drain_topic(bootstrap: str, topic: str, idle_s: float = 3.0, max_s: float = 
     finally:
         consumer.close()
     return out
+
+
+def mqtt_publish(settings, messages: list[tuple[str, bytes]], timeout: float = 30.0) -> None:
+    """Publish (topic, payload) pairs at QoS 1 and wait until the broker has acknowledged each."""
+    from sensormine.mqtt import make_client
+
+    client = make_client("test-pub", settings)
+    client.loop_start()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(timeout)
+    client.loop_stop()
+    client.disconnect()

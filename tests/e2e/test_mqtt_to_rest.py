@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttDaemon
 from sensormine.kafka import ensure_topics
-from sensormine.mqtt import make_client, telemetry_topic
+from sensormine.mqtt import telemetry_topic
 from sensormine.settings import Settings
 from serving.main import create_app
-from tests.factories import drain_topic, make_tenant
+from tests.factories import drain_topic, make_tenant, mqtt_publish
 
 pytestmark = pytest.mark.e2e
 
@@ -47,16 +47,6 @@ BAD = [
     (telemetry_topic("initech", "motor-1"), orjson.dumps({"ts": "2026-11-26T10:00:00Z", "values": {"a": 1}})),
     (telemetry_topic("globex", "motor-1"), orjson.dumps({"ts": "26/11/2026", "values": {"a": 1}})),
 ]
-
-
-def publish_all(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
-    client = make_client("e2e-pub", settings)
-    client.loop_start()
-    infos = [client.publish(t, p, qos=1) for t, p in messages]
-    for info in infos:
-        info.wait_for_publish(30)
-    client.loop_stop()
-    client.disconnect()
 
 
 def hot_count(conn: psycopg.Connection) -> int:
@@ -110,7 +100,7 @@ def test_reading_travels_mqtt_to_rest_through_both_tiers(settings: Settings, con
     good = good_messages()
     expected = {t: len(ds) * N_PER_DEVICE * len(METRICS) for t, ds in DEVICES.items()}
     try:
-        publish_all(settings, good + BAD)
+        mqtt_publish(settings, good + BAD)
         deadline = time.monotonic() + 60
         while hot_count(conn) < sum(expected.values()) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -9,25 +9,15 @@ import psycopg
 import pytest
 
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.mqtt import make_client, telemetry_topic
+from sensormine.mqtt import telemetry_topic
 from sensormine.payload import decode_envelope
 from sensormine.registry import create_device
 from sensormine.settings import Settings
-from tests.factories import drain_topic, make_tenant
+from tests.factories import drain_topic, make_tenant, mqtt_publish
 
 pytestmark = pytest.mark.integration
 
 GOOD = {"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 21.5, "pressure": 1.01}}
-
-
-def publish(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
-    client = make_client("test-pub", settings)
-    client.loop_start()
-    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-    for info in infos:
-        info.wait_for_publish(10)
-    client.loop_stop()
-    client.disconnect()
 
 
 def wait_until(check, timeout: float = 10.0) -> bool:
@@ -44,7 +34,7 @@ def test_in_process_path_writes_rows_and_dead_letters(settings: Settings, conn: 
     make_tenant(conn, "acme", ["press-1"])
     daemon = MqttDaemon(direct).start()
     try:
-        publish(
+        mqtt_publish(
             direct,
             [
                 (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
@@ -76,7 +66,7 @@ def test_new_device_is_accepted_within_a_second(settings: Settings, conn: psycop
     try:
         create_device(conn, "acme", "late-1")
         time.sleep(1.1)  # the directory refreshes on a miss at most once a second
-        publish(direct, [(telemetry_topic("acme", "late-1"), orjson.dumps(GOOD))])
+        mqtt_publish(direct, [(telemetry_topic("acme", "late-1"), orjson.dumps(GOOD))])
         assert wait_until(lambda: daemon.ingest.stats.received == 1)
     finally:
         daemon.stop()
@@ -88,7 +78,7 @@ def test_kafka_path_produces_envelopes_and_dlq(settings: Settings, conn: psycopg
     make_tenant(conn, "acme", ["press-1"])
     daemon = MqttDaemon(settings).start()
     try:
-        publish(
+        mqtt_publish(
             settings,
             [
                 (telemetry_topic("acme", "press-1"), orjson.dumps(GOOD)),
