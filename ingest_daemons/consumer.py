@@ -7,21 +7,24 @@ so a crash at any point redelivers exactly what was not yet written: nothing los
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from sensormine.bus import dlq_headers
 from sensormine.db import connect, migrate
-from sensormine.hotstore import HotStoreWriter, KafkaOffset, stored_offsets
+from sensormine.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
 from sensormine.kafka import make_consumer, make_producer
-from sensormine.payload import PayloadError, decode_envelope
-from sensormine.reading import Reading, now_us
+from sensormine.payload import PayloadError, decode_envelope, decode_envelope_into
+from sensormine.reading import now_us
 from sensormine.settings import Settings, get_settings
-from sensormine.validation import validate_message
+from sensormine.validation import future_limit_us, validate_message
 
 log = logging.getLogger("sensormine.ingest.consumer")
 
@@ -41,6 +44,63 @@ class ConsumerStats:
     last_commit_at: float | None = None
 
 
+@dataclass
+class PreparedBatch:
+    """One consumed batch after decoding and validation: COPY-ready rows and the offsets they complete."""
+
+    rows: CopyBatch
+    offsets: list[KafkaOffset]
+
+
+class BatchWriterThread:
+    """Writes prepared batches on a second thread, one transaction each, strictly in submission order.
+
+    psycopg releases the GIL while PostgreSQL works on a COPY, so the consuming thread decodes
+    batch N+1 while the server inserts batch N. One writer and a FIFO keep every partition's
+    offsets advancing in order, each committed in the same transaction as its rows.
+    """
+
+    def __init__(self, write: Callable[[PreparedBatch], object], depth: int = 1) -> None:
+        self._write = write
+        # depth 1: one batch queued while one is written; the consumer blocks beyond that (back-pressure).
+        self._queue: queue.Queue[PreparedBatch | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="hotstore-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:  # after a failure nothing later may commit: its offsets would skip rows
+                    self._write(item)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("hot-store write failed") from self._error
+
+    def submit(self, batch: PreparedBatch) -> None:
+        """Queue a batch for writing (blocks while the queue is full); raises if an earlier write failed."""
+        self._raise_failure()
+        self._queue.put(batch)
+
+    def drain(self) -> None:
+        """Wait until every submitted batch is committed; raises if one failed."""
+        self._queue.join()
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Finish queued batches and stop the thread (failures are left to `drain`)."""
+        self._queue.put(None)
+        self._thread.join()
+
+
 class HotStoreConsumer:
     """Consumes every tenant's telemetry topic into the hot store."""
 
@@ -54,9 +114,18 @@ class HotStoreConsumer:
         self.consumer: Consumer = make_consumer(self.group_id, self.settings)
         self.stats = ConsumerStats()
         self.assigned = threading.Event()
+        self._pipeline: BatchWriterThread | None = None
+        self._kafka_commits: list[list[KafkaOffset]] = []  # written batches whose offsets Kafka has not been told
+
+    def _drain(self) -> None:
+        # Rebalances read and hand over offsets from the database: in-flight batches must land first,
+        # and the writer must not be inside a transaction on the shared connection.
+        if self._pipeline is not None:
+            self._pipeline.drain()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The database, not Kafka, knows what has been written: resume from there.
+        self._drain()
         offsets = stored_offsets(self.conn, self.group_id)
         self.conn.commit()
         for tp in partitions:
@@ -65,72 +134,130 @@ class HotStoreConsumer:
         self.assigned.set()
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
 
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The next owner resumes from the database: commit what was consumed before letting go.
+        self._drain()
+
     def _reject(self, msg: Message, reason: str) -> None:
         self.stats.rejected += 1
         key = msg.key()
-        headers = dlq_headers("consumer", f"{msg.topic()}[{msg.partition()}]@{msg.offset()}", reason, None, key.decode() if key else None)
+        origin = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        headers = dlq_headers("consumer", origin, reason, None, key.decode() if key else None)
         self.dlq.produce(self.settings.dlq_topic, value=msg.value(), key=key, headers=headers)
 
-    def process(self, messages: list[Message]) -> int:
-        """Validate and write one batch of messages; returns readings inserted."""
-        readings: list[Reading] = []
+    def _decode_reference(self, raw: bytes, rows: CopyBatch, now: int) -> str | None:
+        """The reference path for messages the fast path declines: the reject reason, or None once added."""
+        try:
+            readings = decode_envelope(raw)
+        except PayloadError as exc:
+            return str(exc)
+        reason = validate_message(readings, self.settings, now)
+        if reason is not None:
+            return reason
+        try:
+            rows.add_readings(readings)
+        except (TypeError, ValueError) as exc:
+            # e.g. a float timestamp: it would fail the whole COPY, so the message goes to the DLQ instead.
+            return f"malformed envelope: {exc}"
+        return None
+
+    def prepare(self, messages: list[Message]) -> PreparedBatch | None:
+        """Decode and validate one batch of messages, dead-lettering the invalid; None when it had no message."""
+        rows = CopyBatch()
         offsets: dict[tuple[str, int], int] = {}
         now = now_us()
+        limit = future_limit_us(self.settings, now)
+        rejected = self.stats.rejected
         for msg in messages:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("Kafka error: %s", err)
                 continue
-            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+            # A message without an error always has a topic, partition and offset.
+            offsets[(cast(str, msg.topic()), cast(int, msg.partition()))] = cast(int, msg.offset()) + 1
             self.stats.messages += 1
-            try:
-                batch = decode_envelope(msg.value())
-            except PayloadError as exc:
-                self._reject(msg, str(exc))
-                continue
-            reason = validate_message(batch, self.settings, now)
-            if reason is not None:
-                self._reject(msg, reason)
-                continue
-            readings.extend(batch)
+            raw = cast(bytes, msg.value())  # None (a tombstone) is rejected as a malformed envelope
+            if decode_envelope_into(raw, rows, limit) is None:
+                reason = self._decode_reference(raw, rows, now)
+                if reason is not None:
+                    self._reject(msg, reason)
         if not offsets:
-            return 0
-        if self.stats.rejected:
+            return None
+        if self.stats.rejected != rejected:
             # Dead letters must be durable before the offsets that skip them are committed.
             self.dlq.flush(30)
-        result = self.writer.write(readings, [KafkaOffset(t, p, o) for (t, p), o in offsets.items()])
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True
-        )  # informational only (lag dashboards); the database holds the truth
-        self.stats.readings += len(readings)
+        return PreparedBatch(rows, [KafkaOffset(t, p, o) for (t, p), o in offsets.items()])
+
+    def write(self, batch: PreparedBatch) -> WriteResult:
+        """Write one prepared batch and its offsets in one transaction."""
+        result = self.writer.write_batch(batch.rows, batch.offsets)
+        self._kafka_commits.append(batch.offsets)
+        self.stats.readings += batch.rows.rows
         self.stats.inserted += result.inserted
         self.stats.duplicates += result.duplicates
         self.stats.batches += 1
         self.stats.last_commit_at = time.monotonic()
+        return result
+
+    def _commit_to_kafka(self) -> None:
+        # Informational only (lag dashboards); the database holds the truth. Done on the consuming
+        # thread, which owns the Kafka consumer.
+        done: dict[tuple[str, int], int] = {}
+        while self._kafka_commits:
+            for o in self._kafka_commits.pop(0):
+                done[(o.topic, o.partition)] = o.next_offset
+        if done:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in done.items()], asynchronous=True)
+
+    def process(self, messages: list[Message]) -> int:
+        """Validate and write one batch of messages; returns readings inserted."""
+        batch = self.prepare(messages)
+        if batch is None:
+            return 0
+        result = self.write(batch)
+        self._commit_to_kafka()
         return result.inserted
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> ConsumerStats:
         """Consume until `stop` is set (or, with `idle_exit_s`, until no message came for that long)."""
-        self.consumer.subscribe([self.settings.telemetry_topic_pattern], on_assign=self._on_assign)
+        self.consumer.subscribe(
+            [self.settings.telemetry_topic_pattern],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
         batch_target = self.settings.consumer_batch_size
         max_wait = self.settings.consumer_batch_ms / 1000
         last_message = time.monotonic()
-        while not stop.is_set():
-            pending: list[Message] = []
-            deadline = time.monotonic() + max_wait
-            while len(pending) < batch_target and time.monotonic() < deadline:
-                got = self.consumer.consume(num_messages=min(10_000, batch_target), timeout=max(0.0, deadline - time.monotonic()))
-                if not got:
+        self._pipeline = pipeline = BatchWriterThread(self.write)
+        try:
+            while not stop.is_set():
+                pending: list[Message] = []
+                deadline = time.monotonic() + max_wait
+                while len(pending) < batch_target and time.monotonic() < deadline:
+                    got = self.consumer.consume(
+                        num_messages=min(10_000, batch_target - len(pending)),
+                        timeout=max(0.0, deadline - time.monotonic()),
+                    )
+                    if not got:
+                        break
+                    if self.stats.first_message_at is None:
+                        self.stats.first_message_at = time.monotonic()
+                    pending.extend(got)
+                self._commit_to_kafka()
+                if pending:
+                    last_message = time.monotonic()
+                    batch = self.prepare(pending)
+                    if batch is not None:
+                        pipeline.submit(batch)
+                elif idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
                     break
-                if self.stats.first_message_at is None:
-                    self.stats.first_message_at = time.monotonic()
-                pending.extend(got)
-            if pending:
-                last_message = time.monotonic()
-                self.process(pending)
-            elif idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
-                break
+            pipeline.drain()
+        finally:
+            pipeline.close()
+            self._pipeline = None
+        self._commit_to_kafka()
         return self.stats
 
     def close(self) -> None:
@@ -158,7 +285,10 @@ def main() -> None:
 def _report(consumer: HotStoreConsumer, stop: threading.Event) -> None:
     while not stop.wait(10):
         s = consumer.stats
-        log.info("messages=%d readings=%d inserted=%d duplicates=%d rejected=%d", s.messages, s.readings, s.inserted, s.duplicates, s.rejected)
+        log.info(
+            "messages=%d readings=%d inserted=%d duplicates=%d rejected=%d",
+            s.messages, s.readings, s.inserted, s.duplicates, s.rejected,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -14,6 +15,100 @@ from sensormine.reading import Reading, day_of, us_to_datetime
 COLUMNS = ("tenant_id", "device_id", "metric", "ts", "value", "quality", "ingest_ts")
 _COPY_SQL = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "int2", "timestamptz")
+
+# --- PostgreSQL binary COPY, written directly (https://www.postgresql.org/docs/current/sql-copy.html) ---
+
+PG_EPOCH_US = 946_684_800_000_000
+"""2000-01-01 UTC in Unix microseconds: binary timestamps count from there."""
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header-extension length
+COPY_TRAILER = b"\xff\xff"
+ROW_TAIL = struct.Struct(">qidihiq")
+"""The fixed-width end of a row: ts | len, value | len, quality | len, ingest_ts (ts's length is in the prefix)."""
+_LEN = struct.Struct(">i")
+_CHUNK_BYTES = 1 << 20
+
+
+def series_prefix(tenant_id: str, device_id: str, metric: str) -> bytes:
+    """Start of every binary COPY row of one series: field count, the three key texts, and ts's length."""
+    out = bytearray(b"\x00\x07")
+    for text in (tenant_id, device_id, metric):
+        raw = text.encode()
+        out += _LEN.pack(len(raw))
+        out += raw
+    out += b"\x00\x00\x00\x08"
+    return bytes(out)
+
+
+class CopyBatch:
+    """Readings pre-encoded as binary COPY rows of `telemetry`, bucketed by (day, tenant, device) then metric.
+
+    Rows are emitted series by series in primary-key order (C collation), day by day. B-tree
+    inserts in key order stay on a few hot leaf pages instead of hopping between one page per
+    series for every row: on the ingest benchmark this alone made the server's COPY about 1.7x
+    faster (docs/benchmarks.md). The order is a speed hint only; correctness never depends on it.
+    """
+
+    __slots__ = ("_devices", "rows")
+
+    def __init__(self) -> None:
+        self._devices: dict[tuple[int, str, str], dict[str, list[bytes]]] = {}
+        self.rows = 0
+
+    def device(self, day: int, tenant_id: str, device_id: str) -> dict[str, list[bytes]]:
+        """The metric → encoded-row-tails buckets of one device on one UTC day (created on first use).
+
+        Fast-path encoders append `ROW_TAIL` bytes to these lists and then add to `rows`.
+        """
+        key = (day, tenant_id, device_id)
+        buckets = self._devices.get(key)
+        if buckets is None:
+            buckets = self._devices[key] = {}
+        return buckets
+
+    def add_readings(self, readings: Iterable[Reading]) -> None:
+        """Encode readings into the batch, all or none: TypeError or ValueError on a field COPY cannot carry."""
+        encoded = []
+        for r in readings:
+            if not (type(r.tenant_id) is type(r.device_id) is type(r.metric) is str):
+                raise TypeError(f"tenant_id, device_id and metric must be text: {r.key!r}")
+            try:
+                tail = ROW_TAIL.pack(r.ts - PG_EPOCH_US, 8, r.value, 2, r.quality, 8, r.ingest_ts - PG_EPOCH_US)
+            except struct.error as exc:
+                raise ValueError(f"cannot encode {r!r}: {exc}") from None
+            encoded.append((day_of(r.ts), r.tenant_id, r.device_id, r.metric, tail))
+        for day, tenant_id, device_id, metric, tail in encoded:
+            buckets = self.device(day, tenant_id, device_id)
+            rows = buckets.get(metric)
+            if rows is None:
+                buckets[metric] = [tail]
+            else:
+                rows.append(tail)
+        self.rows += len(encoded)
+
+    @property
+    def day_numbers(self) -> set[int]:
+        """The UTC day numbers the rows fall in (one partition each)."""
+        return {day for day, _, _ in self._devices}
+
+    def chunks(self) -> Iterator[bytes]:
+        """The whole binary COPY stream (header, rows in key order, trailer), in pieces of about 1 MiB."""
+        parts: list[bytes] = [COPY_HEADER]
+        size = 0
+        for key in sorted(self._devices):
+            _, tenant_id, device_id = key
+            buckets = self._devices[key]
+            for metric in sorted(buckets):
+                prefix = series_prefix(tenant_id, device_id, metric)
+                # prefix + tail for every row, without a Python step per row
+                parts.append(prefix)
+                part = prefix.join(buckets[metric])
+                parts.append(part)
+                size += len(part)
+                if size >= _CHUNK_BYTES:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+        parts.append(COPY_TRAILER)
+        yield b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -45,22 +140,39 @@ class HotStoreWriter:
 
     def write(self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
         """Insert `readings` and record `offsets` in one transaction; rows already present are skipped."""
+        return self._write(
+            len(readings), {day_of(r.ts) for r in readings}, lambda table: self._copy(readings, table), offsets
+        )
+
+    def write_batch(self, batch: CopyBatch, offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
+        """Like `write`, for rows already encoded for binary COPY (the consumer's fast path)."""
+        if self.conn.info.encoding != "utf-8":
+            # CopyBatch encodes text as UTF-8; the server reads COPY text in the client encoding.
+            raise RuntimeError(f"binary COPY batches need client_encoding UTF8, not {self.conn.info.encoding}")
+        return self._write(
+            batch.rows, batch.day_numbers, lambda table: self._copy_stream(batch.chunks(), table), offsets
+        )
+
+    def _write(
+        self, n_rows: int, day_numbers: set[int], copy: Callable[[str], None], offsets: Sequence[KafkaOffset]
+    ) -> WriteResult:
         result = WriteResult()
+        days = {epoch_day_to_date(d) for d in day_numbers}
         with self.conn.transaction():
-            days = {epoch_day_to_date(d) for d in {day_of(r.ts) for r in readings}}
             if not days <= self._known_days:
                 result.partitions_created = ensure_partitions(self.conn, days - self._known_days)
-                self._known_days |= days
-            if readings:
+            if n_rows:
                 try:
                     with self.conn.transaction():  # savepoint: a duplicate key falls back to the dedupe path
-                        self._copy(readings)
-                    result.inserted = len(readings)
+                        copy("telemetry")
+                    result.inserted = n_rows
                 except psycopg.errors.UniqueViolation:
-                    result.inserted = self._insert_dedupe(readings)
-                    result.duplicates = len(readings) - result.inserted
+                    result.inserted = self._insert_dedupe(copy)
+                    result.duplicates = n_rows - result.inserted
             if offsets:
                 self._store_offsets(offsets)
+        # Only now: a failed batch rolls its CREATE TABLE back, and a retry must create the partition again.
+        self._known_days |= days
         return result
 
     def _copy(self, readings: Sequence[Reading], table: str = "telemetry") -> None:
@@ -68,15 +180,19 @@ class HotStoreWriter:
         with cur.copy(_COPY_SQL.replace("telemetry", table, 1)) as copy:
             copy.set_types(_COPY_TYPES)
             for r in readings:
-                copy.write_row(
-                    (r.tenant_id, r.device_id, r.metric, us_to_datetime(r.ts), r.value, r.quality, us_to_datetime(r.ingest_ts))
-                )
+                ts, ingest_ts = us_to_datetime(r.ts), us_to_datetime(r.ingest_ts)
+                copy.write_row((r.tenant_id, r.device_id, r.metric, ts, r.value, r.quality, ingest_ts))
 
-    def _insert_dedupe(self, readings: Sequence[Reading]) -> int:
+    def _copy_stream(self, chunks: Iterable[bytes], table: str) -> None:
+        with self.conn.cursor().copy(_COPY_SQL.replace("telemetry", table, 1)) as copy:
+            for chunk in chunks:
+                copy.write(chunk)
+
+    def _insert_dedupe(self, copy: Callable[[str], None]) -> int:
         self.conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        self._copy(readings, table="telemetry_stage")
+        copy("telemetry_stage")
         cur = self.conn.execute(
             f"INSERT INTO telemetry ({', '.join(COLUMNS)}) "
             f"SELECT DISTINCT ON (tenant_id, device_id, metric, ts) {', '.join(COLUMNS)} FROM telemetry_stage "

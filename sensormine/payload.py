@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from datetime import datetime
 from typing import Any
 
 import orjson
 
-from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN, Reading, datetime_to_us
+from sensormine.hotstore import PG_EPOCH_US, ROW_TAIL, CopyBatch
+from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN, US_PER_DAY, Reading, datetime_to_us
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_READINGS_PER_PAYLOAD = 10_000
@@ -45,7 +47,7 @@ def parse_timestamp(raw: Any, pointer: str = "/ts") -> int:
     if isinstance(raw, int | float):
         if not math.isfinite(raw):
             raise PayloadError("timestamp is not finite", pointer)
-        us = int(round(raw * 1000))
+        us = round(raw * 1000)
     elif isinstance(raw, str):
         text = raw.strip()
         if text.endswith(("Z", "z")):
@@ -122,9 +124,7 @@ def parse_device_payload(raw: bytes, tenant_id: str, device_id: str, ingest_ts: 
             mptr = f"{ptr}/values/{_escape(metric)}"
             if not METRIC_RE.match(metric):
                 raise PayloadError("metric names are 1-128 of A-Z a-z 0-9 _ . : / -", mptr)
-            readings.append(
-                Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts)
-            )
+            readings.append(Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts))
         if len(readings) > MAX_READINGS_PER_PAYLOAD:
             raise PayloadError(f"more than {MAX_READINGS_PER_PAYLOAD} readings in one payload")
     return readings
@@ -167,3 +167,60 @@ def decode_envelope(raw: bytes) -> list[Reading]:
         raise
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"malformed envelope: {exc}") from None
+
+
+_pack_tail = ROW_TAIL.pack
+
+
+def decode_envelope_into(raw: bytes, batch: CopyBatch, ts_limit_us: int) -> int | None:
+    """Fast path: add a telemetry-topic message's readings to `batch` as binary COPY rows, without Reading objects.
+
+    Returns how many readings were added, or None, leaving `batch` untouched, whenever the message is
+    anything but a plain valid envelope with every timestamp at or before `ts_limit_us` (malformed, an
+    unexpected type, empty, from the future). Callers then take the reference path, `decode_envelope` +
+    `validate_message`, which decides and explains; so both paths accept and reject exactly the same messages.
+    """
+    try:
+        doc = orjson.loads(raw)
+        tenant_id, device_id, ingest_ts, points = doc["tenant_id"], doc["device_id"], doc["ingest_ts"], doc["points"]
+        if (
+            doc["v"] != ENVELOPE_VERSION
+            or type(tenant_id) is not str
+            or type(device_id) is not str
+            or type(ingest_ts) is not int
+            or type(points) is not list
+            or not points
+        ):
+            return None
+        ingest_pg = ingest_ts - PG_EPOCH_US
+        lo = hi = points[0][1]
+        tails = []
+        for metric, ts, value, quality in points:
+            # Exact types: the reference path would coerce a numeric string value, reject a float ts, etc.
+            if type(metric) is not str or type(ts) is not int:
+                return None
+            if ts > hi:
+                hi = ts
+            elif ts < lo:
+                lo = ts
+            tails.append(_pack_tail(ts - PG_EPOCH_US, 8, value, 2, quality, 8, ingest_pg))
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, struct.error):
+        return None
+    if hi > ts_limit_us:
+        return None
+    # Only now touch the batch: a message goes in whole or not at all.
+    day = lo // US_PER_DAY
+    if day == hi // US_PER_DAY:
+        buckets = batch.device(day, tenant_id, device_id)
+        for point, tail in zip(points, tails, strict=True):
+            rows = buckets.get(point[0])
+            if rows is None:
+                buckets[point[0]] = [tail]
+            else:
+                rows.append(tail)
+    else:  # readings on both sides of a UTC midnight
+        for point, tail in zip(points, tails, strict=True):
+            buckets = batch.device(point[1] // US_PER_DAY, tenant_id, device_id)
+            buckets.setdefault(point[0], []).append(tail)
+    batch.rows += len(tails)
+    return len(tails)
