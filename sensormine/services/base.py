@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sensormine.services import process
+from sensormine.services import process, system
 from sensormine.services.errors import ServiceError
 from sensormine.services.system import Requirement
 
@@ -59,8 +59,12 @@ class Service(ABC):
 
     def __init__(self, state_root: Path, *, embedded: bool = False) -> None:
         self.state_root = state_root
-        self.dir = state_root / "services" / self.name
         self.embedded = embedded
+        self.dir = state_root / "services" / self.name
+        if self.drops_privileges() and system.is_root() and not system.others_can_reach(state_root):
+            # The unprivileged server user could not reach a private state dir: keep its files
+            # in a folder it can reach, derived from the state dir so every command finds it.
+            self.dir = system.private_state_fallback(state_root) / self.name
 
     # -- to implement -------------------------------------------------------------
     @abstractmethod
@@ -80,6 +84,10 @@ class Service(ABC):
         """SENSORMINE_* settings for clients of this service."""
 
     # -- overridable --------------------------------------------------------------
+    def drops_privileges(self) -> bool:
+        """True when the server runs as an unprivileged user although the launcher is root."""
+        return False
+
     def after_ready(self, rec: Record, progress: Progress) -> None:  # noqa: B027 - optional hook
         """One-off setup once the server answers (e.g. create a database)."""
 

@@ -69,6 +69,10 @@ class Mosquitto(Service):
     ready_timeout = 30.0
     has_embedded = True
 
+    def drops_privileges(self) -> bool:
+        """Mosquitto started as root switches to the mosquitto user (amqtt does not)."""
+        return not self.embedded
+
     def requirements(self) -> list[system.Requirement]:
         """Debian `mosquitto` (plus the CLI clients) unless embedded."""
         return [] if self.embedded else [system.binary("mosquitto", ("mosquitto", "mosquitto-clients"), EMBEDDED_HINT)]

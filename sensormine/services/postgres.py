@@ -66,6 +66,10 @@ class Postgres(Service):
     ready_timeout = 90.0
     has_embedded = True
 
+    def drops_privileges(self) -> bool:
+        """initdb and postgres refuse root: they run as the postgres user."""
+        return True
+
     def requirements(self) -> list[system.Requirement]:
         """Debian `postgresql` unless running embedded (the wheel is a Python dependency)."""
         if self.embedded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -103,6 +104,24 @@ def _can_enter(path: Path, user: pwd.struct_passwd) -> bool:
     if st.st_gid in groups:
         return bool(st.st_mode & stat.S_IXGRP)
     return bool(st.st_mode & stat.S_IXOTH)
+
+
+def others_can_reach(path: Path) -> bool:
+    """Whether every existing ancestor of `path` lets other users pass (o+x)."""
+    return all(d.stat().st_mode & stat.S_IXOTH for d in path.resolve().parents if d.exists())
+
+
+def private_state_fallback(state_root: Path) -> Path:
+    """Where servers that drop root live when the state dir sits in a private folder (e.g. a 0700 temp dir).
+
+    Deterministic per state dir, so `down` and `status` find what `up` started.
+    """
+    digest = hashlib.sha1(str(state_root.resolve()).encode()).hexdigest()[:12]
+    home = Path("/var/tmp") / f"sensormine-{digest}"
+    home.mkdir(mode=0o711, exist_ok=True)
+    home.chmod(0o711)
+    (home / "state-dir").write_text(f"{state_root.resolve()}\n")  # who this belongs to, for humans
+    return home
 
 
 def ensure_reachable(path: Path, user: pwd.struct_passwd, owned_root: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from sensormine.services import launcher
 from sensormine.services.process import pid_alive
+from sensormine.services.system import private_state_fallback
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -256,4 +257,28 @@ def test_embedded_postgres_and_mqtt() -> None:
     finally:
         launcher.down(state_dir=d, progress=print)
         shutil.rmtree(d, ignore_errors=True)
+    assert not any(pid_alive(p) for p in pids.values() if p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands servers to unprivileged users")
+def test_state_dir_inside_a_private_folder() -> None:
+    """A clone under a 0700 folder (as CI's may be): servers that drop root keep their files in /var/tmp."""
+    import psycopg
+
+    private = _fresh_state_dir("services-private")  # mkdtemp: mode 0700
+    d = private / "clone" / ".sensormine"
+    try:
+        env = launcher.up(["postgres", "mosquitto"], state_dir=d, progress=print)
+        with psycopg.connect(env["SENSORMINE_DATABASE_URL"], connect_timeout=10) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"]) == b"hello-sensormine"
+        logs = {name: info["log"] for name, info in launcher.status(d).items() if info["running"]}
+        assert all(str(path).startswith("/var/tmp/sensormine-") for path in logs.values()), logs
+        pids = _pids(d)
+    finally:
+        launcher.down(state_dir=d, progress=print)
+        fallback = private_state_fallback(d) if d.exists() else None
+        shutil.rmtree(private, ignore_errors=True)
+        if fallback is not None:
+            shutil.rmtree(fallback, ignore_errors=True)
     assert not any(pid_alive(p) for p in pids.values() if p)
