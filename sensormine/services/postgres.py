@@ -90,6 +90,17 @@ class Postgres(Service):
                 "PostgreSQL server binaries not found under /usr/lib/postgresql. "
                 "Install with `sudo apt-get install -y postgresql`, or use `sensormine services up --embedded`."
             )
+        if self.embedded and system.is_root() and not system.others_can_reach(bindir):
+            # The wheel sits in a venv the postgres user cannot enter (a clone in a private
+            # folder): run a copy of its installation from a place that user can reach.
+            # Its binaries find their libraries at $ORIGIN/../../../pgserver.libs: keep that layout.
+            install = bindir.parent  # site-packages/pgserver/pginstall
+            home = system.private_state_fallback(self.state_root)
+            copy = home / "pgserver" / "pginstall"
+            if not (copy / "bin" / "postgres").exists():
+                shutil.copytree(install.parent.parent / "pgserver.libs", home / "pgserver.libs", dirs_exist_ok=True)
+                shutil.copytree(install, copy, dirs_exist_ok=True)
+            bindir = copy / "bin"
         return bindir
 
     def _socket_dir(self, user: pwd.struct_passwd | None) -> Path:

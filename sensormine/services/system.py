@@ -111,13 +111,18 @@ def others_can_reach(path: Path) -> bool:
     return all(d.stat().st_mode & stat.S_IXOTH for d in path.resolve().parents if d.exists())
 
 
+def private_state_home(state_root: Path) -> Path:
+    """The folder `private_state_fallback` uses for a state dir (not created)."""
+    digest = hashlib.sha1(str(state_root.resolve()).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"sensormine-{digest}"
+
+
 def private_state_fallback(state_root: Path) -> Path:
     """Where servers that drop root live when the state dir sits in a private folder (e.g. a 0700 temp dir).
 
     Deterministic per state dir, so `down` and `status` find what `up` started.
     """
-    digest = hashlib.sha1(str(state_root.resolve()).encode()).hexdigest()[:12]
-    home = Path("/var/tmp") / f"sensormine-{digest}"
+    home = private_state_home(state_root)
     home.mkdir(mode=0o711, exist_ok=True)
     home.chmod(0o711)
     (home / "state-dir").write_text(f"{state_root.resolve()}\n")  # who this belongs to, for humans

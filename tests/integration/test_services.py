@@ -17,7 +17,7 @@ import pytest
 
 from sensormine.services import launcher
 from sensormine.services.process import pid_alive
-from sensormine.services.system import private_state_fallback
+from sensormine.services.system import private_state_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -256,6 +256,7 @@ def test_embedded_postgres_and_mqtt() -> None:
         pids = _pids(d)
     finally:
         launcher.down(state_dir=d, progress=print)
+        shutil.rmtree(private_state_home(d), ignore_errors=True)  # a copy of pgserver, when its venv is private
         shutil.rmtree(d, ignore_errors=True)
     assert not any(pid_alive(p) for p in pids.values() if p)
 
@@ -277,8 +278,6 @@ def test_state_dir_inside_a_private_folder() -> None:
         pids = _pids(d)
     finally:
         launcher.down(state_dir=d, progress=print)
-        fallback = private_state_fallback(d) if d.exists() else None
+        shutil.rmtree(private_state_home(d), ignore_errors=True)
         shutil.rmtree(private, ignore_errors=True)
-        if fallback is not None:
-            shutil.rmtree(fallback, ignore_errors=True)
     assert not any(pid_alive(p) for p in pids.values() if p)
