@@ -29,4 +29,4 @@ unit: bootstrap  ## the fast unit tests alone
 	$(UV) run pytest tests/unit
 
 bench: services-up  ## benchmarks (figures are recorded in docs/benchmarks.md)
-	. $(STATE)/services.env && $(UV) run python -m bench.ingest
+	. $(STATE)/services.env && $(UV) run python -m bench.ingest && $(UV) run python -m bench.latency
