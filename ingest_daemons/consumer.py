@@ -267,23 +267,47 @@ class HotStoreConsumer:
         self.conn.close()
 
 
+def run_forever(stop: threading.Event, settings: Settings | None = None, max_backoff_s: float = 30.0) -> None:
+    """Consume until `stop`, starting over after any failure (a lost database, say) with backoff.
+
+    Starting over is safe at any point: a new consumer resumes from the offsets stored with the rows.
+    """
+    backoff = 1.0
+    while not stop.is_set():
+        consumer: HotStoreConsumer | None = None
+        try:
+            consumer = HotStoreConsumer(settings)
+            reporter = threading.Thread(target=_report, args=(consumer, stop), daemon=True)
+            reporter.start()
+            consumer.run(stop)
+            backoff = 1.0
+        except Exception as exc:
+            log.error("consumer failed (%s: %s); starting over in %.0f s", type(exc).__name__, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+        finally:
+            if consumer is not None:
+                _close_quietly(consumer)
+
+
+def _close_quietly(consumer: HotStoreConsumer) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # closing after a failure may fail the same way; the next attempt starts clean
+        log.warning("closing the failed consumer: %s", exc)
+
+
 def main() -> None:
     """Run the consumer until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    consumer = HotStoreConsumer()
-    reporter = threading.Thread(target=_report, args=(consumer, stop), daemon=True)
-    reporter.start()
-    try:
-        consumer.run(stop)
-    finally:
-        consumer.close()
+    run_forever(stop)
 
 
 def _report(consumer: HotStoreConsumer, stop: threading.Event) -> None:
-    while not stop.wait(10):
+    while not stop.wait(10) and consumer.conn is not None and not consumer.conn.closed:
         s = consumer.stats
         log.info(
             "messages=%d readings=%d inserted=%d duplicates=%d rejected=%d",

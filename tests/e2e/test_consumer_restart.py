@@ -90,3 +90,40 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
     assert distinct == expected
     offsets = stored_offsets(conn, settings.consumer_group)
     assert sum(offsets.values()) == MESSAGES  # resumed from the database's offsets, to the last message
+
+
+def test_lost_database_connection_is_survived(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
+    make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
+    ensure_topics([settings.telemetry_topic("acme")], settings=settings)
+    sink = KafkaSink(settings)
+    log = tmp_path / "consumer.log"
+    proc = start_consumer(settings, log)
+    expected = 0
+    try:
+        for m in range(MESSAGES):
+            device = f"d{m % 8}"
+            batch = readings("acme", device, PER_MESSAGE // 2, start_us=DAY_US + (m // 8) * 125_000_000)
+            sink.publish("acme", device, "test", batch)
+            expected += len(batch)
+            sink.producer.poll(0.004)
+            if m == MESSAGES // 2:
+                sink.flush(30)
+                assert wait_for_rows(conn, lambda n: n > 0, timeout=60) > 0
+                # Cut the consumer's database connections, as a failover or a restart would.
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+                conn.commit()
+                assert killed >= 1
+        assert sink.flush(30) == 0
+        final = wait_for_rows(conn, lambda n: n >= expected, timeout=120)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    output = log.read_text()
+    assert "starting over" in output  # the failure was noticed, not silently absorbed
+    assert final == expected, output[-3000:]
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == expected
+    assert sum(stored_offsets(conn, settings.consumer_group).values()) == MESSAGES
