@@ -130,18 +130,38 @@ class DirectSink:
 
     def __init__(self, connect: Callable[[], psycopg.Connection], settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
-        self._conn = connect()
-        self._writer = HotStoreWriter(self._conn)
+        self._connect = connect
+        self._conn: psycopg.Connection | None = None
+        self._writer: HotStoreWriter | None = None
         self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> HotStoreWriter:
+        # A connection lost with the database (restart, failover) is replaced on the next message.
+        # Until the store-and-forward buffer exists, a message that meets the outage itself fails.
+        if self._conn is None or self._conn.closed or self._writer is None:
+            self._conn = self._connect()
+            self._writer = HotStoreWriter(self._conn)
+        return self._writer
+
+    def _run(self, work: Callable[[HotStoreWriter], object]) -> None:
+        with self._lock:
+            try:
+                work(self._open())
+            except psycopg.OperationalError:
+                # Most often an idle connection the server dropped: retry once on a new one (the
+                # failed transaction rolled back, and the write dedupes, so a retry is safe).
+                if self._conn is not None:
+                    self._conn.close()
+                work(self._open())
 
     def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
         reason = validate_message(readings, self.settings)
-        with self._lock:
-            if reason is None:
-                self._writer.write(readings)
-            else:
-                payload = encode_envelope(tenant_id, device_id, source, readings)
-                store_dead_letter(self._conn, source, "in-process", reason, payload, tenant_id, device_id)
+        if reason is None:
+            self._run(lambda w: w.write(readings))
+        else:
+            payload = encode_envelope(tenant_id, device_id, source, readings)
+            self._run(lambda w: store_dead_letter(w.conn, source, "in-process", reason, payload, tenant_id, device_id))
 
     def reject(
         self,
@@ -152,15 +172,15 @@ class DirectSink:
         tenant_id: str | None = None,
         device_id: str | None = None,
     ) -> None:
-        with self._lock:
-            store_dead_letter(self._conn, source, origin, reason, payload, tenant_id, device_id)
+        self._run(lambda w: store_dead_letter(w.conn, source, origin, reason, payload, tenant_id, device_id))
 
     def flush(self, timeout: float = 10.0) -> int:
         return 0
 
     def close(self) -> None:
         """Close the connection."""
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
 
 def make_sink(settings: Settings | None = None) -> ReadingSink:

@@ -101,3 +101,23 @@ def test_kafka_path_produces_envelopes_and_dlq(settings: Settings, conn: psycopg
     assert headers["reason"].startswith(b"unparseable timestamp")
     assert headers["source"] == b"mqtt" and headers["tenant_id"] == b"acme"
     assert orjson.loads(dlq[0].value()) == {"ts": "noon", "values": {"a": 1}}
+
+
+def test_in_process_path_reconnects_after_the_database_drops_it(settings: Settings, conn: psycopg.Connection) -> None:
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    make_tenant(conn, "acme", ["press-1"])
+    daemon = MqttDaemon(direct).start()
+    try:
+        mqtt_publish(direct, [(telemetry_topic("acme", "press-1"), orjson.dumps(GOOD))])
+        assert wait_until(lambda: daemon.ingest.stats.accepted == 1)
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        conn.commit()
+        later = {"ts": "2026-11-26T10:00:01Z", "values": {"temperature": 22.0}}
+        mqtt_publish(direct, [(telemetry_topic("acme", "press-1"), orjson.dumps(later))])
+        assert wait_until(lambda: daemon.ingest.stats.accepted == 2)
+    finally:
+        daemon.stop()
+    assert wait_until(lambda: conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 3, timeout=5)
