@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
-from sensormine.bus import ReadingSink, make_sink
+from sensormine.bus import Done, ReadingSink, make_sink
 from sensormine.db import connect
-from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_client, parse_telemetry_topic
+from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
 from sensormine.payload import PayloadError, parse_device_payload
 from sensormine.reading import now_us
 from sensormine.registry import DeviceDirectory
@@ -39,8 +39,11 @@ class MqttIngest:
         self.is_registered = is_registered
         self.stats = MqttStats()
 
-    def handle(self, topic: str, payload: bytes) -> bool:
-        """Process one message; True when its readings were handed to the sink."""
+    def handle(self, topic: str, payload: bytes, done: Done | None = None) -> bool:
+        """Process one message; True when its readings were handed to the sink.
+
+        `done` is called once the readings (or the dead letter) are durable.
+        """
         self.stats.received += 1
         ident = parse_telemetry_topic(topic)
         tenant_id, device_id = ident if ident else (None, None)
@@ -56,10 +59,10 @@ class MqttIngest:
                 reason = str(exc)
         if reason is not None:
             self.stats.rejected += 1
-            self.sink.reject(SOURCE, topic, reason, payload, tenant_id, device_id)
+            self.sink.reject(SOURCE, topic, reason, payload, tenant_id, device_id, done=done)
             return False
         self.stats.accepted += 1
-        self.sink.publish(tenant_id, device_id, SOURCE, readings)  # type: ignore[arg-type]
+        self.sink.publish(tenant_id, device_id, SOURCE, readings, done=done)  # type: ignore[arg-type]
         return True
 
 
@@ -73,7 +76,9 @@ class MqttDaemon:
         self.directory.refresh()
         self.ingest = MqttIngest(self.sink, self.directory.contains)
         self.subscribed = threading.Event()
-        self.client = make_client("sensormine-ingest", self.settings)
+        self._stopping = threading.Event()
+        self._poller = threading.Thread(target=self._poll_sink, name="sink-poller", daemon=True)
+        self.client = make_ingest_client(self.settings)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
@@ -86,23 +91,33 @@ class MqttDaemon:
         log.info("subscribed to %s", TELEMETRY_SUBSCRIPTION)
 
     def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+        mid, qos = msg.mid, msg.qos
         try:
-            self.ingest.handle(msg.topic, bytes(msg.payload))
-        except Exception:  # a daemon must outlive any one message
+            self.ingest.handle(msg.topic, bytes(msg.payload), done=lambda: client.ack(mid, qos))
+        except Exception:  # a daemon must outlive any one message; unacknowledged, it comes back
             log.exception("failed to handle a message on %s", msg.topic)
+
+    def _poll_sink(self) -> None:
+        # Delivery confirmations (and so MQTT acknowledgements) must flow when no message arrives.
+        while not self._stopping.is_set():
+            self.sink.poll(0.1)
 
     def start(self, wait_s: float = 10.0) -> MqttDaemon:
         """Start looping in the background and wait for the subscription."""
         self.client.loop_start()
+        self._poller.start()
         if not self.subscribed.wait(wait_s):
             raise RuntimeError("MQTT subscription was not acknowledged; is the broker up?")
         return self
 
     def stop(self) -> None:
-        """Disconnect and flush what was handed to the sink."""
+        """Flush what was handed to the sink (acknowledging it), then disconnect; the session stays."""
+        self.sink.flush(30)
+        self._stopping.set()
+        self._poller.join(5)
+        self.sink.flush(30)
         self.client.disconnect()
         self.client.loop_stop()
-        self.sink.flush(30)
 
 
 def main() -> None:

@@ -18,10 +18,17 @@ from sensormine.validation import validate_message
 log = logging.getLogger(__name__)
 
 
-class ReadingSink(Protocol):
-    """What an ingest daemon writes to."""
+Done = Callable[[], object]
+"""Called once what was handed over is durable (in Kafka, or committed to the hot store)."""
 
-    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+
+class ReadingSink(Protocol):
+    """What an ingest daemon writes to. `done`, when given, is called once the data is durable,
+    so a daemon can acknowledge its source (an MQTT PUBACK) only then."""
+
+    def publish(
+        self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
+    ) -> None:
         """Hand over one device's normalised readings."""
 
     def reject(
@@ -32,8 +39,12 @@ class ReadingSink(Protocol):
         payload: bytes,
         tenant_id: str | None = None,
         device_id: str | None = None,
+        done: Done | None = None,
     ) -> None:
         """Send a rejected payload, unchanged, to the dead-letter queue with its reason."""
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve pending delivery callbacks (call regularly when idle)."""
 
     def flush(self, timeout: float = 10.0) -> int:
         """Wait for everything handed over to be durable; returns what is still pending."""
@@ -66,25 +77,35 @@ class KafkaSink:
         self.producer = producer or make_producer(self.settings)
         self.delivery_errors = 0
 
-    def _on_delivery(self, err, msg) -> None:
-        if err is not None:
-            self.delivery_errors += 1
-            log.error("Kafka delivery to %s failed: %s", msg.topic(), err)
+    def _delivery_callback(self, done: Done | None) -> Callable[[object, object], None]:
+        def on_delivery(err, msg) -> None:
+            if err is not None:
+                # Not acknowledged: the source keeps the message and delivers it again.
+                self.delivery_errors += 1
+                log.error("Kafka delivery to %s failed: %s", msg.topic(), err)
+            elif done is not None:
+                done()
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
+        return on_delivery
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None, done: Done | None = None) -> None:
+        on_delivery = self._delivery_callback(done)
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery)
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
                 break
             except BufferError:  # local queue full: let librdkafka drain, then retry
                 self.producer.poll(0.05)
         self.producer.poll(0)
 
-    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+    def publish(
+        self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
+    ) -> None:
         self._produce(
             self.settings.telemetry_topic(tenant_id),
             device_id.encode(),
             encode_envelope(tenant_id, device_id, source, readings),
+            done=done,
         )
 
     def reject(
@@ -95,13 +116,18 @@ class KafkaSink:
         payload: bytes,
         tenant_id: str | None = None,
         device_id: str | None = None,
+        done: Done | None = None,
     ) -> None:
         self._produce(
             self.settings.dlq_topic,
             device_id.encode() if device_id else None,
             payload,
             dlq_headers(source, origin, reason, tenant_id, device_id),
+            done=done,
         )
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self.producer.poll(timeout)
 
     def flush(self, timeout: float = 10.0) -> int:
         return self.producer.flush(timeout)
@@ -155,13 +181,17 @@ class DirectSink:
                     self._conn.close()
                 work(self._open())
 
-    def publish(self, tenant_id: str, device_id: str, source: str, readings: list[Reading]) -> None:
+    def publish(
+        self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
+    ) -> None:
         reason = validate_message(readings, self.settings)
         if reason is None:
             self._run(lambda w: w.write(readings))
         else:
             payload = encode_envelope(tenant_id, device_id, source, readings)
             self._run(lambda w: store_dead_letter(w.conn, source, "in-process", reason, payload, tenant_id, device_id))
+        if done is not None:
+            done()
 
     def reject(
         self,
@@ -171,8 +201,14 @@ class DirectSink:
         payload: bytes,
         tenant_id: str | None = None,
         device_id: str | None = None,
+        done: Done | None = None,
     ) -> None:
         self._run(lambda w: store_dead_letter(w.conn, source, origin, reason, payload, tenant_id, device_id))
+        if done is not None:
+            done()
+
+    def poll(self, timeout: float = 0.0) -> None:
+        return None
 
     def flush(self, timeout: float = 10.0) -> int:
         return 0

@@ -7,6 +7,8 @@ import uuid
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from sensormine.settings import Settings, get_settings
 
@@ -32,6 +34,30 @@ def broker_address(settings: Settings | None = None) -> tuple[str, int]:
         raise RuntimeError("SENSORMINE_MQTT_URL is not set: run `sensormine services up` (or `make demo`)")
     url = urlparse(settings.mqtt_url)
     return url.hostname or "127.0.0.1", url.port or 1883
+
+
+def make_ingest_client(settings: Settings | None = None) -> mqtt.Client:
+    """A connected MQTT 5 client with a persistent session and manual acknowledgements.
+
+    The broker queues QoS 1 messages while the daemon is away (for `mqtt_session_expiry_s`) and
+    redelivers any it never acknowledged, so a daemon acknowledges a message only once its
+    readings are durable: a restart or crash loses nothing.
+    """
+    settings = settings or get_settings()
+    host, port = broker_address(settings)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=settings.mqtt_client_id or f"sensormine-ingest-{settings.env}",
+        protocol=mqtt.MQTTv5,
+        manual_ack=True,
+    )
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = settings.mqtt_session_expiry_s
+    props.ReceiveMaximum = 10_000  # unacknowledged messages the broker may have in flight to us
+    client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+    return client
 
 
 def make_client(

@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    mqtt_client_id: str | None = Field(
+        None,
+        description="The ingest daemon's MQTT client id, naming its persistent session "
+        "(sensormine-ingest-{env} by default).",
+    )
+    mqtt_session_expiry_s: int = Field(
+        86_400, description="How long the broker keeps queueing for a stopped ingest daemon."
+    )
     api_key_header: str = "X-API-Key"
     consumer_group: str = "sensormine-hot-writer"
     consumer_batch_size: int = 20_000

@@ -121,3 +121,63 @@ def test_in_process_path_reconnects_after_the_database_drops_it(settings: Settin
     finally:
         daemon.stop()
     assert wait_until(lambda: conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 3, timeout=5)
+
+
+def test_messages_published_while_the_daemon_is_down_arrive_after_restart(
+    settings: Settings, conn: psycopg.Connection
+) -> None:
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    make_tenant(conn, "acme", ["press-1"])
+    MqttDaemon(direct).start().stop()  # registers the persistent session, then goes away
+    messages = [
+        (telemetry_topic("acme", "press-1"), orjson.dumps({"ts": f"2026-11-26T10:00:{i:02d}Z", "values": {"a": i}}))
+        for i in range(20)
+    ]
+    mqtt_publish(direct, messages)  # nobody is connected: the broker queues them for the session
+    daemon = MqttDaemon(direct).start()
+    try:
+        assert wait_until(lambda: daemon.ingest.stats.accepted == 20)
+    finally:
+        daemon.stop()
+    assert conn.execute("SELECT count(*), sum(value) FROM telemetry").fetchone() == (20, sum(range(20)))
+
+
+class _Swallow:
+    """A sink that takes messages and never makes them durable (a daemon that dies before acking)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def publish(self, *args, done=None) -> None:
+        self.seen += 1
+
+    def reject(self, *args, done=None) -> None:
+        self.seen += 1
+
+    def poll(self, timeout: float = 0.0) -> None:
+        return None
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return 0
+
+
+def test_unacknowledged_messages_are_redelivered_to_the_next_daemon(
+    settings: Settings, conn: psycopg.Connection
+) -> None:
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    make_tenant(conn, "acme", ["press-1"])
+    swallow = _Swallow()
+    first = MqttDaemon(direct, sink=swallow).start()  # type: ignore[arg-type]
+    messages = [
+        (telemetry_topic("acme", "press-1"), orjson.dumps({"ts": f"2026-11-26T10:00:{i:02d}Z", "values": {"a": i}}))
+        for i in range(10)
+    ]
+    mqtt_publish(direct, messages)
+    assert wait_until(lambda: swallow.seen == 10)
+    first.stop()  # nothing was acknowledged
+    second = MqttDaemon(direct).start()
+    try:
+        assert wait_until(lambda: second.ingest.stats.accepted == 10)
+    finally:
+        second.stop()
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 10
