@@ -22,6 +22,7 @@ def free_port() -> int:
 
 def test_demo_serves_simulated_readings(services: dict[str, str]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SENSORMINE_") or k == "SENSORMINE_STATE_DIR"}
+    env["SENSORMINE_MQTT_SESSION_EXPIRY_S"] = "60"  # the shared test broker need not queue for it for a day
     cmd = [
         sys.executable,
         "-m",
