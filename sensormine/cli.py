@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from sensormine.db import connect, migrate
+from sensormine.kafka import ensure_topics
 from sensormine.registry import RegistryError, create_api_key, create_device, create_tenant, list_tenants
+from sensormine.settings import get_settings
 
 app = typer.Typer(help="Sensormine industrial-IoT data platform.", no_args_is_help=True)
 db_app = typer.Typer(help="The hot-store database.", no_args_is_help=True)
@@ -57,6 +59,10 @@ def tenant_create(
             key = create_api_key(conn, tenant_id, "initial")
         except RegistryError as exc:
             _fail(str(exc))
+    settings = get_settings()
+    if settings.kafka_bootstrap:
+        # Brokers in production often refuse to auto-create topics: make the tenant's now.
+        ensure_topics([settings.telemetry_topic(tenant_id), settings.dlq_topic], settings=settings)
     typer.echo(f"tenant {tenant_id} created" + (f" under {parent}" if parent else ""))
     typer.echo(f"api key (shown once): {key}")
 

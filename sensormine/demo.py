@@ -144,7 +144,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
                 return 1
             return _check(example, keys["acme"], say)
         dagster_line = (
-            f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize telemetry_lake for today's partition)\n"
+            f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize lake/telemetry for today's partitions)\n"
             if with_dagster
             else ""
         )
