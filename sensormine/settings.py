@@ -35,6 +35,7 @@ class Settings(BaseSettings):
         86_400, description="How long the broker keeps queueing for a stopped ingest daemon."
     )
     api_key_header: str = "X-API-Key"
+    query_max_points: int = Field(1_000_000, description="Raw points one query may return.")
     consumer_group: str = "sensormine-hot-writer"
     consumer_batch_size: int = 20_000
     consumer_batch_ms: int = 200

@@ -55,6 +55,12 @@ def query_telemetry(
         raise Problem(404, f"tenant {tenant!r} not found")
     start_utc, end_utc = start.astimezone(UTC), end.astimezone(UTC)
     result = query_points(conn, settings, caller.visible, tenant, device_id, metric, start_utc, end_utc)
+    if result.points.num_rows > settings.query_max_points:
+        raise Problem(
+            413,
+            f"the query matches {result.points.num_rows} points, more than {settings.query_max_points}; "
+            "narrow the time range or ask for fewer devices or metrics",
+        )
     rows = result.points.to_pylist()
     return TelemetryResponse(
         tenant_id=tenant,
