@@ -27,6 +27,7 @@ from sensormine.settings import Settings, get_settings
 from sensormine.validation import future_limit_us, validate_message
 
 log = logging.getLogger("sensormine.ingest.consumer")
+_JOIN_GRACE_S = 60.0  # a slow group join (busy machine) must not count as an idle stream
 
 
 @dataclass
@@ -229,7 +230,7 @@ class HotStoreConsumer:
         )
         batch_target = self.settings.consumer_batch_size
         max_wait = self.settings.consumer_batch_ms / 1000
-        last_message = time.monotonic()
+        last_message = started = time.monotonic()
         self._pipeline = pipeline = BatchWriterThread(self.write)
         try:
             while not stop.is_set():
@@ -251,6 +252,8 @@ class HotStoreConsumer:
                     batch = self.prepare(pending)
                     if batch is not None:
                         pipeline.submit(batch)
+                elif not self.assigned.is_set() and time.monotonic() - started < _JOIN_GRACE_S:
+                    last_message = time.monotonic()  # idle time counts from joining the group, not from start
                 elif idle_exit_s is not None and time.monotonic() - last_message > idle_exit_s:
                     break
             pipeline.drain()
