@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from sensormine.bus import Done, ReadingSink, make_sink
 from sensormine.db import connect
@@ -83,14 +84,16 @@ class MqttDaemon:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self.subscribed.set()
 
-    def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode, properties: object
+    ) -> None:
         if reason_code.is_failure:
             log.error("MQTT connect refused: %s", reason_code)
             return
         client.subscribe(TELEMETRY_SUBSCRIPTION, qos=1)  # re-subscribes after every reconnect
         log.info("subscribed to %s", TELEMETRY_SUBSCRIPTION)
 
-    def _on_message(self, client: mqtt.Client, userdata, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         mid, qos = msg.mid, msg.qos
         try:
             self.ingest.handle(msg.topic, bytes(msg.payload), done=lambda: client.ack(mid, qos))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import psycopg
+from confluent_kafka import KafkaError, Message, Producer
 
 from sensormine.hotstore import HotStoreWriter
 from sensormine.payload import encode_envelope
@@ -70,15 +71,15 @@ def dlq_headers(
 class KafkaSink:
     """Produces envelopes to `{env}.{tenant}.telemetry` keyed by device, rejects to `{env}.dlq`."""
 
-    def __init__(self, settings: Settings | None = None, producer=None) -> None:
+    def __init__(self, settings: Settings | None = None, producer: Producer | None = None) -> None:
         from sensormine.kafka import make_producer
 
         self.settings = settings or get_settings()
         self.producer = producer or make_producer(self.settings)
         self.delivery_errors = 0
 
-    def _delivery_callback(self, done: Done | None) -> Callable[[object, object], None]:
-        def on_delivery(err, msg) -> None:
+    def _delivery_callback(self, done: Done | None) -> Callable[[KafkaError | None, Message], None]:
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
                 # Not acknowledged: the source keeps the message and delivers it again.
                 self.delivery_errors += 1
@@ -88,7 +89,14 @@ class KafkaSink:
 
         return on_delivery
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers=None, done: Done | None = None) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+        done: Done | None = None,
+    ) -> None:
         on_delivery = self._delivery_callback(done)
         while True:
             try:

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +31,7 @@ DEMO_TENANTS = {
     "globex": ["motor-1", "tank-1"],
 }
 REPO = Path(__file__).resolve().parent.parent
+Say = Callable[[str], None]
 
 
 def seed(conn: psycopg.Connection) -> dict[str, str]:
@@ -45,7 +47,7 @@ def seed(conn: psycopg.Connection) -> dict[str, str]:
     return keys
 
 
-def _start_services(state_dir: Path, say) -> dict[str, str]:
+def _start_services(state_dir: Path, say: Say) -> dict[str, str]:
     from sensormine.services.errors import ServiceError
     from sensormine.services.launcher import up
 
@@ -172,7 +174,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:
+def _supervise(children: dict[str, subprocess.Popen], logs: Path, say: Say) -> None:
     try:
         while True:
             for name, proc in children.items():
@@ -186,7 +188,7 @@ def _supervise(children: dict[str, subprocess.Popen], logs: Path, say) -> None:
         say("stopping")
 
 
-def _check(url: str, key: str, say, timeout: float = 60) -> int:
+def _check(url: str, key: str, say: Say, timeout: float = 60) -> int:
     import json
 
     deadline = time.monotonic() + timeout

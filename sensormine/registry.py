@@ -7,6 +7,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -164,7 +165,9 @@ class DeviceDirectory:
     one query per interval.
     """
 
-    def __init__(self, connect, ttl_s: float = 30.0, miss_refresh_s: float = 1.0) -> None:
+    def __init__(
+        self, connect: Callable[[], psycopg.Connection], ttl_s: float = 30.0, miss_refresh_s: float = 1.0
+    ) -> None:
         self._connect = connect
         self._ttl_s = ttl_s
         self._miss_refresh_s = miss_refresh_s
