@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -49,31 +50,41 @@ def wait_for_rows(conn: psycopg.Connection, predicate, timeout: float) -> int:
     return n
 
 
+def publish_stream(settings: Settings, conn: psycopg.Connection, midway: Callable[[], None]) -> int:
+    """Publish MESSAGES envelopes while a consumer works; once it has written rows, call `midway`
+    (the disruption) and keep publishing. Returns the readings published."""
+    sink = KafkaSink(settings)
+    expected = 0
+    for m in range(MESSAGES):
+        device = f"d{m % 8}"
+        batch = readings("acme", device, PER_MESSAGE // 2, start_us=DAY_US + (m // 8) * 125_000_000)
+        sink.publish("acme", device, "test", batch)
+        expected += len(batch)
+        sink.producer.poll(0.004)
+        if m == MESSAGES // 2:
+            sink.flush(30)
+            assert wait_for_rows(conn, lambda n: n > 0, timeout=60) > 0  # the consumer is writing
+            midway()
+    assert sink.flush(30) == 0
+    return expected
+
+
 def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
     make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
     topic = settings.telemetry_topic("acme")
     ensure_topics([topic], settings=settings)
-    sink = KafkaSink(settings)
     log = tmp_path / "consumer.log"
     first = start_consumer(settings, log)
-    second = None
-    expected = 0
+    second: subprocess.Popen | None = None
+
+    def kill_and_restart() -> None:
+        nonlocal second
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = start_consumer(settings, log)
+
     try:
-        # Publish while the consumer works; kill it once it has written some rows, keep publishing.
-        for m in range(MESSAGES):
-            device = f"d{m % 8}"
-            batch = readings("acme", device, PER_MESSAGE // 2, start_us=DAY_US + (m // 8) * 125_000_000)
-            sink.publish("acme", device, "test", batch)
-            expected += len(batch)
-            sink.producer.poll(0.004)
-            if m == MESSAGES // 2:
-                sink.flush(30)
-                seen = wait_for_rows(conn, lambda n: n > 0, timeout=60)
-                assert seen > 0  # the first consumer was writing when it was killed
-                first.send_signal(signal.SIGKILL)
-                first.wait(10)
-                second = start_consumer(settings, log)
-        assert sink.flush(30) == 0
+        expected = publish_stream(settings, conn, kill_and_restart)
         final = wait_for_rows(conn, lambda n: n >= expected, timeout=120)
         time.sleep(1.0)  # give a redelivery, if any, the chance to show up as extra rows
     finally:
@@ -95,28 +106,20 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
 def test_lost_database_connection_is_survived(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
     make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
     ensure_topics([settings.telemetry_topic("acme")], settings=settings)
-    sink = KafkaSink(settings)
     log = tmp_path / "consumer.log"
     proc = start_consumer(settings, log)
-    expected = 0
+
+    def cut_connections() -> None:
+        # Cut the consumer's database connections, as a failover or a restart would.
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+        conn.commit()
+        assert killed >= 1
+
     try:
-        for m in range(MESSAGES):
-            device = f"d{m % 8}"
-            batch = readings("acme", device, PER_MESSAGE // 2, start_us=DAY_US + (m // 8) * 125_000_000)
-            sink.publish("acme", device, "test", batch)
-            expected += len(batch)
-            sink.producer.poll(0.004)
-            if m == MESSAGES // 2:
-                sink.flush(30)
-                assert wait_for_rows(conn, lambda n: n > 0, timeout=60) > 0
-                # Cut the consumer's database connections, as a failover or a restart would.
-                killed = conn.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                ).fetchone()[0]
-                conn.commit()
-                assert killed >= 1
-        assert sink.flush(30) == 0
+        expected = publish_stream(settings, conn, cut_connections)
         final = wait_for_rows(conn, lambda n: n >= expected, timeout=120)
         time.sleep(1.0)
     finally:
