@@ -14,6 +14,7 @@ demo: bootstrap  ## run the platform on its embedded defaults with simulated dev
 
 lint: bootstrap
 	$(UV) run ruff check .
+	$(UV) run ruff format --check .
 	$(UV) run mypy
 
 services-up: bootstrap  ## start PostgreSQL, Mosquitto, Redis, Kafka and moto S3 on loopback
