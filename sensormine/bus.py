@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -216,7 +217,9 @@ class DirectSink:
             done()
 
     def poll(self, timeout: float = 0.0) -> None:
-        return None
+        # Nothing is ever pending here (writes are synchronous); wait like a Kafka poll would, so a
+        # polling loop does not spin.
+        time.sleep(timeout)
 
     def flush(self, timeout: float = 10.0) -> int:
         return 0

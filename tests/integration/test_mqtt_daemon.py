@@ -155,7 +155,7 @@ class _Swallow:
         self.seen += 1
 
     def poll(self, timeout: float = 0.0) -> None:
-        return None
+        time.sleep(timeout)
 
     def flush(self, timeout: float = 10.0) -> int:
         return 0
