@@ -12,20 +12,10 @@ def table_uri(settings: Settings, name: str) -> str:
     return f"{settings.lake_root}/{name}"
 
 
-def storage_options(settings: Settings) -> dict[str, str]:
-    """delta-rs storage options for the lake: the platform's S3 options plus conditional put on S3."""
-    opts = settings.storage_options()
-    if settings.lake_root.startswith("s3://"):
-        # With an ETag conditional put, two writers cannot both create the same _delta_log entry,
-        # so concurrent Dagster runs compacting different tenant-days stay safe on object storage.
-        opts.setdefault("aws_conditional_put", "etag")
-    return opts
-
-
 def open_table(settings: Settings, name: str) -> DeltaTable | None:
     """The lake table `name` at its latest version, or None when it has not been created yet."""
     uri = table_uri(settings, name)
-    opts = storage_options(settings)
+    opts = settings.storage_options()
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
     return DeltaTable(uri, storage_options=opts)

@@ -21,7 +21,7 @@ from deltalake import CommitProperties, DeltaTable, WriterProperties, write_delt
 from deltalake.exceptions import DeltaError
 from psycopg import sql
 
-from lake.storage import open_table, storage_options, table_uri
+from lake.storage import open_table, table_uri
 from sensormine.reading import READING_SCHEMA
 from sensormine.registry import TENANT_ID_RE
 from sensormine.settings import Settings
@@ -207,7 +207,7 @@ def ensure_table(settings: Settings) -> DeltaTable:
             mode="ignore",
             name=TABLE_NAME,
             description="Sensor readings, long format; one partition per tenant and UTC day.",
-            storage_options=storage_options(settings),
+            storage_options=settings.storage_options(),
         )
     except DeltaError:
         # Another compaction created it between our check and our commit: theirs is the same table.

@@ -70,7 +70,9 @@ class Settings(BaseSettings):
             return {}
         opts = {
             "AWS_REGION": self.s3_region,
-            "AWS_S3_ALLOW_UNSAFE_RENAME": "true",
+            # With an ETag conditional put, two writers cannot both create the same _delta_log
+            # entry, so concurrent Dagster runs (backfills) stay safe on object storage.
+            "aws_conditional_put": "etag",
         }
         if self.s3_endpoint:
             opts["AWS_ENDPOINT_URL"] = self.s3_endpoint

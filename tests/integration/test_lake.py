@@ -16,7 +16,7 @@ import pytest
 from deltalake import DeltaTable
 
 import lake.telemetry as lake_telemetry
-from lake.storage import storage_options, table_uri
+from lake.storage import table_uri
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, read_telemetry
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import READING_SCHEMA, Reading, readings_to_table
@@ -66,7 +66,7 @@ def expected(rows: list[Reading]) -> pa.Table:
 
 
 def delta(settings: Settings) -> DeltaTable:
-    return DeltaTable(table_uri(settings, "telemetry"), storage_options=storage_options(settings))
+    return DeltaTable(table_uri(settings, "telemetry"), storage_options=settings.storage_options())
 
 
 def compactions(conn: psycopg.Connection) -> list[tuple]:

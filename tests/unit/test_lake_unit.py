@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.telemetry import parse_partition_key, telemetry_partition_key
-from lake.storage import storage_options, table_uri
+from lake.storage import table_uri
 from lake.telemetry import (
     TELEMETRY_SCHEMA,
     LakeError,
@@ -138,10 +138,10 @@ def test_sensor_cursor() -> None:
 
 def test_storage_options_add_conditional_put_only_on_s3(tmp_path: Path) -> None:
     local = Settings(lake_uri=str(tmp_path / "lake"), s3_endpoint="http://127.0.0.1:9")
-    assert storage_options(local) == {}
+    assert local.storage_options() == {}
     assert table_uri(local, "telemetry") == f"{tmp_path}/lake/telemetry"
     s3 = Settings(lake_uri="s3://bucket/lake/", s3_endpoint="http://127.0.0.1:9", s3_access_key="k", s3_secret_key="s")
-    opts = storage_options(s3)
+    opts = s3.storage_options()
     assert opts["aws_conditional_put"] == "etag"
     assert opts["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     assert table_uri(s3, "telemetry") == "s3://bucket/lake/telemetry"
