@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,8 +92,3 @@ def get_settings() -> Settings:
 def reset_settings() -> None:
     """Forget cached settings so the next `get_settings()` re-reads the environment."""
     get_settings.cache_clear()
-
-
-def environ_snapshot() -> dict[str, str]:
-    """The SENSORMINE_* variables currently set (for child processes)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("SENSORMINE_")}
