@@ -108,7 +108,12 @@ def ensure_jars(progress: Progress) -> Path:
 
 def _cluster_id() -> str:
     """A Kafka Uuid (url-safe base64 of 16 random bytes), like `StorageTool random-uuid` but without a JVM."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # One id in 64 would start with '-', which the tool's argument parser takes for an option
+    # (seen failing a CI-like run); Kafka's own generator skips those too.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _server_properties(port: int, controller: int, data: Path) -> str:
@@ -194,10 +199,8 @@ class Kafka(Service):
                     classpath,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    _cluster_id(),
-                    "-c",
-                    props,
+                    f"--cluster-id={_cluster_id()}",
+                    f"--config={props}",
                 ],
                 cwd=self.dir,
             )
