@@ -80,3 +80,23 @@ def conn(settings: Settings) -> Iterator[psycopg.Connection]:
     """A connection to the test's database."""
     with psycopg.connect(settings.database_url) as c:
         yield c
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """The test's settings with the lake in tmp_path, or in a fresh bucket of the session's S3 server."""
+    if request.param == "local":
+        yield settings
+        return
+    import boto3
+
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        aws_access_key_id=settings.s3_access_key,
+        aws_secret_access_key=settings.s3_secret_key,
+        region_name=settings.s3_region,
+    )
+    s3.create_bucket(Bucket=bucket)
+    yield settings.model_copy(update={"lake_uri": f"s3://{bucket}/lake"})

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 
 import psycopg
 import pyarrow as pa
@@ -28,26 +25,6 @@ pytestmark = pytest.mark.integration
 D = DAY.date()
 HOUR_US = 3_600_000_000
 SORT = [("tenant_id", "ascending"), ("device_id", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
-
-
-@pytest.fixture(params=["local", "s3"])
-def lake_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    """The test's settings with the lake in tmp_path, or in a fresh bucket of the session's S3 server."""
-    if request.param == "local":
-        yield settings
-        return
-    import boto3
-
-    bucket = f"lake-{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
-    )
-    s3.create_bucket(Bucket=bucket)
-    yield settings.model_copy(update={"lake_uri": f"s3://{bucket}/lake"})
 
 
 def day_readings(tenant_id: str, devices: tuple[str, ...] = ("d1", "d2"), n: int = 30) -> list[Reading]:
