@@ -17,17 +17,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.dataset as ds
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import DeltaError
+from deltalake import DeltaTable
 from psycopg import sql
 
-from lake.storage import open_table, table_uri
+from lake.storage import (
+    check_tenant_id,
+    open_table,
+    replace_partition,
+)
+from lake.storage import (
+    ensure_table as ensure_lake_table,
+)
 from sensormine.reading import READING_SCHEMA
-from sensormine.registry import TENANT_ID_RE
 from sensormine.settings import Settings
 
 TABLE_NAME = "telemetry"
-PARTITION_COLUMNS = ["tenant_id", "date"]
 SORT_COLUMNS = ["device_id", "metric", "ts"]
 TELEMETRY_SCHEMA = READING_SCHEMA.append(pa.field("date", pa.date32(), nullable=False))
 
@@ -43,10 +47,6 @@ _CSV_COLUMN_TYPES: dict[str, pa.DataType] = {
 }
 
 
-class LakeError(ValueError):
-    """A lake request that cannot be honoured (bad tenant id, bad bounds)."""
-
-
 @dataclass(frozen=True)
 class CompactionResult:
     """What one `compact_day` wrote: row count, the Delta version it committed, max ingest_ts."""
@@ -56,22 +56,10 @@ class CompactionResult:
     hot_watermark: datetime | None
 
 
-def check_tenant_id(tenant_id: str) -> str:
-    """The tenant id, after checking it is a registry-shaped id (it ends up in a SQL predicate)."""
-    if not TENANT_ID_RE.match(tenant_id):
-        raise LakeError(f"invalid tenant id {tenant_id!r}")
-    return tenant_id
-
-
 def day_bounds(day: date) -> tuple[datetime, datetime]:
     """[start, end) of a UTC day as aware datetimes."""
     start = datetime.combine(day, time(), tzinfo=UTC)
     return start, start + timedelta(days=1)
-
-
-def partition_predicate(tenant_id: str, day: date) -> str:
-    """The delta-rs SQL predicate selecting exactly one tenant-day partition."""
-    return f"tenant_id = '{check_tenant_id(tenant_id)}' AND date = '{day.isoformat()}'"
 
 
 def _as_utc(dt: datetime) -> datetime:
@@ -196,25 +184,9 @@ class _Tally:
 
 def ensure_table(settings: Settings) -> DeltaTable:
     """The telemetry Delta table, created empty (schema + partitioning) if it does not exist yet."""
-    table = open_table(settings, TABLE_NAME)
-    if table is not None:
-        return table
-    try:
-        return DeltaTable.create(
-            table_uri(settings, TABLE_NAME),
-            schema=TELEMETRY_SCHEMA,
-            partition_by=PARTITION_COLUMNS,
-            mode="ignore",
-            name=TABLE_NAME,
-            description="Sensor readings, long format; one partition per tenant and UTC day.",
-            storage_options=settings.storage_options(),
-        )
-    except DeltaError:
-        # Another compaction created it between our check and our commit: theirs is the same table.
-        table = open_table(settings, TABLE_NAME)
-        if table is None:
-            raise
-        return table
+    return ensure_lake_table(
+        settings, TABLE_NAME, TELEMETRY_SCHEMA, "Sensor readings, long format; one partition per tenant and UTC day."
+    )
 
 
 def compact_day(conn: psycopg.Connection, settings: Settings, tenant_id: str, day: date) -> CompactionResult:
@@ -238,22 +210,17 @@ def compact_day(conn: psycopg.Connection, settings: Settings, tenant_id: str, da
         source = hot_day_batches(conn, tenant_id, day)
         batches = tally.watch(source)
         try:
-            write_deltalake(
+            version = replace_partition(
                 table,
                 pa.RecordBatchReader.from_batches(TELEMETRY_SCHEMA, batches),
-                mode="overwrite",
-                predicate=partition_predicate(tenant_id, day),
-                writer_properties=WriterProperties(compression="ZSTD"),
-                commit_properties=CommitProperties(
-                    custom_metadata={"sensormine.operation": "compact_day", "tenant_id": tenant_id, "date": str(day)}
-                ),
+                tenant_id,
+                day,
+                "compact_day",
             )
         finally:
             # Ends the COPY if the writer stopped early, before the transaction rolls back.
             batches.close()
             source.close()
-        # The table object now points at the commit just made, even if other writers follow it.
-        version = table.version()
         conn.execute(
             "INSERT INTO lake_compactions (tenant_id, day, row_count, table_version, hot_watermark, hot_snapshot) "
             "VALUES (%s, %s, %s, %s, %s, %s::pg_snapshot) ON CONFLICT (tenant_id, day) DO UPDATE SET "

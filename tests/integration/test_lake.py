@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
+import lake.storage as lake_storage
 import lake.telemetry as lake_telemetry
 from lake.storage import table_uri
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, read_telemetry
@@ -238,7 +239,7 @@ def test_failed_lake_write_rolls_back_and_cancels_the_copy(
         next(iter(data))
         raise OSError("object store went away")
 
-    monkeypatch.setattr(lake_telemetry, "write_deltalake", failing_write)
+    monkeypatch.setattr(lake_storage, "write_deltalake", failing_write)
     with pytest.raises(OSError, match="went away"):
         compact_day(conn, settings, "acme", D)
 

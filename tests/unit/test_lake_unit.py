@@ -12,16 +12,8 @@ import pyarrow.compute as pc
 import pytest
 
 from assets.telemetry import parse_partition_key, telemetry_partition_key
-from lake.storage import table_uri
-from lake.telemetry import (
-    TELEMETRY_SCHEMA,
-    LakeError,
-    _csv_batches,
-    day_bounds,
-    partition_predicate,
-    pruning_filters,
-    row_filter,
-)
+from lake.storage import LakeError, partition_predicate, table_uri
+from lake.telemetry import TELEMETRY_SCHEMA, _csv_batches, day_bounds, pruning_filters, row_filter
 from orchestration.resources import LakeResource
 from sensormine.reading import Reading, datetime_to_us, readings_to_table
 from sensormine.settings import Settings
