@@ -95,3 +95,14 @@ def replace_partition(
     )
     # The table object now points at the commit just made, even if other writers follow it.
     return table.version()
+
+
+def read_partition(settings: Settings, name: str, schema: pa.Schema, tenant_id: str, day: date) -> pa.Table:
+    """One tenant-day partition of the lake table `name` in `schema` (empty when table or partition is missing)."""
+    table = open_table(settings, name)
+    if table is None:
+        return schema.empty_table()
+    dataset = table.to_pyarrow_dataset(
+        partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "=", day.isoformat())]
+    )
+    return dataset.to_table(columns=schema.names).cast(schema)

@@ -10,8 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.rollups import telemetry_1h, telemetry_1m
 from assets.telemetry import telemetry_lake, telemetry_partition_key, telemetry_partitions, tenant_partitions
+from orchestration.housekeeping import lake_housekeeping_job, lake_housekeeping_schedule
 from orchestration.resources import HotStoreResource, LakeResource
+from sensors.hot_data import hot_data_sensor
 from sensors.tenants import tenant_partitions_sensor
 
 
@@ -37,44 +40,64 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
+TELEMETRY_ASSETS = [telemetry_lake, telemetry_1m, telemetry_1h]
+
 telemetry_lake_job = dg.define_asset_job(
     "telemetry_lake_job",
-    selection=[telemetry_lake],
+    selection=dg.AssetSelection.assets(*TELEMETRY_ASSETS),
     partitions_def=telemetry_partitions,
-    description="Compact tenant-days of the hot store into the lake's telemetry table.",
+    description="Compact tenant-days of the hot store into the lake, then roll them up (1 min, 1 h).",
 )
+
+
+def _tenant_day_requests(
+    context: dg.ScheduleEvaluationContext, day_of_tick: timedelta
+) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """One telemetry_lake_job run per tenant for the UTC day at `day_of_tick` from the tick."""
+    tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
+    day = (tick + day_of_tick).date()
+    tenants = sorted(context.instance.get_dynamic_partitions(tenant_partitions.name or ""))
+    if not tenants:
+        yield dg.SkipReason("no tenant partitions yet (tenant_partitions_sensor adds them)")
+        return
+    for tenant_id in tenants:
+        key = telemetry_partition_key(tenant_id, day)
+        # run_key dedupes within one tick only, so the same key is fine again next hour.
+        yield dg.RunRequest(run_key=str(key), partition_key=key)
 
 
 @dg.schedule(
     name="telemetry_lake_hourly_schedule",
     job=telemetry_lake_job,
-    cron_schedule="0 * * * *",
+    cron_schedule="5 * * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every hour, compact today's partition of every tenant (and yesterday's, at midnight).",
+    description="Every hour, compact and roll up today's partition of every tenant.",
 )
 def telemetry_lake_hourly_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
-    """One run per tenant for the UTC day of the tick."""
-    tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
-    days = [tick.date()]
-    if tick.hour == 0:
-        # Yesterday's last hour arrived after its previous compaction; close the day off.
-        days.insert(0, tick.date() - timedelta(days=1))
-    tenants = sorted(context.instance.get_dynamic_partitions(tenant_partitions.name or ""))
-    if not tenants:
-        yield dg.SkipReason("no tenant partitions yet (tenant_partitions_sensor adds them)")
-        return
-    for day in days:
-        for tenant_id in tenants:
-            key = telemetry_partition_key(tenant_id, day)
-            # run_key dedupes within one tick only, so the same key is fine again next hour.
-            yield dg.RunRequest(run_key=str(key), partition_key=key)
+    """Today's partition of every tenant."""
+    yield from _tenant_day_requests(context, timedelta(0))
+
+
+@dg.schedule(
+    name="telemetry_lake_daily_close_schedule",
+    job=telemetry_lake_job,
+    cron_schedule="30 0 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="At 00:30 UTC, close yesterday: compact, check and roll up its final contents for every tenant.",
+)
+def telemetry_lake_daily_close_schedule(
+    context: dg.ScheduleEvaluationContext,
+) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """Yesterday's partition of every tenant (its last hour arrived after the last hourly run)."""
+    yield from _tenant_day_requests(context, timedelta(days=-1))
 
 
 defs = dg.Definitions(
-    assets=[telemetry_lake],
-    jobs=[telemetry_lake_job],
-    schedules=[telemetry_lake_hourly_schedule],
-    sensors=[tenant_partitions_sensor],
+    assets=TELEMETRY_ASSETS,
+    jobs=[telemetry_lake_job, lake_housekeeping_job],
+    schedules=[telemetry_lake_hourly_schedule, telemetry_lake_daily_close_schedule, lake_housekeeping_schedule],
+    sensors=[tenant_partitions_sensor, hot_data_sensor],
     resources=build_resources(),
 )

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import psycopg
 
+from sensormine.plans import PLANS
+
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-PLANS = ("free", "pro", "enterprise")
 
 
 class RegistryError(ValueError):

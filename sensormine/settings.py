@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     partition_days_ahead: int = 7
     partition_days_back: int = 7
     max_future_skew_s: int = 86_400
+    hot_data_threshold_rows: int = Field(
+        1_000_000, description="Rows a hot-store day must gain before hot_data_sensor compacts it early."
+    )
 
     @property
     def lake_root(self) -> str:

@@ -10,9 +10,10 @@ import dagster as dg
 import psycopg
 import pytest
 
+from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
 from lake.telemetry import read_telemetry
-from orchestration.definitions import defs, telemetry_lake_hourly_schedule
+from orchestration.definitions import defs, telemetry_lake_daily_close_schedule, telemetry_lake_hourly_schedule
 from orchestration.resources import HotStoreResource, LakeResource
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import readings_to_table
@@ -41,10 +42,19 @@ def test_definitions_load_with_the_expected_objects() -> None:
     node = graph.get(TELEMETRY_LAKE_KEY)
     assert {"dagster/kind/deltalake", "dagster/kind/postgres"} <= set(node.tags)
     assert node.partitions_def is not None
+    assert {TELEMETRY_1M_KEY, TELEMETRY_1H_KEY} <= graph.get_all_asset_keys()
+    assert graph.get(TELEMETRY_1M_KEY).parent_keys == {TELEMETRY_LAKE_KEY}
+    assert graph.get(TELEMETRY_1H_KEY).parent_keys == {TELEMETRY_1M_KEY}
     job = defs.resolve_job_def("telemetry_lake_job")
-    assert job.asset_layer.selected_asset_keys == {TELEMETRY_LAKE_KEY}
-    assert defs.resolve_schedule_def("telemetry_lake_hourly_schedule").cron_schedule == "0 * * * *"
-    assert defs.resolve_sensor_def("tenant_partitions_sensor") is not None
+    assert job.asset_layer.selected_asset_keys == {TELEMETRY_LAKE_KEY, TELEMETRY_1M_KEY, TELEMETRY_1H_KEY}
+    assert defs.resolve_job_def("lake_housekeeping_job") is not None
+    crons = {s.name: s.cron_schedule for s in defs.schedules or []}
+    assert crons == {
+        "telemetry_lake_hourly_schedule": "5 * * * *",
+        "telemetry_lake_daily_close_schedule": "30 0 * * *",
+        "lake_housekeeping_schedule": "30 3 * * *",
+    }
+    assert {s.name for s in defs.sensors or []} >= {"tenant_partitions_sensor", "hot_data_sensor"}
     assert set(defs.resources or {}) >= {"hot_store", "lake"}
 
 
@@ -131,15 +141,16 @@ def test_hourly_schedule_requests_today_for_every_tenant(instance: dg.DagsterIns
     assert keys == ["2026-11-26|acme", "2026-11-26|globex"]
     assert all(r.job_name in (None, "telemetry_lake_job") for r in data.run_requests or [])
 
-    # The midnight tick also closes off yesterday.
-    midnight = datetime(2026, 11, 27, tzinfo=UTC)
+    # Just after midnight the hourly tick starts the new day; the daily close takes yesterday.
+    after_midnight = datetime(2026, 11, 27, 0, 30, tzinfo=UTC)
     with dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=midnight, repository_def=defs.get_repository_def()
+        instance=instance, scheduled_execution_time=after_midnight, repository_def=defs.get_repository_def()
     ) as context:
-        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
-    keys = [r.partition_key for r in data.run_requests or []]
-    yesterday = (midnight - timedelta(days=1)).date().isoformat()
-    assert keys == [f"{yesterday}|acme", f"{yesterday}|globex", "2026-11-27|acme", "2026-11-27|globex"]
+        hourly = telemetry_lake_hourly_schedule.evaluate_tick(context)
+        daily = telemetry_lake_daily_close_schedule.evaluate_tick(context)
+    assert [r.partition_key for r in hourly.run_requests or []] == ["2026-11-27|acme", "2026-11-27|globex"]
+    yesterday = (after_midnight - timedelta(days=1)).date().isoformat()
+    assert [r.partition_key for r in daily.run_requests or []] == [f"{yesterday}|acme", f"{yesterday}|globex"]
 
 
 def test_hourly_schedule_skips_without_tenants(instance: dg.DagsterInstance) -> None:
