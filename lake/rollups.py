@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -47,76 +46,81 @@ class Rollup:
     width: timedelta
     source: str  # "telemetry" (raw readings) or the name of a finer rollup
 
-    @property
-    def every(self) -> str:
-        """The bucket width in polars duration syntax."""
-        return f"{int(self.width.total_seconds())}s"
-
 
 ROLLUP_1M = Rollup("telemetry_1m", timedelta(minutes=1), "telemetry")
 ROLLUP_1H = Rollup("telemetry_1h", timedelta(hours=1), ROLLUP_1M.name)
 ROLLUPS = {r.name: r for r in (ROLLUP_1M, ROLLUP_1H)}
 
 
-def _finish(frame: pl.LazyFrame) -> pa.Table:
-    out = (
-        frame.with_columns(avg=pl.col("sum") / pl.col("count"), date=pl.col("bucket").dt.date())
-        .select(ROLLUP_SCHEMA.names)
-        .sort([*KEY_COLUMNS, "bucket"])
-        .collect()
+def _bucket(ts: pa.ChunkedArray, width: timedelta) -> pa.ChunkedArray:
+    seconds = int(width.total_seconds())
+    if seconds <= 0 or width != timedelta(seconds=seconds):
+        raise ValueError(f"bucket width must be a whole number of seconds, not {width}")
+    return pc.floor_temporal(ts, multiple=seconds, unit="second")
+
+
+def _aggregate(table: pa.Table, specs: list[tuple[str, str, str]]) -> pa.Table:
+    """Group `table` (sorted by key and time) by key and bucket, single-threaded and in input order.
+
+    Ordered and single-threaded on purpose: "first"/"last" follow the input's time order, and
+    every sum adds its values in one fixed order, so re-running a day gives bit-identical rows.
+    """
+    grouped = table.group_by([*KEY_COLUMNS, "bucket"], use_threads=False).aggregate(
+        [(column, func) for column, func, _ in specs]
     )
-    return out.to_arrow().cast(ROLLUP_SCHEMA)
+    # Output columns are named "<column>_<function>"; keys may come first or last across versions.
+    names = {f"{column}_{func}": name for column, func, name in specs}
+    grouped = grouped.rename_columns([names.get(n, n) for n in grouped.schema.names])
+    count = grouped["count"].cast(pa.int64())
+    out = grouped.set_column(grouped.schema.get_field_index("count"), "count", count)
+    out = out.append_column("avg", pc.divide(out["sum"], pc.cast(out["count"], pa.float64())))
+    out = out.append_column("date", pc.cast(out["bucket"], pa.date32()))
+    out = out.select(ROLLUP_SCHEMA.names).cast(ROLLUP_SCHEMA)
+    # One chunk: delta-rs keeps a single batch's row order, but may interleave several batches.
+    return out.sort_by([(c, "ascending") for c in [*KEY_COLUMNS, "bucket"]]).combine_chunks()
 
 
 def rollup_readings(readings: pa.Table, width: timedelta) -> pa.Table:
     """Bucket statistics of raw readings (READING_SCHEMA columns), in ROLLUP_SCHEMA, sorted by key and bucket."""
     if readings.num_rows == 0:
         return ROLLUP_SCHEMA.empty_table()
-    value = pl.col("value")
-    frame = (
-        pl.from_arrow(readings.select([*KEY_COLUMNS, "ts", "value"]))  # type: ignore[union-attr]
-        .lazy()
-        .with_columns(bucket=pl.col("ts").dt.truncate(f"{int(width.total_seconds())}s"))
-        .group_by([*KEY_COLUMNS, "bucket"])
-        .agg(
-            count=pl.len().cast(pl.Int64),
-            min=value.min(),
-            max=value.max(),
-            sum=value.sum(),
-            first=value.sort_by("ts").first(),
-            last=value.sort_by("ts").last(),
-        )
-    )
-    return _finish(frame)
+    table = readings.select([*KEY_COLUMNS, "ts", "value"]).sort_by([(c, "ascending") for c in [*KEY_COLUMNS, "ts"]])
+    table = table.append_column("bucket", _bucket(table["ts"], width))
+    specs = [
+        ("value", "count", "count"),
+        ("value", "min", "min"),
+        ("value", "max", "max"),
+        ("value", "sum", "sum"),
+        ("value", "first", "first"),
+        ("value", "last", "last"),
+    ]
+    return _aggregate(table, specs)
 
 
 def rollup_rollups(rollups: pa.Table, width: timedelta) -> pa.Table:
-    """Coarser buckets from finer rollup rows (ROLLUP_SCHEMA): exact for count, min, max, sum, first, last."""
+    """Coarser buckets from finer rollup rows (ROLLUP_SCHEMA): exact for count, min, max, first, last."""
     if rollups.num_rows == 0:
         return ROLLUP_SCHEMA.empty_table()
-    frame = (
-        pl.from_arrow(rollups)  # type: ignore[union-attr]
-        .lazy()
-        .rename({"bucket": "fine"})
-        .with_columns(bucket=pl.col("fine").dt.truncate(f"{int(width.total_seconds())}s"))
-        .group_by([*KEY_COLUMNS, "bucket"])
-        .agg(
-            count=pl.col("count").sum(),
-            min=pl.col("min").min(),
-            max=pl.col("max").max(),
-            sum=pl.col("sum").sum(),
-            first=pl.col("first").sort_by("fine").first(),
-            last=pl.col("last").sort_by("fine").last(),
-        )
+    table = rollups.sort_by([(c, "ascending") for c in [*KEY_COLUMNS, "bucket"]]).rename_columns(
+        ["fine" if n == "bucket" else n for n in rollups.schema.names]
     )
-    return _finish(frame)
+    table = table.append_column("bucket", _bucket(table["fine"], width))
+    specs = [
+        ("count", "sum", "count"),
+        ("min", "min", "min"),
+        ("max", "max", "max"),
+        ("sum", "sum", "sum"),
+        ("first", "first", "first"),
+        ("last", "last", "last"),
+    ]
+    return _aggregate(table, specs)
 
 
 def compute_rollup(settings: Settings, rollup: Rollup, tenant_id: str, day: date) -> pa.Table:
     """The rollup rows of one tenant-day, computed from the lake's copy of its source table."""
     if rollup.source == "telemetry":
         return rollup_readings(read_telemetry(settings, [tenant_id], days=[day]), rollup.width)
-    source = read_partition(settings, rollup.source, ROLLUP_SCHEMA, tenant_id, day)
+    source = read_partition(settings, rollup.source, ROLLUP_SCHEMA, tenant_id, day, [*KEY_COLUMNS, "bucket"])
     return rollup_rollups(source, rollup.width)
 
 

@@ -97,12 +97,19 @@ def replace_partition(
     return table.version()
 
 
-def read_partition(settings: Settings, name: str, schema: pa.Schema, tenant_id: str, day: date) -> pa.Table:
-    """One tenant-day partition of the lake table `name` in `schema` (empty when table or partition is missing)."""
+def read_partition(
+    settings: Settings, name: str, schema: pa.Schema, tenant_id: str, day: date, sort_by: list[str] | None = None
+) -> pa.Table:
+    """One tenant-day partition of the lake table `name` in `schema` (empty when table or partition is missing).
+
+    Sorted by `sort_by` when given: delta-rs may interleave a writer's batches within a file, so the
+    physical row order is not a contract.
+    """
     table = open_table(settings, name)
     if table is None:
         return schema.empty_table()
     dataset = table.to_pyarrow_dataset(
         partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "=", day.isoformat())]
     )
-    return dataset.to_table(columns=schema.names).cast(schema)
+    result = dataset.to_table(columns=schema.names).cast(schema)
+    return result.sort_by([(c, "ascending") for c in sort_by]) if sort_by else result

