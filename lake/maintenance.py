@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+import psycopg
 from deltalake import CommitProperties, DeltaTable, WriterProperties
 
 from lake.storage import LakeError, check_tenant_id, open_table
+from lake.telemetry import TABLE_NAME, lock_partition
 from sensormine.settings import Settings
 
 ZORDER_COLUMNS = ("device_id",)
@@ -87,6 +89,37 @@ def optimize_table(
         key for key, n in partition_file_counts(table).items() if n >= min_files and (since is None or key[1] >= since)
     )
     return [optimize_partition(settings, name, t, d, min_files) for t, d in todo]
+
+
+def cluster_closed_days(conn: psycopg.Connection, settings: Settings, today: date) -> list[OptimizeResult]:
+    """Z-order by device_id every compacted telemetry tenant-day before `today` not clustered since its compaction.
+
+    Compaction writes rows in arrival order (fast, bounded memory); once a day is closed this
+    rewrite clusters it so that readers of one device skip most of the partition. Each
+    tenant-day is rewritten under its compaction lock and marked in `lake_compactions`.
+    """
+    todo = conn.execute(
+        "SELECT tenant_id, day FROM lake_compactions WHERE clustered_at IS NULL AND day < %s AND row_count > 0 "
+        "ORDER BY day, tenant_id",
+        (today,),
+    ).fetchall()
+    conn.commit()
+    results = []
+    for tenant_id, day in todo:
+        with conn.transaction():
+            lock_partition(conn, tenant_id, day)
+            still = conn.execute(
+                "SELECT 1 FROM lake_compactions WHERE tenant_id = %s AND day = %s AND clustered_at IS NULL",
+                (tenant_id, day),
+            ).fetchone()
+            if still is None:
+                continue
+            result = optimize_partition(settings, TABLE_NAME, tenant_id, day, min_files=1)
+            conn.execute(
+                "UPDATE lake_compactions SET clustered_at = now() WHERE tenant_id = %s AND day = %s", (tenant_id, day)
+            )
+        results.append(result)
+    return results
 
 
 def vacuum_table(

@@ -10,11 +10,15 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.dbt import sensormine_dbt_models
+from assets.quality import telemetry_quality_checks
 from assets.rollups import telemetry_1h, telemetry_1m
 from assets.telemetry import telemetry_lake, telemetry_partition_key, telemetry_partitions, tenant_partitions
+from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
 from orchestration.housekeeping import lake_housekeeping_job, lake_housekeeping_schedule
 from orchestration.resources import HotStoreResource, LakeResource
 from sensors.hot_data import hot_data_sensor
+from sensors.quality import failed_quality_checks_sensor
 from sensors.tenants import tenant_partitions_sensor
 
 
@@ -37,6 +41,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             s3_secret_key=_env("SENSORMINE_S3_SECRET_KEY"),
             s3_region=_env("SENSORMINE_S3_REGION") or "us-east-1",
         ),
+        "dbt": build_dbt_resource(),
     }
 
 
@@ -95,9 +100,15 @@ def telemetry_lake_daily_close_schedule(
 
 
 defs = dg.Definitions(
-    assets=TELEMETRY_ASSETS,
-    jobs=[telemetry_lake_job, lake_housekeeping_job],
-    schedules=[telemetry_lake_hourly_schedule, telemetry_lake_daily_close_schedule, lake_housekeeping_schedule],
-    sensors=[tenant_partitions_sensor, hot_data_sensor],
+    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models],
+    asset_checks=telemetry_quality_checks,
+    jobs=[telemetry_lake_job, lake_housekeeping_job, dbt_models_job],
+    schedules=[
+        telemetry_lake_hourly_schedule,
+        telemetry_lake_daily_close_schedule,
+        lake_housekeeping_schedule,
+        dbt_models_daily_schedule,
+    ],
+    sensors=[tenant_partitions_sensor, hot_data_sensor, failed_quality_checks_sensor],
     resources=build_resources(),
 )

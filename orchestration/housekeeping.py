@@ -4,7 +4,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 
-from lake.maintenance import SAFE_VACUUM_HOURS, optimize_table, vacuum_table
+from lake.maintenance import SAFE_VACUUM_HOURS, cluster_closed_days, optimize_table, vacuum_table
 from lake.retention import TENANT_TABLES, apply_hot_retention, apply_lake_retention
 from lake.storage import open_table
 from orchestration.resources import HotStoreResource, LakeResource
@@ -22,12 +22,21 @@ class HousekeepingConfig(dg.Config):
         return date.fromisoformat(self.today) if self.today else datetime.now(UTC).date()
 
 
-@dg.op(description="Rewrite tenant-day partitions that hold several files, clustered by device_id (z-order).")
-def optimize_lake(context: dg.OpExecutionContext, config: HousekeepingConfig, lake: LakeResource) -> int:
-    """Optimise recent multi-file partitions of every tenant table; returns partitions rewritten."""
+@dg.op(
+    description="Cluster closed telemetry days by device_id (z-order), and merge partitions that hold several files."
+)
+def optimize_lake(
+    context: dg.OpExecutionContext, config: HousekeepingConfig, hot_store: HotStoreResource, lake: LakeResource
+) -> int:
+    """Z-order newly closed telemetry days, optimise recent multi-file partitions; returns partitions rewritten."""
     settings = lake.settings()
     since = config.run_date() - timedelta(days=config.optimize_days)
     rewritten = 0
+    if not config.dry_run:
+        with hot_store.connect() as conn:
+            for r in cluster_closed_days(conn, settings, config.run_date()):
+                context.log.info(f"telemetry {r.tenant_id} {r.day}: clustered by device_id, version {r.table_version}")
+                rewritten += 1
     for name in TENANT_TABLES:
         if config.dry_run or open_table(settings, name) is None:
             continue

@@ -48,13 +48,22 @@ def test_definitions_load_with_the_expected_objects() -> None:
     job = defs.resolve_job_def("telemetry_lake_job")
     assert job.asset_layer.selected_asset_keys == {TELEMETRY_LAKE_KEY, TELEMETRY_1M_KEY, TELEMETRY_1H_KEY}
     assert defs.resolve_job_def("lake_housekeeping_job") is not None
+    assert defs.resolve_job_def("dbt_models_job") is not None
+    dbt_keys = {dg.AssetKey(["dbt", m]) for m in ("stg_telemetry", "device_daily_stats", "tenant_usage")}
+    assert dbt_keys <= graph.get_all_asset_keys()
+    assert graph.get(dg.AssetKey(["dbt", "stg_telemetry"])).parent_keys == {TELEMETRY_LAKE_KEY}
+    checks = {k.name for k in graph.asset_check_keys if k.asset_key == TELEMETRY_LAKE_KEY}
+    assert checks >= {"keys_not_null", "rows_in_partition", "values_in_schema_range", "dedupe_key_unique"}
+    assert {"hot_lake_parity", "freshness"} <= checks
     crons = {s.name: s.cron_schedule for s in defs.schedules or []}
     assert crons == {
         "telemetry_lake_hourly_schedule": "5 * * * *",
         "telemetry_lake_daily_close_schedule": "30 0 * * *",
         "lake_housekeeping_schedule": "30 3 * * *",
+        "dbt_models_daily_schedule": "30 1 * * *",
     }
-    assert {s.name for s in defs.sensors or []} >= {"tenant_partitions_sensor", "hot_data_sensor"}
+    sensors = {s.name for s in defs.sensors or []}
+    assert sensors == {"tenant_partitions_sensor", "hot_data_sensor", "failed_quality_checks_sensor"}
     assert set(defs.resources or {}) >= {"hot_store", "lake"}
 
 

@@ -225,7 +225,7 @@ def test_concurrent_compactions_of_one_tenant_day_serialise(conn: psycopg.Connec
     assert compactions(conn)[0][3] == versions[-1]
 
 
-def test_failed_lake_write_rolls_back_and_cancels_the_copy(
+def test_failed_lake_write_rolls_back(
     conn: psycopg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_tenant(conn, "acme", ["d1", "d2"])
@@ -233,7 +233,7 @@ def test_failed_lake_write_rolls_back_and_cancels_the_copy(
     HotStoreWriter(conn).write(rows)
     compact_day(conn, settings, "acme", D)
     recorded = compactions(conn)
-    monkeypatch.setattr(lake_telemetry, "_BLOCK_BYTES", 4096)  # many blocks: the COPY is mid-way
+    monkeypatch.setattr(lake_telemetry, "_BLOCK_BYTES", 4096)  # many blocks
 
     def failing_write(table, data, **kwargs) -> None:
         next(iter(data))

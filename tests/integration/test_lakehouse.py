@@ -18,7 +18,14 @@ from deltalake import DeltaTable, write_deltalake
 
 from assets.rollups import telemetry_1h, telemetry_1m
 from assets.telemetry import telemetry_lake, telemetry_partition_key
-from lake.maintenance import optimize_partition, optimize_table, partition_file_counts, table_history, vacuum_table
+from lake.maintenance import (
+    cluster_closed_days,
+    optimize_partition,
+    optimize_table,
+    partition_file_counts,
+    table_history,
+    vacuum_table,
+)
 from lake.retention import apply_hot_retention, apply_lake_retention
 from lake.rollups import ROLLUP_1H, ROLLUP_1M, ROLLUP_SCHEMA, rollup_readings, write_rollup
 from lake.storage import LakeError, open_table, read_partition, table_uri
@@ -188,19 +195,24 @@ def test_vacuum_keeps_recent_versions_unless_forced(conn: psycopg.Connection, se
 _KILLABLE_COMPACTION = """
 import sys, time
 from datetime import date
+import pyarrow as pa
+import lake.storage as storage
 import lake.telemetry as t
 from sensormine.db import connect
 from sensormine.settings import Settings
-t._BLOCK_BYTES = 64 << 10
-inner = t.hot_day_batches
-def slow(*a, **k):
-    for i, b in enumerate(inner(*a, **k)):
-        if i == 3:
-            print("writing", flush=True)
-        if i >= 3:
-            time.sleep(0.05)
-        yield b
-t.hot_day_batches = slow
+real_write = storage.write_deltalake
+def slow_write(table, data, **kwargs):
+    # The real writer, fed slowly: the process is inside write_deltalake when it is killed.
+    def batches():
+        for i, batch in enumerate(data):
+            if i == 3:
+                print("writing", flush=True)
+            if i >= 3:
+                time.sleep(0.05)
+            yield batch
+    return real_write(table, pa.RecordBatchReader.from_batches(data.schema, batches()), **kwargs)
+storage.write_deltalake = slow_write
+t._BLOCK_BYTES = 64 << 10  # many small batches streaming from the COPY into the writer
 settings = Settings(database_url=sys.argv[1], lake_uri=sys.argv[2])
 with connect(settings) as conn:
     t.compact_day(conn, settings, "acme", date.fromisoformat(sys.argv[3]))
@@ -323,3 +335,88 @@ def test_lake_retention_follows_each_tenants_plan(conn: psycopg.Connection, lake
         ("free-co", kept),
     ]
     assert apply_lake_retention(conn, lake_settings, today) == []
+
+
+# --- clustering and the housekeeping job ------------------------------------------------------
+
+
+def interleaved(tenant_id: str, day: date, devices: int = 5, n: int = 200) -> list[Reading]:
+    """Readings in arrival order: every device reports at each tick, so the heap mixes devices."""
+    start = day_us(day)
+    return [
+        Reading(tenant_id, f"d{k}", "temp", start + i * 1_000_000, float(i * 10 + k), 0, start + i * 1_000_000)
+        for i in range(n)
+        for k in range(devices)
+    ]
+
+
+def partition_device_order(settings: Settings, tenant_id: str, day: date) -> list[str]:
+    """device_id of every row of the partition's files, in physical order."""
+    import pyarrow.parquet as pq
+
+    table = open_table(settings, "telemetry")
+    assert table is not None
+    files = [f for f in table.file_uris() if f"tenant_id={tenant_id}/date={day}" in f]
+    return [d for f in files for d in pq.read_table(f, columns=["device_id"])["device_id"].to_pylist()]
+
+
+def test_closed_days_are_clustered_by_device_once(conn: psycopg.Connection, settings: Settings) -> None:
+    create_tenant(conn, "acme")
+    yesterday = D - timedelta(days=1)
+    writer = HotStoreWriter(conn)
+    for i in range(0, 1000, 100):  # ten commits in arrival order
+        writer.write(interleaved("acme", yesterday)[i : i + 100])
+    writer.write(interleaved("acme", D, n=10))
+    compact_day(conn, settings, "acme", yesterday)
+    compact_day(conn, settings, "acme", D)
+    before = read_telemetry(settings, ["acme"])
+
+    results = cluster_closed_days(conn, settings, today=D)
+
+    assert [(r.tenant_id, r.day) for r in results] == [("acme", yesterday)]  # today is not closed
+    order = partition_device_order(settings, "acme", yesterday)
+    assert order == sorted(order) and len(order) == 1000
+    assert read_telemetry(settings, ["acme"]).equals(before)
+    assert cluster_closed_days(conn, settings, today=D) == []
+    # A new compaction (a backfill) writes arrival order again, and the day is clustered again.
+    compact_day(conn, settings, "acme", yesterday)
+    assert [(r.tenant_id, r.day) for r in cluster_closed_days(conn, settings, today=D)] == [("acme", yesterday)]
+
+
+def test_housekeeping_job_clusters_expires_and_vacuums(conn: psycopg.Connection, settings: Settings) -> None:
+    create_tenant(conn, "acme")  # free plan: 7 hot days, 90 lake days
+    old, ancient = D - timedelta(days=10), D - timedelta(days=100)
+    HotStoreWriter(conn).write(interleaved("acme", old, n=20) + interleaved("acme", ancient, n=20))
+    for day in (old, ancient):
+        compact_day(conn, settings, "acme", day)
+        write_rollup(settings, ROLLUP_1M, "acme", day)
+        verify(conn, "acme", day)
+    compact_day(conn, settings, "acme", old)  # leaves an unreferenced file for vacuum
+    verify(conn, "acme", old)
+
+    from orchestration.housekeeping import lake_housekeeping_job
+
+    result = lake_housekeeping_job.execute_in_process(
+        run_config={
+            "ops": {
+                name: {"config": {"today": D.isoformat(), "vacuum_retention_hours": 0}}
+                for name in ("optimize_lake", "hot_retention", "lake_retention", "vacuum_lake")
+            }
+        },
+        resources=resources(settings),
+        raise_on_error=False,
+    )
+    # Vacuum below the 7-day minimum is refused unless forced: the job's default is the safe path.
+    assert not result.success
+    assert result.output_for_node("optimize_lake") == 2
+    assert result.output_for_node("hot_retention") == 2  # both days: in the lake and verified
+    assert result.output_for_node("lake_retention") == 2  # ancient day of telemetry and telemetry_1m
+    assert existing_partition_days(conn).isdisjoint({old, ancient})
+    assert read_telemetry(settings, ["acme"], days=[old]).num_rows == 100
+    assert read_telemetry(settings, ["acme"], days=[ancient]).num_rows == 0
+
+    ok = lake_housekeeping_job.execute_in_process(
+        run_config={"ops": {"optimize_lake": {"config": {"today": D.isoformat()}}}},
+        resources=resources(settings),
+    )
+    assert ok.success and ok.output_for_node("vacuum_lake") == 0  # nothing older than 7 days
