@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import cast
+
+import psycopg
 import typer
 
-from sensormine.db import connect, migrate
+from sensormine.db import DatabaseNotConfigured, connect, migrate
 from sensormine.kafka import ensure_topics
 from sensormine.registry import RegistryError, create_api_key, create_device, create_tenant, list_tenants
 from sensormine.settings import get_settings
@@ -28,6 +32,13 @@ def _services_app() -> typer.Typer:
     return services
 
 
+def _lake_app() -> typer.Typer:
+    from sensormine.cli_lake import app as lake
+
+    return lake
+
+
+app.add_typer(_lake_app(), name="lake")
 app.add_typer(_services_app(), name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
 
 
@@ -138,6 +149,58 @@ def demo(
     from sensormine.demo import run_demo
 
     raise typer.Exit(run_demo(api_port=port, dagster_port=dagster_port, check=check, with_dagster=dagster))
+
+
+@app.command("sql")
+def sql(
+    command: str = typer.Option(None, "--command", "-c", help="SQL to run (several statements separated by ';')."),
+    file: Path = typer.Option(None, "--file", "-f", help="A file of SQL statements to run.", dir_okay=False),
+    tenant: str = typer.Option(None, "--tenant", help="Only this tenant's rows, and its sub-tenants'."),
+    output_format: str = typer.Option("table", "--format", help="table, csv or parquet."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the result to this file (needed for parquet)."),
+    max_rows: int = typer.Option(1000, "--max-rows", help="Rows shown in table format."),
+) -> None:
+    """SQL over the lake with DuckDB: every lake table is a view (shell without -c/-f)."""
+    import duckdb
+    from deltalake.exceptions import DeltaError
+
+    from lake.catalog import LakeCatalog, open_catalog
+    from lake.sqlshell import FORMATS, OutputFormat, SqlError, run_script, run_shell
+    from lake.storage import LakeError
+    from sensormine.registry import visible_tenant_ids
+
+    if output_format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
+    fmt = cast(OutputFormat, output_format)
+    if command is not None and file is not None:
+        _fail("give either -c or -f, not both")
+    if fmt == "parquet" and output is None:
+        _fail("--format parquet needs --output PATH")
+    tenant_ids: list[str] | None = None
+    if tenant is not None:
+        try:
+            with connect() as conn:
+                tenant_ids = visible_tenant_ids(conn, tenant)
+        except (psycopg.Error, DatabaseNotConfigured) as exc:
+            _fail(f"cannot resolve tenant {tenant!r}: {exc}")
+        if not tenant_ids:
+            _fail(f"tenant {tenant!r} does not exist")
+    settings = get_settings()
+    failures = (SqlError, LakeError, DeltaError, duckdb.Error, OSError)
+
+    def catalog() -> LakeCatalog:
+        return open_catalog(settings, tenant_ids)
+
+    try:
+        if command is None and file is None:
+            if fmt == "parquet":
+                _fail("the shell writes tables or CSV: use -c or -f with --format parquet")
+            raise typer.Exit(run_shell(catalog, fmt, max_rows=max_rows))
+        text = command if command is not None else file.read_text(encoding="utf-8")
+        with catalog() as session:
+            run_script(session, text, fmt, output=output, max_rows=max_rows)
+    except failures as exc:
+        _fail(str(exc).strip() or type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Sensor requesting compactions when a hot-store day has grown by more than a threshold since it last asked.
 
 It watches PostgreSQL's own per-partition insert counters (`pg_stat_user_tables.n_tup_ins`),
-which cost nothing to read, instead of scanning telemetry; only when a day crossed the threshold
+which cost nothing to read, instead of scanning telemetry (they count attempted inserts, so a
+batch retried after a duplicate counts twice: a trigger, not a measure); only when a day crossed the threshold
 does it look up (with an index-only loose scan) which tenants have rows in that day.
 """
 

@@ -35,7 +35,7 @@ from sensormine.db import existing_partition_days
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import Reading, datetime_to_us, readings_to_table
 from sensormine.registry import create_tenant
-from sensormine.settings import Settings
+from sensormine.settings import Settings, reset_settings
 from tests.conftest import REPO
 from tests.factories import DAY, make_tenant, readings
 
@@ -199,7 +199,7 @@ import pyarrow as pa
 import lake.storage as storage
 import lake.telemetry as t
 from sensormine.db import connect
-from sensormine.settings import Settings
+from sensormine.settings import Settings, reset_settings
 real_write = storage.write_deltalake
 def slow_write(table, data, **kwargs):
     # The real writer, fed slowly: the process is inside write_deltalake when it is killed.
@@ -420,3 +420,45 @@ def test_housekeeping_job_clusters_expires_and_vacuums(conn: psycopg.Connection,
         resources=resources(settings),
     )
     assert ok.success and ok.output_for_node("vacuum_lake") == 0  # nothing older than 7 days
+
+
+# --- hot data sensor --------------------------------------------------------------------------
+
+
+def test_hot_data_sensor_requests_a_day_after_the_threshold(
+    conn: psycopg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sensors.hot_data import hot_data_sensor, insert_counters, tenants_in_day
+
+    monkeypatch.setenv("SENSORMINE_HOT_DATA_THRESHOLD_ROWS", "500")
+    reset_settings()
+    create_tenant(conn, "acme")
+    create_tenant(conn, "globex")
+    writer = HotStoreWriter(conn)
+
+    def write(rows: list[Reading]) -> None:
+        writer.write(rows)
+        conn.execute("SELECT pg_stat_force_next_flush()")  # this backend's counters, visible now
+        conn.commit()
+
+    write(interleaved("acme", D, devices=2, n=50))  # 100 rows
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme", "globex"])
+
+        def tick(cursor: str | None) -> dg.SensorResult:
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(settings))
+            return hot_data_sensor(context)
+
+        first = tick(None)  # sets the baseline: nothing requested
+        assert not first.run_requests
+        write(interleaved("globex", D, devices=2, n=100))  # +200: under the threshold
+        second = tick(first.cursor)
+        assert not second.run_requests and second.cursor == first.cursor
+        write([r._replace(metric="rpm") for r in interleaved("acme", D, devices=4, n=100)])  # +400: 600 in all
+        third = tick(second.cursor)
+        assert [r.partition_key for r in third.run_requests or []] == [f"{D}|acme", f"{D}|globex"]
+        assert all(r.job_name in (None, "telemetry_lake_job") for r in third.run_requests or [])
+        assert not (tick(third.cursor).run_requests)
+    assert tenants_in_day(conn, D) == ["acme", "globex"]
+    assert insert_counters(conn)[D] == 700
+    reset_settings()
