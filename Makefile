@@ -30,4 +30,5 @@ unit: bootstrap  ## the fast unit tests alone
 	$(UV) run pytest tests/unit
 
 bench: services-up  ## benchmarks (figures are recorded in docs/benchmarks.md)
-	. $(STATE)/services.env && $(UV) run python -m bench.ingest && $(UV) run python -m bench.latency
+	. $(STATE)/services.env && $(UV) run python -m bench.ingest && $(UV) run python -m bench.latency \
+	&& $(UV) run python -m bench.compaction && $(UV) run python -m bench.query
