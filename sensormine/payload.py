@@ -78,7 +78,7 @@ def parse_value(raw: Any, pointer: str) -> float:
     raise PayloadError(f"non-numeric value of type {type(raw).__name__}", pointer)
 
 
-def _parse_quality(raw: Any, pointer: str) -> int:
+def parse_quality(raw: Any, pointer: str) -> int:
     if raw is None:
         return QUALITY_GOOD
     if isinstance(raw, str) and raw.lower() in _QUALITY_NAMES:
@@ -97,40 +97,49 @@ def _decode(raw: bytes) -> Any:
         raise PayloadError(f"malformed JSON: {exc}") from None
 
 
-def parse_device_payload(raw: bytes, tenant_id: str, device_id: str, ingest_ts: int) -> list[Reading]:
-    """Normalise one device payload into readings, or raise PayloadError."""
-    doc = _decode(raw)
+def parse_reading_item(item: Any, ptr: str, tenant_id: str, device_id: str, ingest_ts: int) -> list[Reading]:
+    """The readings of one `{"ts", "values", "quality"?}` object; `ptr` is its JSON pointer."""
+    if not isinstance(item, dict):
+        raise PayloadError("reading must be a JSON object", ptr or "/")
+    if "ts" not in item:
+        raise PayloadError("missing ts", ptr or "/")
+    ts = parse_timestamp(item["ts"], f"{ptr}/ts")
+    values = item.get("values")
+    if not isinstance(values, dict) or not values:
+        raise PayloadError("values must be a non-empty object", f"{ptr}/values")
+    quality = parse_quality(item.get("quality"), f"{ptr}/quality")
+    readings = []
+    for metric, raw_value in values.items():
+        mptr = f"{ptr}/values/{escape_pointer(metric)}"
+        if not METRIC_RE.match(metric):
+            raise PayloadError("metric names are 1-128 of A-Z a-z 0-9 _ . : / -", mptr)
+        readings.append(Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts))
+    return readings
+
+
+def payload_items(doc: Any) -> tuple[list[Any], str]:
+    """The reading objects of a decoded payload and the pointer pattern of their positions."""
     if isinstance(doc, dict):
-        items, base = [doc], ""
-    elif isinstance(doc, list):
+        return [doc], ""
+    if isinstance(doc, list):
         if not doc:
             raise PayloadError("empty array")
-        items, base = doc, "/{}"
-    else:
-        raise PayloadError("payload must be a JSON object or array of objects")
+        return doc, "/{}"
+    raise PayloadError("payload must be a JSON object or array of objects")
+
+
+def parse_device_payload(raw: bytes, tenant_id: str, device_id: str, ingest_ts: int) -> list[Reading]:
+    """Normalise one device payload into readings, or raise PayloadError."""
+    items, base = payload_items(_decode(raw))
     readings: list[Reading] = []
     for i, item in enumerate(items):
-        ptr = base.format(i) if base else ""
-        if not isinstance(item, dict):
-            raise PayloadError("reading must be a JSON object", ptr or "/")
-        if "ts" not in item:
-            raise PayloadError("missing ts", ptr or "/")
-        ts = parse_timestamp(item["ts"], f"{ptr}/ts")
-        values = item.get("values")
-        if not isinstance(values, dict) or not values:
-            raise PayloadError("values must be a non-empty object", f"{ptr}/values")
-        quality = _parse_quality(item.get("quality"), f"{ptr}/quality")
-        for metric, raw_value in values.items():
-            mptr = f"{ptr}/values/{_escape(metric)}"
-            if not METRIC_RE.match(metric):
-                raise PayloadError("metric names are 1-128 of A-Z a-z 0-9 _ . : / -", mptr)
-            readings.append(Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts))
+        readings.extend(parse_reading_item(item, base.format(i) if base else "", tenant_id, device_id, ingest_ts))
         if len(readings) > MAX_READINGS_PER_PAYLOAD:
             raise PayloadError(f"more than {MAX_READINGS_PER_PAYLOAD} readings in one payload")
     return readings
 
 
-def _escape(token: str) -> str:
+def escape_pointer(token: str) -> str:
     """JSON-pointer escaping of one reference token (RFC 6901)."""
     return token[:MAX_METRIC_LEN].replace("~", "~0").replace("/", "~1")
 

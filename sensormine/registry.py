@@ -151,6 +151,14 @@ def resolve_api_key(conn: psycopg.Connection, key: str) -> tuple[str, list[str]]
     return row[0], list(row[1])
 
 
+def resolve_device_key(conn: psycopg.Connection, key: str) -> tuple[str, str] | None:
+    """(tenant_id, device_id) of the device holding `key`, or None."""
+    if not key.startswith("smd_"):
+        return None
+    row = conn.execute("SELECT tenant_id, id FROM devices WHERE key_hash = %s", (hash_secret(key),)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
 def revoke_api_key(conn: psycopg.Connection, key_id: str) -> bool:
     """Revoke an API key by its id; True when one was revoked."""
     with conn.transaction():

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         86_400, description="How long the broker keeps queueing for a stopped ingest daemon."
     )
     api_key_header: str = "X-API-Key"
+    device_key_header: str = "X-Device-Key"
+    http_ingest_max_bytes: int = Field(10 << 20, description="Largest body POST /api/ingest accepts.")
+    http_ingest_timeout_s: float = Field(10.0, description="How long POST /api/ingest waits for durability.")
     query_max_points: int = Field(1_000_000, description="Raw points one query may return.")
     consumer_group: str = "sensormine-hot-writer"
     consumer_batch_size: int = 20_000

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
 from serving.problems import install_problem_handlers
-from serving.routes import health, query
+from serving.routes import health, ingest, query
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,6 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            gate = getattr(app.state, "ingest_gate", None)
+            if gate is not None:
+                gate.close()
             app.state.pool.close()
 
     app = FastAPI(
@@ -37,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(query.router)
+    app.include_router(ingest.router)
     return app
 
 

@@ -1,0 +1,174 @@
+"""HTTP batch ingest for devices that push: `POST /api/ingest` with the device's key."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from sensormine.batch import BatchOutcome, parse_csv_batch, parse_json_batch
+from sensormine.bus import ReadingSink, make_sink
+from sensormine.payload import PayloadError
+from sensormine.reading import now_us
+from sensormine.registry import resolve_device_key
+from sensormine.settings import Settings
+from serving.deps import SettingsDep
+from serving.problems import Problem
+
+router = APIRouter(prefix="/api", tags=["ingest"])
+SOURCE = "http"
+MAX_ERRORS_LISTED = 100
+
+
+class ItemError(BaseModel):
+    """Why one item of the batch was rejected (it is in the dead-letter queue)."""
+
+    index: int = Field(description="Position of the item: array index, or data row (0 = first row after the header).")
+    reason: str
+    pointer: str = Field(description="JSON pointer into the batch (CSV: /<row>/<column>).")
+
+
+class IngestResult(BaseModel):
+    """What happened to the batch: every item is either accepted or in the dead-letter queue."""
+
+    tenant_id: str
+    device_id: str
+    items: int
+    accepted_items: int
+    rejected_items: int
+    readings: int = Field(description="Readings of the accepted items, now durable.")
+    errors: list[ItemError] = Field(description=f"The first {MAX_ERRORS_LISTED} rejected items.")
+
+
+class IngestGate:
+    """The app's one sink for HTTP ingest, created on first use, used by one request at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._sink: ReadingSink | None = None
+        self._lock = threading.Lock()
+
+    def deliver(self, tenant_id: str, device_id: str, outcome: BatchOutcome) -> None:
+        """Hand the batch's readings and rejects over and wait until they are durable; 503 when they are not."""
+        with self._lock:
+            if self._sink is None:
+                self._sink = make_sink(self.settings)
+            sink = self._sink
+            origin = f"http:{tenant_id}/{device_id}"
+            if outcome.readings:
+                sink.publish(tenant_id, device_id, SOURCE, outcome.readings)
+            for r in outcome.rejects:
+                sink.reject(SOURCE, f"{origin}#{r.index}", str(r.error), r.payload, tenant_id, device_id)
+            pending = sink.flush(self.settings.http_ingest_timeout_s)
+        if pending:
+            raise Problem(
+                503,
+                f"{pending} message(s) not confirmed durable within {self.settings.http_ingest_timeout_s} s; "
+                "retry the same batch (readings are deduplicated by device, metric and timestamp)",
+            )
+
+    def reject_whole(self, tenant_id: str, device_id: str, body: bytes, error: PayloadError) -> None:
+        """A body that is not a batch at all goes to the dead-letter queue whole."""
+        with self._lock:
+            if self._sink is None:
+                self._sink = make_sink(self.settings)
+            self._sink.reject(SOURCE, f"http:{tenant_id}/{device_id}", str(error), body, tenant_id, device_id)
+            self._sink.flush(self.settings.http_ingest_timeout_s)
+
+    def close(self) -> None:
+        """Flush and release the sink (at shutdown)."""
+        with self._lock:
+            if self._sink is not None:
+                self._sink.flush(self.settings.http_ingest_timeout_s)
+                close = getattr(self._sink, "close", None)
+                if close is not None:
+                    close()
+                self._sink = None
+
+
+def _gate(request: Request, settings: Settings) -> IngestGate:
+    gate: IngestGate | None = getattr(request.app.state, "ingest_gate", None)
+    if gate is None:
+        gate = request.app.state.ingest_gate = IngestGate(settings)
+    return gate
+
+
+def _device(request: Request, key: str) -> tuple[str, str] | None:
+    with request.app.state.pool.connection() as conn:
+        return resolve_device_key(conn, key)
+
+
+@router.post(
+    "/ingest",
+    response_model=IngestResult,
+    summary="Push a batch of readings (JSON or CSV) with a device key",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"type": ["object", "array"]},
+                    "example": [{"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 21.5}}],
+                },
+                "text/csv": {"schema": {"type": "string"}, "example": "ts,temperature\\n2026-11-26T10:00:00Z,21.5\\n"},
+            },
+        }
+    },
+    responses={
+        400: {"description": "The body is not a JSON or CSV batch (it is in the dead-letter queue)."},
+        401: {"description": "Missing or unknown device key."},
+        413: {"description": "Body larger than SENSORMINE_HTTP_INGEST_MAX_BYTES."},
+        415: {"description": "Content type other than application/json or text/csv."},
+        503: {"description": "Not confirmed durable in time; retry."},
+    },
+)
+async def ingest(
+    request: Request,
+    settings: SettingsDep,
+    content_type: Annotated[str, Header()] = "application/json",
+) -> IngestResult:
+    """Accept or reject every item of the batch; rejected items go to the dead-letter queue with their reason.
+
+    JSON: the MQTT payload contract (an object or an array of `{"ts", "values", "quality"?}`).
+    CSV: header `ts,<metric>,...` (one row per timestamp) or `ts,metric,value[,quality]`.
+    The answer comes once the accepted readings are durable (in Kafka, or in the hot store).
+    """
+    key = request.headers.get(settings.device_key_header)
+    if not key:
+        raise Problem(401, f"send the device key in the {settings.device_key_header} header")
+    device = await run_in_threadpool(_device, request, key)
+    if device is None:
+        raise Problem(401, "the device key is unknown (revoked, or the device was deleted)")
+    tenant_id, device_id = device
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.http_ingest_max_bytes:
+        raise Problem(413, f"body larger than {settings.http_ingest_max_bytes} bytes: split the batch")
+    body = await request.body()
+    if len(body) > settings.http_ingest_max_bytes:
+        raise Problem(413, f"body larger than {settings.http_ingest_max_bytes} bytes: split the batch")
+    media = content_type.split(";", 1)[0].strip().lower()
+    parsers = {"application/json": parse_json_batch, "text/csv": parse_csv_batch}
+    if media not in parsers:
+        raise Problem(415, f"content type {media!r} is not accepted: send application/json or text/csv")
+    gate = _gate(request, settings)
+    try:
+        outcome = parsers[media](body, tenant_id, device_id, now_us())
+    except PayloadError as exc:
+        await run_in_threadpool(gate.reject_whole, tenant_id, device_id, body, exc)
+        raise Problem(400, f"not a {media} batch: {exc}; the body was kept in the dead-letter queue") from None
+    await run_in_threadpool(gate.deliver, tenant_id, device_id, outcome)
+    return IngestResult(
+        tenant_id=tenant_id,
+        device_id=device_id,
+        items=outcome.items,
+        accepted_items=outcome.accepted_items,
+        rejected_items=len(outcome.rejects),
+        readings=len(outcome.readings),
+        errors=[
+            ItemError(index=r.index, reason=r.error.reason, pointer=r.error.pointer)
+            for r in outcome.rejects[:MAX_ERRORS_LISTED]
+        ],
+    )
