@@ -78,7 +78,13 @@ def parse_json_batch(raw: bytes, tenant_id: str, device_id: str, ingest_ts: int)
         try:
             readings = parse_reading_item(item, ptr, tenant_id, device_id, ingest_ts)
         except PayloadError as exc:
-            out.rejects.append(ItemReject(i, orjson.dumps(item), exc))
+            try:
+                kept = orjson.dumps(item)
+            except (TypeError, orjson.JSONEncodeError):
+                # Nested deeper than the encoder allows (orjson reads 1024 levels, writes 255): the
+                # item cannot be kept on its own, so the body is refused, and dead-lettered, whole.
+                raise PayloadError("reading nested too deeply", ptr or "/") from None
+            out.rejects.append(ItemReject(i, kept, exc))
             continue
         out._add(readings)
     return out

@@ -47,7 +47,10 @@ def parse_timestamp(raw: Any, pointer: str = "/ts") -> int:
     if isinstance(raw, int | float):
         if not math.isfinite(raw):
             raise PayloadError("timestamp is not finite", pointer)
-        us = round(raw * 1000)
+        scaled = raw * 1000
+        if isinstance(scaled, float) and not math.isfinite(scaled):  # e.g. 2e305 ms overflows
+            raise PayloadError("timestamp outside 2000-01-01..2100-01-01", pointer)
+        us = round(scaled)
     elif isinstance(raw, str):
         text = raw.strip()
         if text.endswith(("Z", "z")):

@@ -90,3 +90,9 @@ def test_envelope_round_trip() -> None:
         decode_envelope(b'{"v": 99}')
     with pytest.raises(PayloadError):
         decode_envelope(b"garbage")
+
+
+def test_timestamps_that_overflow_when_scaled_are_rejected_not_crashing() -> None:
+    # Found by the fuzz test: 2e305 ms is finite, but not once scaled to microseconds.
+    with pytest.raises(PayloadError, match="outside"):
+        parse_device_payload(b'{"ts": 2e305, "values": {"x": 1}}', "acme", "d1", 0)
