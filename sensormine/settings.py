@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     )
     api_key_header: str = "X-API-Key"
     device_key_header: str = "X-Device-Key"
+    device_offline_after_s: float = Field(300.0, description="A device not heard from for this long is offline.")
     http_ingest_max_bytes: int = Field(10 << 20, description="Largest body POST /api/ingest accepts.")
     http_ingest_timeout_s: float = Field(10.0, description="How long POST /api/ingest waits for durability.")
     query_max_points: int = Field(1_000_000, description="Raw points one query may return.")

@@ -158,8 +158,14 @@ async def ingest(
         outcome = parsers[media](body, tenant_id, device_id, now_us())
     except PayloadError as exc:
         await run_in_threadpool(gate.reject_whole, tenant_id, device_id, body, exc)
+        request.app.state.status.tracker.error(tenant_id, device_id, str(exc))
         raise Problem(400, f"not a {media} batch: {exc}; the body was kept in the dead-letter queue") from None
     await run_in_threadpool(gate.deliver, tenant_id, device_id, outcome)
+    tracker = request.app.state.status.tracker
+    if outcome.accepted_items:
+        tracker.seen(tenant_id, device_id, len(outcome.readings))
+    for r in outcome.rejects:
+        tracker.error(tenant_id, device_id, str(r.error))
     return IngestResult(
         tenant_id=tenant_id,
         device_id=device_id,
