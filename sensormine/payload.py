@@ -113,10 +113,16 @@ def parse_reading_item(item: Any, ptr: str, tenant_id: str, device_id: str, inge
     quality = parse_quality(item.get("quality"), f"{ptr}/quality")
     readings = []
     for metric, raw_value in values.items():
-        mptr = f"{ptr}/values/{escape_pointer(metric)}"
+        # The pointer is only built for an error: this loop runs for every reading on the hot path.
         if not METRIC_RE.match(metric):
-            raise PayloadError("metric names are 1-128 of A-Z a-z 0-9 _ . : / -", mptr)
-        readings.append(Reading(tenant_id, device_id, metric, ts, parse_value(raw_value, mptr), quality, ingest_ts))
+            raise PayloadError(
+                "metric names are 1-128 of A-Z a-z 0-9 _ . : / -", f"{ptr}/values/{escape_pointer(metric)}"
+            )
+        try:
+            value = parse_value(raw_value, "")
+        except PayloadError as exc:
+            raise PayloadError(exc.reason, f"{ptr}/values/{escape_pointer(metric)}") from None
+        readings.append(Reading(tenant_id, device_id, metric, ts, value, quality, ingest_ts))
     return readings
 
 
