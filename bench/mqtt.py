@@ -46,9 +46,13 @@ def _payload(i: int) -> bytes:
     return orjson.dumps({"ts": ts, "values": {"temperature": 20 + (i % 100) / 10, "pressure": 1 + (i % 7) / 100}})
 
 
-def _publish_share(host: str, port: int, topics: list[str], start: int, stop: int) -> None:
+def _publish_share(
+    host: str, port: int, login: tuple[str | None, str | None], topics: list[str], start: int, stop: int
+) -> None:
     """One publisher process: messages start..stop at QoS 1, round-robin over the device topics."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:8]}")
+    if login[0]:
+        client.username_pw_set(*login)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect(host, port)
@@ -66,7 +70,9 @@ def publish_backlog(settings: Settings, topics: list[str], n: int, publishers: i
     bounds = [n * k // publishers for k in range(publishers + 1)]
     t0 = time.perf_counter()
     procs = [
-        multiprocessing.Process(target=_publish_share, args=(host, port, topics, bounds[k], bounds[k + 1]))
+        multiprocessing.Process(
+            target=_publish_share, args=(host, port, _tools_login(settings), topics, bounds[k], bounds[k + 1])
+        )
         for k in range(publishers)
     ]
     for p in procs:
@@ -78,8 +84,16 @@ def publish_backlog(settings: Settings, topics: list[str], n: int, publishers: i
     return time.perf_counter() - t0
 
 
+def _tools_login(settings: Settings) -> tuple[str | None, str | None]:
+    """The launcher's privileged tools user (publish and subscribe on sensormine/#), when the broker has one."""
+    return settings.mqtt_tools_username, settings.mqtt_tools_password
+
+
 def _session_client(settings: Settings, client_id: str) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    username, password = _tools_login(settings)
+    if username:
+        client.username_pw_set(username, password)
     client.max_inflight_messages_set(1000)
     return client
 

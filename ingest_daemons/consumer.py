@@ -2,6 +2,9 @@
 
 Offsets live in the hot store (`ingest_offsets`), committed in the same transaction as the rows,
 so a crash at any point redelivers exactly what was not yet written: nothing lost, nothing doubled.
+
+Messages of devices whose type has a schema are validated against its latest version
+(`sensormine.schemas.SchemaDirectory`); the others keep the fast path untouched. See docs/schemas.md.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from sensormine.bus import dlq_headers
@@ -23,11 +27,17 @@ from sensormine.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteRes
 from sensormine.kafka import make_consumer, make_producer
 from sensormine.payload import PayloadError, decode_envelope, decode_envelope_into
 from sensormine.reading import now_us
+from sensormine.schemas import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
 from sensormine.settings import Settings, get_settings
 from sensormine.validation import future_limit_us, validate_message
 
 log = logging.getLogger("sensormine.ingest.consumer")
 _JOIN_GRACE_S = 60.0  # a slow group join (busy machine) must not count as an idle stream
+# A replayed message validated against a newer schema version than the cached one (its header
+# `schema_version`) reloads the schemas before it is rejected, once they are older than this.
+_SCHEMA_NEWER_S = 0.05
+
+Headers = list[tuple[str, str | bytes | None]]
 
 
 @dataclass
@@ -114,6 +124,14 @@ class HotStoreConsumer:
         self.dlq = make_producer(self.settings, **{"linger.ms": 5})
         self.consumer: Consumer = make_consumer(self.group_id, self.settings)
         self.stats = ConsumerStats()
+        self.schemas = SchemaDirectory(lambda: connect(self.settings))
+        # A schema reject reloads the schemas first when they are older than this: a fix is picked up
+        # at once, while a flood of bad messages costs one query per interval.
+        self.schema_recheck_s = 1.0
+        # (topic, key) of the devices that have a schema: which messages to validate, known before decoding.
+        self._schema_keys: frozenset[tuple[str, bytes]] = frozenset()
+        self._schema_generation = -1
+        self._refresh_schemas()
         self.assigned = threading.Event()
         self._pipeline: BatchWriterThread | None = None
         self._kafka_commits: list[list[KafkaOffset]] = []  # written batches whose offsets Kafka has not been told
@@ -139,12 +157,80 @@ class HotStoreConsumer:
         # The next owner resumes from the database: commit what was consumed before letting go.
         self._drain()
 
-    def _reject(self, msg: Message, reason: str) -> None:
+    def _refresh_schemas(self, max_age_s: float | None = None) -> bool:
+        """Reload the schema directory (when older than `max_age_s`, if given) and rebuild the index."""
+        if max_age_s is None:
+            self.schemas.refresh()
+        elif not self.schemas.refresh_if_older(max_age_s):
+            return False
+        if self.schemas.generation != self._schema_generation:
+            topic = self.settings.telemetry_topic
+            self._schema_keys = frozenset((topic(t), d.encode()) for t, d in self.schemas.devices)
+            self._schema_generation = self.schemas.generation
+        return True
+
+    def _topic_tenant(self, topic: str | None) -> str | None:
+        """The tenant whose telemetry topic this is, or None."""
+        prefix, suffix = f"{self.settings.env}.", ".telemetry"
+        if topic and topic.startswith(prefix) and topic.endswith(suffix) and len(topic) > len(prefix) + len(suffix):
+            return topic[len(prefix) : -len(suffix)]
+        return None
+
+    def _reject(self, msg: Message, reason: str, extra: Headers | None = None) -> None:
         self.stats.rejected += 1
         key = msg.key()
-        origin = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        headers = dlq_headers("consumer", origin, reason, None, key.decode() if key else None)
+        topic = msg.topic()
+        origin = f"{topic}[{msg.partition()}]@{msg.offset()}"
+        device = key.decode(errors="replace") if key else None
+        headers = dlq_headers("consumer", origin, reason, self._topic_tenant(topic), device)
+        # A replayed message that fails again says which dead letter it came from.
+        headers += [(k, v) for k, v in _headers(msg) if k == "replay_of"]
+        headers += extra or []
         self.dlq.produce(self.settings.dlq_topic, value=msg.value(), key=key, headers=headers)
+
+    @staticmethod
+    def _schema_subject(raw: bytes) -> tuple[str, str, list[dict[str, Any]]] | None:
+        """(tenant, device, payload items) of an envelope, to validate; None to let the usual path judge
+        it (not an envelope, or readings the reference path rejects anyway)."""
+        try:
+            doc = orjson.loads(raw)
+            tenant_id, device_id, points = doc["tenant_id"], doc["device_id"], doc["points"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        if type(tenant_id) is not str or type(device_id) is not str:
+            return None
+        items = exact_payload_items(points)
+        if items is not None:
+            return tenant_id, device_id, items
+        try:
+            readings = decode_envelope(raw)  # lenient types: validate what the reference path would write
+        except PayloadError:
+            return None
+        if any(type(r.ts) is not int for r in readings):
+            return None  # the reference path rejects it as malformed
+        return tenant_id, device_id, payload_items((r.metric, r.ts, r.value, r.quality) for r in readings)
+
+    def _schema_reject(self, msg: Message, raw: bytes) -> tuple[str, Headers] | None:
+        """Why a message of a device with a schema breaks it (reason and DLQ headers), or None."""
+        subject = self._schema_subject(raw)
+        if subject is None:
+            return None
+        tenant_id, device_id, items = subject
+        schema = self.schemas.for_device(tenant_id, device_id)  # the body decides whose readings these are
+        violation = None if schema is None else schema.check_items(items)
+        if violation is None:
+            return None
+        # Before rejecting, make sure the verdict is not that of an outdated version.
+        newer = any(
+            k == "schema_version" and v is not None and v.isdigit() and int(v) > violation.version
+            for k, v in _headers(msg)
+        )  # fmt: skip
+        if self._refresh_schemas(_SCHEMA_NEWER_S if newer else self.schema_recheck_s):
+            schema = self.schemas.for_device(tenant_id, device_id)
+            violation = None if schema is None else schema.check_items(items)
+            if violation is None:
+                return None
+        return str(violation), _violation_headers(violation)
 
     def _decode_reference(self, raw: bytes, rows: CopyBatch, now: int) -> str | None:
         """The reference path for messages the fast path declines: the reject reason, or None once added."""
@@ -169,6 +255,9 @@ class HotStoreConsumer:
         now = now_us()
         limit = future_limit_us(self.settings, now)
         rejected = self.stats.rejected
+        if self.schemas.due():
+            self._refresh_schemas()
+        schema_keys = self._schema_keys  # empty unless some device has a schema: then one set lookup each
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -179,6 +268,11 @@ class HotStoreConsumer:
             offsets[(cast(str, msg.topic()), cast(int, msg.partition()))] = cast(int, msg.offset()) + 1
             self.stats.messages += 1
             raw = cast(bytes, msg.value())  # None (a tombstone) is rejected as a malformed envelope
+            if schema_keys and (msg.topic(), msg.key()) in schema_keys:
+                schema_reject = self._schema_reject(msg, raw)
+                if schema_reject is not None:
+                    self._reject(msg, *schema_reject)
+                    continue
             if decode_envelope_into(raw, rows, limit) is None:
                 reason = self._decode_reference(raw, rows, now)
                 if reason is not None:
@@ -268,6 +362,22 @@ class HotStoreConsumer:
         self.consumer.close()
         self.dlq.flush(30)
         self.conn.close()
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
+    """A message's Kafka headers (none: empty)."""
+    found = msg.headers() or []
+    pairs = list(found.items()) if isinstance(found, dict) else found
+    return [(k, v.encode() if isinstance(v, str) else v) for k, v in pairs]
+
+
+def _violation_headers(violation: SchemaViolation) -> Headers:
+    """DLQ headers recording which schema a message broke, and where."""
+    return [
+        ("device_type", violation.device_type.encode()),
+        ("schema_version", str(violation.version).encode()),
+        ("pointer", violation.pointer.encode()),
+    ]
 
 
 def run_forever(stop: threading.Event, settings: Settings | None = None, max_backoff_s: float = 30.0) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from sensormine.db import DatabaseNotConfigured, connect, migrate
 from sensormine.kafka import ensure_topics
+from sensormine.mqtt import telemetry_topic
 from sensormine.registry import RegistryError, create_api_key, create_device, create_tenant, list_tenants
 from sensormine.settings import get_settings
 
@@ -38,7 +39,21 @@ def _lake_app() -> typer.Typer:
     return lake
 
 
+def _dlq_app() -> typer.Typer:
+    from sensormine.cli_dlq import app as dlq
+
+    return dlq
+
+
+def _register_device_commands(device: typer.Typer) -> None:
+    from sensormine.cli_devices import register
+
+    register(device)
+
+
 app.add_typer(_lake_app(), name="lake")
+_register_device_commands(device_app)
+app.add_typer(_dlq_app(), name="dlq")
 app.add_typer(_services_app(), name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
 
 
@@ -101,6 +116,9 @@ def device_create(
             _fail(str(exc))
     typer.echo(f"device {device_id} created in {tenant_id}")
     typer.echo(f"device key (shown once): {key}")
+    typer.echo(
+        f"MQTT user: {tenant_id}/{device_id} (password: the device key), topic {telemetry_topic(tenant_id, device_id)}"
+    )
 
 
 @apikey_app.command("create")

@@ -7,7 +7,7 @@ simulator, the API and the Dagster UI as child processes, and prints where to lo
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,7 +23,15 @@ from pathlib import Path
 import psycopg
 
 from sensormine.db import connect, ensure_partition_window, migrate
-from sensormine.registry import RegistryError, create_api_key, create_device, create_tenant, get_tenant
+from sensormine.dynsec import Dynsec
+from sensormine.registry import (
+    RegistryError,
+    create_api_key,
+    create_device,
+    create_tenant,
+    get_tenant,
+    rotate_device_key,
+)
 from sensormine.settings import Settings
 
 DEMO_TENANTS = {
@@ -34,17 +42,26 @@ REPO = Path(__file__).resolve().parent.parent
 Say = Callable[[str], None]
 
 
-def seed(conn: psycopg.Connection) -> dict[str, str]:
-    """Create the demo tenants and devices when missing; return a fresh API key per tenant."""
-    keys = {}
+def seed(conn: psycopg.Connection, broker: Dynsec | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Create the demo tenants and devices when missing.
+
+    Returns a fresh API key per tenant, and a device key per simulated device ({"tenant/device": key}):
+    new devices get theirs at creation, devices seeded by an earlier run get a new one (keys are
+    stored hashed), and the broker learns each at once.
+    """
+    keys, device_keys = {}, {}
     for tenant_id, devices in DEMO_TENANTS.items():
         if get_tenant(conn, tenant_id) is None:
             create_tenant(conn, tenant_id, tenant_id.capitalize(), plan="pro")
         for device_id in devices:
-            with contextlib.suppress(RegistryError):  # seeded by an earlier run
-                create_device(conn, tenant_id, device_id, device_type="motor" if "motor" in device_id else "tank")
+            kind = "motor" if "motor" in device_id else "tank"
+            try:
+                _, key = create_device(conn, tenant_id, device_id, device_type=kind, broker=broker)
+            except RegistryError:  # seeded by an earlier run
+                key = rotate_device_key(conn, tenant_id, device_id, broker=broker)
+            device_keys[f"{tenant_id}/{device_id}"] = key
         keys[tenant_id] = create_api_key(conn, tenant_id, "demo")
-    return keys
+    return keys, device_keys
 
 
 def _start_services(state_dir: Path, say: Say) -> dict[str, str]:
@@ -86,15 +103,24 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
     env = {**os.environ, **services, "SENSORMINE_STATE_DIR": str(state_dir)}
     env.pop("SENSORMINE_KAFKA_BOOTSTRAP", None)  # the embedded default: daemons write in-process
     settings = Settings(
-        database_url=services["SENSORMINE_DATABASE_URL"], mqtt_url=services["SENSORMINE_MQTT_URL"], state_dir=state_dir
+        database_url=services["SENSORMINE_DATABASE_URL"],
+        mqtt_url=services["SENSORMINE_MQTT_URL"],
+        # Set when the broker runs with dynamic security (not the embedded amqtt): devices are provisioned there.
+        mqtt_admin_username=services.get("SENSORMINE_MQTT_ADMIN_USERNAME"),
+        mqtt_admin_password=services.get("SENSORMINE_MQTT_ADMIN_PASSWORD"),
+        state_dir=state_dir,
     )
     with connect(settings) as conn:
         migrate(conn)
         ensure_partition_window(conn, datetime.now(UTC).date(), settings)
-        keys = seed(conn)
+        keys, device_keys = seed(conn, Dynsec(settings))
 
     logs = state_dir / "demo"
     logs.mkdir(parents=True, exist_ok=True)
+    keys_file = logs / "device-keys.json"  # the simulated devices log in with their own keys
+    keys_file.touch(mode=0o600)
+    keys_file.chmod(0o600)
+    keys_file.write_text(json.dumps(device_keys, indent=2) + "\n")
     if with_dagster:
         dagster_home = state_dir / "dagster"
         dagster_home.mkdir(parents=True, exist_ok=True)
@@ -104,7 +130,16 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
     devices = [f"{t}/{d}" for t, ds in DEMO_TENANTS.items() for d in ds]
     commands = {
         "mqtt-daemon": [py, "-m", "ingest_daemons.mqtt"],
-        "simulator": [py, "-m", "ingest_daemons.simulators.mqtt_publisher", "--interval", "1", *devices],
+        "simulator": [
+            py,
+            "-m",
+            "ingest_daemons.simulators.mqtt_publisher",
+            "--interval",
+            "1",
+            "--keys-file",
+            str(keys_file),
+            *devices,
+        ],
         "api": [py, "-m", "uvicorn", "serving.main:app", "--factory", "--host", "127.0.0.1", "--port", str(api_port)],
     }
     if with_dagster:
@@ -155,6 +190,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             f"  API docs       {api}/docs\n"
             f"{dagster_line}"
             f"  MQTT broker    {services['SENSORMINE_MQTT_URL']}  (topic sensormine/{{tenant}}/{{device}}/telemetry)\n"
+            f"  Device keys    {keys_file}  (MQTT user tenant/device, password its key)\n"
             f"  PostgreSQL     {services['SENSORMINE_DATABASE_URL']}\n"
             + "".join(f"  API key {t:<7}{k}\n" for t, k in keys.items())
             + f"\nTry:\n  curl -H 'X-API-Key: {keys['acme']}' '{example}'\n"

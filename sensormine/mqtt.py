@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from sensormine.settings import Settings, get_settings
 
@@ -36,12 +39,42 @@ def broker_address(settings: Settings | None = None) -> tuple[str, int]:
     return url.hostname or "127.0.0.1", url.port or 1883
 
 
+class MqttConnectError(ConnectionError):
+    """The broker could not be reached, refused the CONNECT (bad credentials), or did not answer it."""
+
+
+def _await_connack(client: mqtt.Client, who: str, timeout: float) -> None:
+    """Run the client's network loop by hand until its CONNACK arrives; raise unless it is a success."""
+    answer: list[ReasonCode] = []
+    done = threading.Event()
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason_code: ReasonCode, _p: object = None) -> None:
+        answer.append(reason_code)
+        done.set()
+
+    client.on_connect = on_connect
+    deadline = time.monotonic() + timeout
+    try:
+        while not done.is_set():
+            if time.monotonic() > deadline:
+                raise MqttConnectError(f"the MQTT broker did not answer the CONNECT of {who} within {timeout:.0f} s")
+            rc = client.loop(timeout=0.1)
+            if rc != mqtt.MQTT_ERR_SUCCESS and not done.is_set():
+                raise MqttConnectError(f"the MQTT broker closed the connection of {who}: {mqtt.error_string(rc)}")
+    finally:
+        client.on_connect = None
+    if answer[0].is_failure:
+        client.disconnect()
+        raise MqttConnectError(f"the MQTT broker refused the CONNECT of {who}: {answer[0]}")
+
+
 def make_ingest_client(settings: Settings | None = None) -> mqtt.Client:
     """A connected MQTT 5 client with a persistent session and manual acknowledgements.
 
     The broker queues QoS 1 messages while the daemon is away (for `mqtt_session_expiry_s`) and
     redelivers any it never acknowledged, so a daemon acknowledges a message only once its
-    readings are durable: a restart or crash loses nothing.
+    readings are durable: a restart or crash loses nothing. It logs in as `mqtt_username` (the
+    launcher's `sensormine-ingest` service client, which may subscribe to every telemetry topic).
     """
     settings = settings or get_settings()
     host, port = broker_address(settings)
@@ -51,6 +84,8 @@ def make_ingest_client(settings: Settings | None = None) -> mqtt.Client:
         protocol=mqtt.MQTTv5,
         manual_ack=True,
     )
+    if settings.mqtt_username:
+        client.username_pw_set(settings.mqtt_username, settings.mqtt_password)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     props = Properties(PacketTypes.CONNECT)
@@ -61,14 +96,40 @@ def make_ingest_client(settings: Settings | None = None) -> mqtt.Client:
 
 
 def make_client(
-    prefix: str, settings: Settings | None = None, username: str | None = None, password: str | None = None
+    prefix: str,
+    settings: Settings | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    mqtt5: bool = False,
+    timeout: float = 10.0,
 ) -> mqtt.Client:
-    """A connected (not yet looping) MQTT v3.1.1 client with a unique client id."""
+    """A connected (not yet looping) MQTT client with a unique client id (v3.1.1, or v5 with `mqtt5`).
+
+    Logs in as `username`/`password` (a device: `{tenant}/{device}` and its device key); without
+    them, as the settings' tools client (`mqtt_tools_username`, the launcher's privileged
+    publisher for tests, benchmarks and tools), else anonymously. Returns once the broker has
+    accepted the CONNECT, so bad credentials fail here with `MqttConnectError`; an `on_connect`
+    callback set afterwards fires on reconnects only.
+    """
+    settings = settings or get_settings()
     host, port = broker_address(settings)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-{uuid.uuid4().hex[:8]}")
+    if username is None and settings.mqtt_tools_username:
+        username, password = settings.mqtt_tools_username, settings.mqtt_tools_password
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"{prefix}-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
+    )
     if username:
         client.username_pw_set(username, password)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
-    client.connect(host, port, keepalive=30)
+    client.connect_timeout = timeout
+    who = f"user {username!r}" if username else "an anonymous client"
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise MqttConnectError(f"cannot reach the MQTT broker at {host}:{port} ({who}): {exc}") from exc
+    _await_connack(client, who, timeout)
     return client

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import logging
 import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
+from sensormine.dynsec import (
+    DEVICE_TEXTNAME,
+    Dynsec,
+    DynsecError,
+    device_acls,
+    device_rolename,
+    device_username,
+    parse_device_username,
+)
 from sensormine.plans import PLANS
+
+log = logging.getLogger(__name__)
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -92,13 +105,49 @@ def visible_tenant_ids(conn: psycopg.Connection, tenant_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+REVOKED_KEY_PREFIX = "revoked:"  # a revoked device's key_hash: never the SHA-256 of any key
+
+
+class BrokerUpdate(enum.StrEnum):
+    """What became of the MQTT broker's side of a registry change."""
+
+    APPLIED = "applied"
+    SKIPPED = "skipped"  # the broker has no dynamic security (embedded amqtt, no admin configured)
+    FAILED = "failed"  # unreachable or refused: logged; `sensormine device sync-broker` catches up
+
+
+def _new_device_key() -> str:
+    return "smd_" + secrets.token_urlsafe(24)
+
+
+def _at_broker(what: str, action: Callable[[Dynsec], bool], broker: Dynsec | None, hint: str) -> BrokerUpdate:
+    """Apply a registry change at the broker; a failure is logged (with `hint`), never raised."""
+    try:
+        return BrokerUpdate.APPLIED if action(broker or Dynsec()) else BrokerUpdate.SKIPPED
+    except DynsecError as exc:
+        log.warning("%s: the registry is updated but the MQTT broker is not (%s); %s", what, exc, hint)
+        return BrokerUpdate.FAILED
+
+
 def create_device(
-    conn: psycopg.Connection, tenant_id: str, device_id: str, name: str | None = None, device_type: str | None = None
+    conn: psycopg.Connection,
+    tenant_id: str,
+    device_id: str,
+    name: str | None = None,
+    device_type: str | None = None,
+    *,
+    broker: Dynsec | None = None,
 ) -> tuple[Device, str]:
-    """Register a device; returns it with its device key (shown once, stored hashed)."""
+    """Register a device; returns it with its device key (shown once, stored hashed).
+
+    Once the row is written the device is provisioned at the MQTT broker (user `{tenant}/{device}`,
+    password = the key, publish to its own topic only). If the broker cannot be reached the device
+    still exists and the failure is logged: its key then works over HTTP only, until
+    `rotate_device_key` (or `sensormine device sync-broker --rotate-missing`) issues one the broker knows.
+    """
     if not DEVICE_ID_RE.match(device_id):
         raise RegistryError(f"device id {device_id!r} must be 1-128 of A-Z, a-z, 0-9, '_' and '-'")
-    key = "smd_" + secrets.token_urlsafe(24)
+    key = _new_device_key()
     try:
         with conn.transaction():
             conn.execute(
@@ -109,7 +158,134 @@ def create_device(
         raise RegistryError(f"device {device_id!r} already exists in tenant {tenant_id!r}") from None
     except psycopg.errors.ForeignKeyViolation:
         raise RegistryError(f"tenant {tenant_id!r} does not exist") from None
+    _at_broker(
+        f"device {tenant_id}/{device_id} created",
+        lambda b: b.provision_device(tenant_id, device_id, key),
+        broker,
+        f"its key is not valid for MQTT until `sensormine device rotate-key {tenant_id} {device_id}` issues a new one",
+    )
     return Device(tenant_id, device_id, name or device_id, device_type), key
+
+
+def rotate_device_key(conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None) -> str:
+    """Issue a device a new key (shown once, stored hashed); the old one stops working at once.
+
+    The broker is updated inside the registry transaction: if it cannot be, `DynsecError` is
+    raised and nothing changes. A revoked device becomes usable again with the new key.
+    """
+    key = _new_device_key()
+    with conn.transaction():
+        cur = conn.execute(
+            "UPDATE devices SET key_hash = %s WHERE tenant_id = %s AND id = %s",
+            (hash_secret(key), tenant_id, device_id),
+        )
+        if cur.rowcount != 1:
+            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+        (broker or Dynsec()).rotate_key(tenant_id, device_id, key)
+    return key
+
+
+def revoke_device_key(
+    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None
+) -> BrokerUpdate:
+    """Revoke a device's key: refused by HTTP ingest and (disabled) by the broker until `rotate_device_key`.
+
+    The registry change stands even when the broker cannot be reached (logged; `sync-broker`
+    disables the device there later).
+    """
+    with conn.transaction():
+        cur = conn.execute(
+            "UPDATE devices SET key_hash = %s WHERE tenant_id = %s AND id = %s",
+            (REVOKED_KEY_PREFIX + secrets.token_hex(16), tenant_id, device_id),
+        )
+        if cur.rowcount != 1:
+            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+    return _at_broker(
+        f"key of device {tenant_id}/{device_id} revoked",
+        lambda b: b.revoke_device(tenant_id, device_id),
+        broker,
+        "run `sensormine device sync-broker` to disable it there",
+    )
+
+
+def delete_device(
+    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None
+) -> BrokerUpdate:
+    """Delete a device (its profile and status go with it) and its broker client and role."""
+    with conn.transaction():
+        cur = conn.execute("DELETE FROM devices WHERE tenant_id = %s AND id = %s", (tenant_id, device_id))
+        if cur.rowcount != 1:
+            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+    return _at_broker(
+        f"device {tenant_id}/{device_id} deleted",
+        lambda b: b.delete_device(tenant_id, device_id),
+        broker,
+        "run `sensormine device sync-broker --prune` to remove it there",
+    )
+
+
+@dataclass
+class BrokerSyncReport:
+    """What `sync_broker` found and did, by broker user name (`{tenant}/{device}`)."""
+
+    skipped: bool = False  # the broker has no dynamic security: nothing was compared
+    checked: int = 0  # registered devices compared with the broker
+    repaired: list[str] = field(default_factory=list)  # role, ACL or enabled state restored
+    disabled: list[str] = field(default_factory=list)  # revoked in the registry, now disabled at the broker
+    missing: list[str] = field(default_factory=list)  # unknown to the broker, key left as it was
+    rotated: dict[str, str] = field(default_factory=dict)  # unknown to the broker: new key issued
+    pruned: list[str] = field(default_factory=list)  # device clients the registry no longer has
+
+
+def sync_broker(
+    conn: psycopg.Connection,
+    *,
+    broker: Dynsec | None = None,
+    rotate_missing: bool = False,
+    prune: bool = False,
+) -> BrokerSyncReport:
+    """Make the broker's device clients match the registry.
+
+    Repairs roles, ACLs and enabled state, and disables revoked devices, without touching
+    passwords. Keys are stored hashed, so a device the broker does not know at all (registered
+    while it was unreachable, or a broker state reset) cannot get its key back: it is listed in
+    `missing`, or with `rotate_missing` given a new key (in `rotated`, shown once). `prune`
+    deletes device clients (and roles) whose device is no longer registered.
+    """
+    broker = broker or Dynsec()
+    report = BrokerSyncReport()
+    if not broker.enabled:
+        report.skipped = True
+        return report
+    rows = conn.execute("SELECT tenant_id, id, key_hash FROM devices ORDER BY tenant_id, id").fetchall()
+    with broker.session():
+        clients, roles = broker.list_clients(), broker.list_roles()
+        for tenant_id, device_id, key_hash in rows:
+            report.checked += 1
+            user = device_username(tenant_id, device_id)
+            client = clients.get(user)
+            if key_hash.startswith(REVOKED_KEY_PREFIX):
+                if client is not None and not client.disabled:
+                    broker.revoke_device(tenant_id, device_id)
+                    report.disabled.append(user)
+            elif client is None:
+                if rotate_missing:
+                    report.rotated[user] = rotate_device_key(conn, tenant_id, device_id, broker=broker)
+                else:
+                    report.missing.append(user)
+            else:
+                role = device_rolename(tenant_id, device_id)
+                if client.disabled or role not in client.roles or roles.get(role) != device_acls(tenant_id, device_id):
+                    broker.ensure_device_access(tenant_id, device_id)
+                    report.repaired.append(user)
+        if prune:
+            registered = {device_username(t, d) for t, d, _ in rows}
+            for user, client in clients.items():
+                owner = parse_device_username(user)
+                if owner is not None and client.textname == DEVICE_TEXTNAME and user not in registered:
+                    broker.delete_device(*owner)
+                    report.pruned.append(user)
+    return report
 
 
 def list_devices(conn: psycopg.Connection, tenant_ids: list[str]) -> list[Device]:

@@ -1,19 +1,37 @@
 """Device schemas: versioned JSON Schemas of each device type's payload, per tenant.
 
-A schema describes the device payload `{"ts": ..., "values": {"<metric>": <number>, ...}}`;
+A schema describes one payload item `{"ts": ..., "values": {"<metric>": <number>, ...}, "quality"?}`;
 the bounds a metric declares (`properties.values.properties.<metric>.minimum` / `maximum`,
 and `exclusiveMinimum` / `exclusiveMaximum`) are what the lake's data-quality checks hold
 readings to. A device follows the latest version of its `devices.device_type`.
+
+Registration checks that a new version does not break what the previous one promised
+(`compatibility_problems`); the consumer validates every message of a device that has a schema
+(`SchemaDirectory`, `CompiledSchema`). See docs/schemas.md.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from jsonschema import Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator
+from jsonschema.exceptions import SchemaError as JsonSchemaError
+from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 from psycopg.types.json import Jsonb
+
+from sensormine.payload import escape_pointer
+from sensormine.reading import US_PER_DAY, Reading, us_to_datetime
+
+log = logging.getLogger(__name__)
 
 # Serialises version allocation per tenant and device type (see register_schema).
 _SCHEMA_LOCK = 7_351_201
@@ -24,9 +42,27 @@ MetricRange = tuple[float | None, float | None]
 MetricRanges = dict[str, dict[str, MetricRange]]
 """Ranges by device id, then metric."""
 
+Point = tuple[str, int, float, int]
+"""(metric, ts in epoch µs, value, quality): one reading as the consumer sees it in an envelope."""
+
+MAX_MESSAGE_CHARS = 300  # of a validator message in a reject reason (messages can quote whole instances)
+
 
 class SchemaError(ValueError):
     """A schema request that cannot be honoured (not a JSON object, bad bound, unknown tenant)."""
+
+
+class IncompatibleSchema(SchemaError):
+    """A new schema version that would break what the previous one promised; `problems` lists why."""
+
+    def __init__(self, device_type: str, previous: int, problems: list[str]) -> None:
+        super().__init__(
+            f"version {previous + 1} of {device_type!r} is incompatible with version {previous}: "
+            + "; ".join(problems)
+            + " (register with force to accept the break)"
+        )
+        self.previous = previous
+        self.problems = problems
 
 
 def _number(value: object) -> float | None:
@@ -39,11 +75,16 @@ def _number(value: object) -> float | None:
         return None
 
 
+def _child(node: Any, *keys: str) -> Any:
+    """`node[k1][k2]...`, or None where a level is missing or not an object."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
 def _metric_properties(definition: Mapping[str, Any]) -> Mapping[str, Any]:
     """`properties.values.properties` of a schema, or {} where the schema does not spell it out."""
-    node: Any = definition
-    for key in ("properties", "values", "properties"):
-        node = node.get(key) if isinstance(node, Mapping) else None
+    node = _child(definition, "properties", "values", "properties")
     return node if isinstance(node, Mapping) else {}
 
 
@@ -64,30 +105,135 @@ def _check_bounds(definition: Mapping[str, Any]) -> None:
                 raise SchemaError(f"properties.values.properties.{metric}.{key} must be a finite number, got {bound!r}")
 
 
-def register_schema(conn: psycopg.Connection, tenant_id: str, device_type: str, definition: Any) -> int:
-    """Store `definition` as the next version of the tenant's device type schema; returns that version.
+def validator_class(definition: Mapping[str, Any]) -> type[Validator]:
+    """The jsonschema validator class of a definition: its `$schema` draft, 2020-12 when it names none."""
+    cls: type[Validator] = validator_for(definition, default=Draft202012Validator)
+    return cls
 
-    Versions start at 1. The definition must be a JSON object (a JSON Schema of the payload) and
-    any metric bounds it declares must be numbers. Concurrent registrations of the same type get
-    consecutive versions.
-    """
+
+def check_definition(definition: Any) -> None:
+    """Raise SchemaError unless `definition` is a JSON object and a valid JSON Schema with numeric bounds."""
     if not isinstance(definition, Mapping):
         raise SchemaError(f"a schema definition must be a JSON object, got {type(definition).__name__}")
+    _check_bounds(definition)
+    try:
+        validator_class(definition).check_schema(definition)
+    except JsonSchemaError as exc:
+        where = "/" + "/".join(escape_pointer(str(p)) for p in exc.absolute_path)
+        raise SchemaError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+
+
+# -- compatibility --------------------------------------------------------------------------------
+
+
+def _types(spec: Any) -> frozenset[str] | None:
+    """The `type` keyword of a property as a set; None when it does not constrain the type."""
+    declared = spec.get("type") if isinstance(spec, Mapping) else None
+    if isinstance(declared, str):
+        return frozenset([declared])
+    if isinstance(declared, list):
+        return frozenset(t for t in declared if isinstance(t, str))
+    return None
+
+
+def _show_types(types: frozenset[str] | None) -> str:
+    return "any" if types is None else "|".join(sorted(types))
+
+
+def _required(node: Any) -> set[str]:
+    names = node.get("required") if isinstance(node, Mapping) else None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def _compare_level(old: Any, new: Any, where: str, problems: list[str], always_present: frozenset[str]) -> None:
+    """Removed properties, changed types and newly required names of one object level.
+
+    Requiring a name in `always_present` changes nothing (every payload item has `ts` and `values`).
+    """
+    old_props, new_props = _child(old, "properties"), _child(new, "properties")
+    old_props = old_props if isinstance(old_props, Mapping) else {}
+    new_props = new_props if isinstance(new_props, Mapping) else {}
+    for name, spec in old_props.items():
+        pointer = f"{where}/properties/{escape_pointer(name)}"
+        if name not in new_props:
+            problems.append(f"removes {pointer}")
+            continue
+        before, after = _types(spec), _types(new_props[name])
+        if before != after:
+            problems.append(f"changes the type of {pointer} from {_show_types(before)} to {_show_types(after)}")
+    if added := _required(new) - _required(old) - always_present:
+        problems.append(f"newly requires {', '.join(sorted(added))} in {where}/required")
+
+
+def _show_range(lo: float | None, hi: float | None) -> str:
+    return f"[{'-inf' if lo is None else f'{lo:g}'}, {'+inf' if hi is None else f'{hi:g}'}]"
+
+
+def compatibility_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Why `new` would break readers or devices that rely on `old`; empty when it is a compatible successor.
+
+    Compared at the payload level (`properties`, `required`, `type`) and at the metrics level
+    (`properties.values`): a removed property, a changed `type` (compared as a set; adding or dropping
+    the keyword changes it too) and a newly required name are breaking; so is a metric range that
+    shrinks (a bound raised, lowered, or added where there was none), since payloads the previous
+    version accepted would start to bounce. Added optional properties, widened or dropped bounds are
+    fine. Other keywords (enum, pattern, additionalProperties, ...) are not compared.
+    """
+    problems: list[str] = []
+    if _types(old) != _types(new):
+        problems.append(
+            f"changes the type of the payload from {_show_types(_types(old))} to {_show_types(_types(new))}"
+        )
+    _compare_level(old, new, "", problems, frozenset({"ts", "values"}))
+    old_values, new_values = _child(old, "properties", "values"), _child(new, "properties", "values")
+    _compare_level(old_values, new_values, "/properties/values", problems, frozenset())
+    before, after = schema_ranges(old), schema_ranges(new)
+    for metric in sorted(before.keys() & after.keys()):
+        (lo0, hi0), (lo1, hi1) = before[metric], after[metric]
+        narrower = (lo1 is not None and (lo0 is None or lo1 > lo0)) or (hi1 is not None and (hi0 is None or hi1 < hi0))
+        if narrower:
+            problems.append(f"narrows the range of {metric} from {_show_range(lo0, hi0)} to {_show_range(lo1, hi1)}")
+    return problems
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def register_schema(
+    conn: psycopg.Connection, tenant_id: str, device_type: str, definition: Any, *, force: bool = False
+) -> int:
+    """Store `definition` as the next version of the tenant's device type schema; returns that version.
+
+    Versions start at 1. The definition must be a JSON object, a valid JSON Schema (of the draft its
+    `$schema` names, 2020-12 by default) whose metric bounds are numbers. Unless `force`, it must be
+    compatible with the latest version (see `compatibility_problems`): IncompatibleSchema otherwise.
+    Concurrent registrations of the same type get consecutive versions.
+    """
     if not isinstance(device_type, str) or not device_type.strip() or len(device_type) > 128:
         raise SchemaError("device type must be a non-empty name of at most 128 characters")
-    _check_bounds(definition)
+    check_definition(definition)
     try:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SCHEMA_LOCK, f"{tenant_id}/{device_type}"))
+            latest = latest_schema(conn, tenant_id, device_type)
+            problems = compatibility_problems(latest[1], definition) if latest else []
+            if latest and problems and not force:
+                raise IncompatibleSchema(device_type, latest[0], problems)
             row = conn.execute(
                 "INSERT INTO device_schemas (tenant_id, device_type, version, definition) "
-                "SELECT %(tenant)s, %(type)s, coalesce(max(version), 0) + 1, %(definition)s FROM device_schemas "
-                "WHERE tenant_id = %(tenant)s AND device_type = %(type)s RETURNING version",
-                {"tenant": tenant_id, "type": device_type, "definition": Jsonb(dict(definition))},
+                "VALUES (%(tenant)s, %(type)s, %(version)s, %(definition)s) RETURNING version",
+                {
+                    "tenant": tenant_id,
+                    "type": device_type,
+                    "version": (latest[0] if latest else 0) + 1,
+                    "definition": Jsonb(dict(definition)),
+                },
             ).fetchone()
     except psycopg.errors.ForeignKeyViolation:
         raise SchemaError(f"tenant {tenant_id!r} does not exist") from None
     assert row is not None
+    if problems:
+        log.warning("forced incompatible schema %s/%s v%d: %s", tenant_id, device_type, row[0], "; ".join(problems))
     return int(row[0])
 
 
@@ -149,3 +295,368 @@ def metric_ranges(conn: psycopg.Connection, tenant_id: str) -> MetricRanges:
         (tenant_id,),
     ).fetchall()
     return {device_id: schema_ranges(definition) for device_id, definition in rows}
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+_QUALITY_NAMES = {0: "good", 1: "uncertain", 2: "bad"}
+
+
+_DAYS: dict[int, str] = {}  # epoch day -> "YYYY-MM-DD": a message's timestamps share a day or two
+
+
+def _iso(ts: int) -> str:
+    """`us_to_datetime(ts).isoformat()`, faster (this runs per item on the ingest path); the number
+    itself when it is no representable instant."""
+    day, rest = divmod(ts, US_PER_DAY)
+    date = _DAYS.get(day)
+    if date is None:
+        try:
+            date = us_to_datetime(day * US_PER_DAY).date().isoformat()
+        except (ValueError, OverflowError, TypeError):
+            return str(ts)
+        if len(_DAYS) > 4096:
+            _DAYS.clear()
+        _DAYS[day] = date
+    seconds, micros = divmod(rest, 1_000_000)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if micros:
+        return f"{date}T{hours:02d}:{minutes:02d}:{seconds:02d}.{micros:06d}+00:00"
+    return f"{date}T{hours:02d}:{minutes:02d}:{seconds:02d}+00:00"
+
+
+def payload_items(points: Iterable[Point]) -> list[dict[str, Any]]:
+    """The payload items a device would have sent for these readings, in timestamp order.
+
+    Readings sharing a timestamp and a quality form one item `{"ts": <ISO-8601 UTC>, "values": {...}}`,
+    with `"quality": "uncertain" | "bad"` unless good (the payload contract's default). A metric
+    repeated at the same timestamp starts another item, so every value is validated.
+    """
+    items = _items(points, exact=False)
+    assert items is not None
+    return items
+
+
+def exact_payload_items(points: Any) -> list[dict[str, Any]] | None:
+    """`payload_items` of an envelope's decoded `points`, or None unless every point is exactly
+    `[str, int, int | float, int]` (the consumer's fast path; others take the reference path)."""
+    if type(points) is not list:
+        return None
+    try:
+        return _items(points, exact=True)
+    except (TypeError, ValueError):  # a point that is not a list of four
+        return None
+
+
+def _items(points: Iterable[Any], exact: bool) -> list[dict[str, Any]] | None:
+    groups: dict[tuple[int, int], list[dict[str, float]]] = {}
+    for metric, ts, value, quality in points:
+        if exact and (
+            type(metric) is not str or type(ts) is not int or type(quality) is not int
+            or (type(value) is not float and type(value) is not int)
+        ):  # fmt: skip
+            return None
+        key = (ts, quality)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [{metric: value}]
+        elif metric in group[-1]:
+            group.append({metric: value})
+        else:
+            group[-1][metric] = value
+    items: list[dict[str, Any]] = []
+    for (ts, quality), group in sorted(groups.items(), key=lambda kv: kv[0]):
+        stamp = _iso(ts)
+        for values in group:
+            item: dict[str, Any] = {"ts": stamp, "values": values}
+            if quality:
+                item["quality"] = _QUALITY_NAMES.get(quality, quality)
+            items.append(item)
+    return items
+
+
+@dataclass(frozen=True)
+class SchemaViolation:
+    """Why a message breaks its device's schema: the first failing item and jsonschema's best error."""
+
+    device_type: str
+    version: int
+    pointer: str  # JSON pointer into the payload item (RFC 6901; "/" for the item itself)
+    message: str
+    ts: str  # the failing item's timestamp, ISO-8601
+
+    def __str__(self) -> str:  # the DLQ reason
+        return f"schema {self.device_type} v{self.version}: {self.message} (at {self.pointer}, item ts {self.ts})"
+
+
+# A fast, exact checker for the keywords most payload schemas use. jsonschema stays the authority:
+# it validates every schema that uses any other keyword, and explains every failure.
+_Check = Callable[[Any], bool]
+_FAST_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties",
+        "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "format",  # format: an annotation here
+    }
+)  # fmt: skip
+_FAST_DRAFTS: tuple[type[Validator], ...] = (
+    Draft6Validator,
+    Draft7Validator,
+    Draft201909Validator,
+    Draft202012Validator,
+)
+
+
+def _is_type(value: Any, name: str) -> bool:
+    """jsonschema's draft 6+ type semantics for the values a payload item can hold."""
+    if name == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if name == "integer":
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if name == "string":
+        return isinstance(value, str)
+    if name == "object":
+        return isinstance(value, dict)
+    if name == "array":
+        return isinstance(value, list)
+    if name == "boolean":
+        return isinstance(value, bool)
+    if name == "null":
+        return value is None
+    raise ValueError(name)
+
+
+def _type_check(names: tuple[str, ...]) -> _Check:
+    if names == ("number",):  # by far the most common: a metric
+        return lambda v: type(v) is float or type(v) is int
+    return lambda v: any(_is_type(v, n) for n in names)
+
+
+def _bound_check(keyword: str, bound: float) -> _Check:
+    """A numeric bound; like jsonschema, it holds for any value that is not a number (bool is not one)."""
+    number = (int, float)
+    if keyword == "minimum":
+        return lambda v: type(v) not in number or v >= bound
+    if keyword == "maximum":
+        return lambda v: type(v) not in number or v <= bound
+    if keyword == "exclusiveMinimum":
+        return lambda v: type(v) not in number or v > bound
+    return lambda v: type(v) not in number or v < bound
+
+
+def _numeric_check(node: Mapping[str, Any]) -> _Check:
+    """`{"type": "number"?, "minimum"?, "maximum"?, "exclusiveMinimum"?, "exclusiveMaximum"?}` as one check."""
+    typed = "type" in node
+    lo, hi = node.get("minimum"), node.get("maximum")
+    lo_x, hi_x = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+
+    def check(v: Any) -> bool:
+        if type(v) is not float and type(v) is not int:
+            return not typed  # bounds hold for anything that is not a number (bool is not one)
+        return (
+            (lo is None or v >= lo) and (hi is None or v <= hi)
+            and (lo_x is None or v > lo_x) and (hi_x is None or v < hi_x)
+        )  # fmt: skip
+
+    return check
+
+
+def _fast_node(node: Any, known: frozenset[str]) -> _Check | None:
+    """A closure equivalent to jsonschema on `node`, or None when it uses a keyword outside the subset."""
+    if node is True or node == {}:
+        return lambda value: True
+    if node is False:
+        return lambda value: False
+    if not isinstance(node, Mapping) or not (node.keys() & known) <= _FAST_KEYWORDS:
+        return None  # $ref, allOf, enum, pattern, ...: leave it to jsonschema
+    validating = node.keys() & known
+    if validating <= {"type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"} and node.get(
+        "type", "number"
+    ) in ("number", ["number"]):
+        return _numeric_check(node)  # the usual metric spec, in one closure
+    checks: list[_Check] = []
+    if "type" in node:
+        checks.append(_type_check((node["type"],) if isinstance(node["type"], str) else tuple(node["type"])))
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        if key in node:
+            checks.append(_bound_check(key, node[key]))
+    props: dict[str, _Check] = {}
+    for name, spec in node.get("properties", {}).items():
+        if (check := _fast_node(spec, known)) is None:
+            return None
+        props[name] = check
+    extra = _fast_node(node.get("additionalProperties", True), known)
+    if extra is None:
+        return None
+    required = list(node.get("required", ()))
+    min_props, max_props = node.get("minProperties"), node.get("maxProperties")
+
+    def object_check(value: Any) -> bool:
+        if not isinstance(value, dict):
+            return True
+        for name in required:
+            if name not in value:
+                return False
+        if min_props is not None and len(value) < min_props:
+            return False
+        if max_props is not None and len(value) > max_props:
+            return False
+        for name, item in value.items():  # noqa: SIM110 - a plain loop: this runs per value on the ingest hot path
+            if not props.get(name, extra)(item):
+                return False
+        return True
+
+    if (
+        "properties" in node
+        or required
+        or "additionalProperties" in node
+        or min_props is not None
+        or max_props is not None
+    ):
+        checks.append(object_check)
+    if len(checks) == 1:
+        return checks[0]
+
+    def every(value: Any) -> bool:
+        for check in checks:  # noqa: SIM110 - a plain loop: this runs per value on the ingest hot path
+            if not check(value):
+                return False
+        return True
+
+    return every
+
+
+def fast_checker(definition: Mapping[str, Any]) -> _Check | None:
+    """An exact, fast equivalent of jsonschema's verdict on payload items, when the schema allows one.
+
+    Only for drafts 6 and later (draft 4's boolean exclusive bounds are left to jsonschema) and the
+    keywords in `_FAST_KEYWORDS`; None otherwise. A unit test holds it to jsonschema's verdicts.
+    """
+    cls = validator_class(definition)
+    if cls not in _FAST_DRAFTS:
+        return None
+    return _fast_node(definition, frozenset(cls.VALIDATORS))
+
+
+class CompiledSchema:
+    """One version of a device type's schema, compiled once: validates the items of a message."""
+
+    def __init__(self, tenant_id: str, device_type: str, version: int, definition: Mapping[str, Any]) -> None:
+        self.tenant_id = tenant_id
+        self.device_type = device_type
+        self.version = version
+        self.definition = definition
+        self.error: str | None = None  # why a stored definition cannot be used (every message is rejected)
+        try:
+            check_definition(definition)
+            self.validator: Validator | None = validator_class(definition)(definition)
+            self.fast = fast_checker(definition)
+        except SchemaError as exc:
+            self.validator, self.fast, self.error = None, None, str(exc)
+
+    def check_items(self, items: Sequence[dict[str, Any]]) -> SchemaViolation | None:
+        """The first item (in order) that breaks the schema, explained; None when all conform."""
+        for item in items:
+            if self.fast is not None and self.fast(item):
+                continue
+            if self.validator is None:
+                return SchemaViolation(
+                    self.device_type, self.version, "/", f"unusable schema: {self.error}", item["ts"]
+                )
+            error = best_match(self.validator.iter_errors(item))
+            if error is None:
+                continue
+            pointer = "/" + "/".join(escape_pointer(str(p)) for p in error.absolute_path)
+            message = (
+                error.message if len(error.message) <= MAX_MESSAGE_CHARS else error.message[:MAX_MESSAGE_CHARS] + "..."
+            )
+            return SchemaViolation(self.device_type, self.version, pointer, message, item["ts"])
+        return None
+
+    def check_points(self, points: Iterable[Point]) -> SchemaViolation | None:
+        """Validate an envelope's points, rebuilt into payload items (see `payload_items`)."""
+        return self.check_items(payload_items(points))
+
+    def check_readings(self, readings: Iterable[Reading]) -> SchemaViolation | None:
+        """Validate normalised readings of one device."""
+        return self.check_points((r.metric, r.ts, r.value, r.quality) for r in readings)
+
+
+class SchemaDirectory:
+    """The latest schema of every device that has one, compiled, for the ingest hot path.
+
+    Like `registry.DeviceDirectory`: loaded at start, reloaded when older than `ttl_s`, and on demand
+    (`refresh_if_older`) when a message fails validation, so a fixed schema is picked up at once.
+    Compiled schemas are kept across reloads while their version stays the latest.
+    """
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], ttl_s: float = 30.0) -> None:
+        self._connect = connect
+        self.ttl_s = ttl_s
+        self._compiled: dict[tuple[str, str, int], CompiledSchema] = {}
+        self._devices: dict[tuple[str, str], CompiledSchema] = {}
+        self.loaded_at = -math.inf
+        self.generation = 0  # counts reloads, so callers can rebuild what they derive from `devices`
+        self._lock = threading.Lock()
+
+    def load(self, conn: psycopg.Connection) -> None:
+        """Reload from the registry over `conn` (in its current transaction)."""
+        latest = conn.execute(
+            "SELECT tenant_id, device_type, max(version) FROM device_schemas GROUP BY tenant_id, device_type"
+        ).fetchall()
+        wanted = {(t, d, int(v)) for t, d, v in latest}
+        missing = sorted(wanted - self._compiled.keys())
+        compiled = {key: self._compiled[key] for key in wanted & self._compiled.keys()}
+        if missing:
+            rows = conn.execute(
+                "SELECT tenant_id, device_type, version, definition FROM device_schemas "
+                "WHERE (tenant_id, device_type, version) IN (SELECT * FROM unnest(%s::text[], %s::text[], %s::int[]))",
+                ([m[0] for m in missing], [m[1] for m in missing], [m[2] for m in missing]),
+            ).fetchall()
+            for tenant_id, device_type, version, definition in rows:
+                schema = CompiledSchema(tenant_id, device_type, int(version), definition)
+                if schema.error:
+                    log.error("schema %s/%s v%d is unusable: %s", tenant_id, device_type, version, schema.error)
+                compiled[(tenant_id, device_type, int(version))] = schema
+        by_type = {(key[0], key[1]): schema for key, schema in compiled.items()}
+        devices = conn.execute(
+            "SELECT d.tenant_id, d.id, d.device_type FROM devices d WHERE d.device_type IS NOT NULL AND EXISTS "
+            "(SELECT 1 FROM device_schemas s WHERE s.tenant_id = d.tenant_id AND s.device_type = d.device_type)"
+        ).fetchall()
+        with self._lock:
+            self._compiled = compiled
+            self._devices = {(t, d): by_type[(t, ty)] for t, d, ty in devices if (t, ty) in by_type}
+            self.loaded_at = time.monotonic()
+            self.generation += 1
+
+    def refresh(self) -> None:
+        """Reload from the registry on a new connection."""
+        with self._connect() as conn:
+            self.load(conn)
+
+    def refresh_if_older(self, age_s: float) -> bool:
+        """Reload when the last load is older than `age_s`; True when it reloaded."""
+        if time.monotonic() - self.loaded_at <= age_s:
+            return False
+        self.refresh()
+        return True
+
+    def due(self) -> bool:
+        """Whether the cache is older than its ttl."""
+        return time.monotonic() - self.loaded_at > self.ttl_s
+
+    @property
+    def devices(self) -> Mapping[tuple[str, str], CompiledSchema]:
+        """(tenant, device) -> its latest compiled schema, for the devices that have one."""
+        return self._devices
+
+    def for_device(self, tenant_id: str, device_id: str) -> CompiledSchema | None:
+        """The device's latest schema, or None when it has none (no type, or a type without schema)."""
+        return self._devices.get((tenant_id, device_id))
+
+    def check(self, tenant_id: str, device_id: str, readings: Iterable[Reading]) -> SchemaViolation | None:
+        """Validate one device's readings against its schema; None when they conform or it has none."""
+        schema = self.for_device(tenant_id, device_id)
+        return None if schema is None else schema.check_readings(readings)

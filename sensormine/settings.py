@@ -33,6 +33,27 @@ class Settings(BaseSettings):
     mqtt_session_expiry_s: int = Field(
         86_400, description="How long the broker keeps queueing for a stopped ingest daemon."
     )
+    mqtt_username: str | None = Field(
+        None,
+        description="MQTT user of the ingest daemon (the launcher's `sensormine-ingest` service client, "
+        "allowed to subscribe to every telemetry topic and to publish nowhere); unset: anonymous.",
+    )
+    mqtt_password: str | None = Field(None, description="Password of `mqtt_username`.")
+    mqtt_admin_username: str | None = Field(
+        None,
+        description="Admin user of Mosquitto's dynamic-security plugin (its `$CONTROL` API), through which "
+        "the registry provisions device identities; unset: devices are not provisioned at the broker.",
+    )
+    mqtt_admin_password: str | None = Field(None, description="Password of `mqtt_admin_username`.")
+    mqtt_tools_username: str | None = Field(
+        None,
+        description="A privileged publisher (publish and subscribe on sensormine/#) the launcher creates for "
+        "tests, benchmarks and tools; leave unset in production, where devices publish with their own keys.",
+    )
+    mqtt_tools_password: str | None = Field(None, description="Password of `mqtt_tools_username`.")
+    dynsec_timeout_s: float = Field(
+        5.0, description="How long a dynamic-security control request may take (connect plus answer)."
+    )
     api_key_header: str = "X-API-Key"
     device_key_header: str = "X-Device-Key"
     device_offline_after_s: float = Field(300.0, description="A device not heard from for this long is offline.")

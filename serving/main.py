@@ -11,7 +11,7 @@ from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
 from sensormine.status import StatusFlusher, StatusTracker
 from serving.problems import install_problem_handlers
-from serving.routes import devices, health, ingest, query
+from serving.routes import devices, dlq, health, ingest, query
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(query.router)
     app.include_router(ingest.router)
+    app.include_router(dlq.router)
     app.include_router(devices.router)
     return app
 

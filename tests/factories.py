@@ -69,10 +69,14 @@ def drain_topic(bootstrap: str, topic: str, idle_s: float = 3.0, max_s: float = 
 
 
 def mqtt_publish(settings, messages: list[tuple[str, bytes]], timeout: float = 30.0) -> None:
-    """Publish (topic, payload) pairs at QoS 1 and wait until the broker has acknowledged each."""
+    """Publish (topic, payload) pairs at QoS 1 and wait until the broker has acknowledged each.
+
+    Publishes as the launcher's privileged tools client (any `sensormine/#` topic, so also for
+    unregistered devices), or anonymously when the broker has no users (embedded amqtt).
+    """
     from sensormine.mqtt import make_client
 
-    client = make_client("test-pub", settings)
+    client = make_client("test-pub", settings, settings.mqtt_tools_username, settings.mqtt_tools_password)
     client.loop_start()
     infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
     for info in infos:

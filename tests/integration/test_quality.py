@@ -114,8 +114,12 @@ def test_schema_versions_and_metric_ranges(conn: psycopg.Connection) -> None:
     assert stored[1][3] == THERMO
 
     # A newer version of the type changes the ranges of every device of that type.
-    register_schema(
-        conn, "acme", "thermo", {"properties": {"values": {"properties": {"temperature": {"maximum": 80}}}}}
+    register_schema(  # replaces the schema outright (drops pressure and the types): forced
+        conn,
+        "acme",
+        "thermo",
+        {"properties": {"values": {"properties": {"temperature": {"maximum": 80}}}}},
+        force=True,
     )
     assert metric_ranges(conn, "acme")["t1"] == {"temperature": (None, 80.0)}
 
@@ -350,8 +354,12 @@ def test_blocking_check_failure_stops_downstream_and_a_fix_lets_it_run(
     assert compactions(conn) == [("acme", D, 48, 48, True)]
 
     # The device type's next schema version allows the value: the same partition now passes.
-    register_schema(
-        conn, "acme", "thermo", {"properties": {"values": {"properties": {"temperature": {"maximum": 100}}}}}
+    register_schema(  # replaces the schema outright (drops pressure and the types): forced
+        conn,
+        "acme",
+        "thermo",
+        {"properties": {"values": {"properties": {"temperature": {"maximum": 100}}}}},
+        force=True,
     )
     passed = dg.materialize(
         [telemetry_lake, *telemetry_quality_checks, rollup_stub],

@@ -30,6 +30,13 @@ EXPECTED_KEYS = {
     "SENSORMINE_S3_ACCESS_KEY",
     "SENSORMINE_S3_SECRET_KEY",
     "SENSORMINE_S3_REGION",
+    # Mosquitto runs with its dynamic-security plugin: the launcher's users (docs/device-identity.md).
+    "SENSORMINE_MQTT_ADMIN_USERNAME",
+    "SENSORMINE_MQTT_ADMIN_PASSWORD",
+    "SENSORMINE_MQTT_USERNAME",
+    "SENSORMINE_MQTT_PASSWORD",
+    "SENSORMINE_MQTT_TOOLS_USERNAME",
+    "SENSORMINE_MQTT_TOOLS_PASSWORD",
 }
 
 
@@ -88,7 +95,8 @@ def test_postgres_answers(env: dict[str, str]) -> None:
         assert conn.execute("show max_connections").fetchone() == ("200",)
 
 
-def _mqtt_round_trip(url: str) -> bytes:
+def _mqtt_round_trip(url: str, env: dict[str, str] | None = None) -> bytes:
+    """Subscribe, publish, receive; as the launcher's tools user when the broker has users."""
     import paho.mqtt.client as mqtt
 
     u = urlparse(url)
@@ -103,6 +111,8 @@ def _mqtt_round_trip(url: str) -> bytes:
         received.set()
 
     client.on_message = on_message
+    if env and env.get("SENSORMINE_MQTT_TOOLS_USERNAME"):
+        client.username_pw_set(env["SENSORMINE_MQTT_TOOLS_USERNAME"], env["SENSORMINE_MQTT_TOOLS_PASSWORD"])
     client.connect(u.hostname or "127.0.0.1", u.port or 1883)
     client.loop_start()
     try:
@@ -117,7 +127,7 @@ def _mqtt_round_trip(url: str) -> bytes:
 
 
 def test_mqtt_round_trip(env: dict[str, str]) -> None:
-    assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"]) == b"hello-sensormine"
+    assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"], env) == b"hello-sensormine"
 
 
 def test_redis_answers(env: dict[str, str]) -> None:
@@ -272,7 +282,7 @@ def test_state_dir_inside_a_private_folder() -> None:
         env = launcher.up(["postgres", "mosquitto"], state_dir=d, progress=print)
         with psycopg.connect(env["SENSORMINE_DATABASE_URL"], connect_timeout=10) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
-        assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"]) == b"hello-sensormine"
+        assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"], env) == b"hello-sensormine"
         logs = {name: info["log"] for name, info in launcher.status(d).items() if info["running"]}
         assert all(str(path).startswith("/var/tmp/sensormine-") for path in logs.values()), logs
         pids = _pids(d)
