@@ -140,6 +140,25 @@ def ingest_mqtt() -> None:
     main()
 
 
+@ingest_app.command("opcua")
+def ingest_opcua(
+    profile_poll: float = typer.Option(5.0, help="Seconds between reads of the device profiles."),
+    backoff_max: float = typer.Option(60.0, help="Longest wait between reconnects, in seconds."),
+) -> None:
+    """Run the OPC UA ingest daemon (subscribes to every device with an opcua profile)."""
+    from ingest_daemons.opcua import main
+
+    main(["--profile-poll", str(profile_poll), "--backoff-max", str(backoff_max)])
+
+
+@ingest_app.command("modbus")
+def ingest_modbus() -> None:
+    """Run the Modbus TCP ingest daemon (polls every device with a modbus profile)."""
+    from ingest_daemons.modbus import main
+
+    main()
+
+
 @ingest_app.command("consumer")
 def ingest_consumer() -> None:
     """Run the Kafka → hot-store consumer."""

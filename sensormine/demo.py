@@ -7,6 +7,7 @@ simulator, the API and the Dagster UI as child processes, and prints where to lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import psycopg
 
 from sensormine.db import connect, ensure_partition_window, migrate
 from sensormine.dynsec import Dynsec
+from sensormine.profiles import set_profile
 from sensormine.registry import (
     RegistryError,
     create_api_key,
@@ -37,6 +39,12 @@ from sensormine.settings import Settings
 DEMO_TENANTS = {
     "acme": ["motor-1", "tank-1", "motor-2"],
     "globex": ["motor-1", "tank-1"],
+}
+# Devices the daemons reach themselves: (tenant, device) -> (protocol, simulated device of the simulator).
+FIELD_DEVICES = {
+    ("acme", "press-motor"): ("opcua", "motor-1"),
+    ("acme", "press-tank"): ("opcua", "tank-1"),
+    ("acme", "line-plc"): ("modbus", ""),
 }
 REPO = Path(__file__).resolve().parent.parent
 Say = Callable[[str], None]
@@ -61,7 +69,53 @@ def seed(conn: psycopg.Connection, broker: Dynsec | None = None) -> tuple[dict[s
                 key = rotate_device_key(conn, tenant_id, device_id, broker=broker)
             device_keys[f"{tenant_id}/{device_id}"] = key
         keys[tenant_id] = create_api_key(conn, tenant_id, "demo")
+    for (tenant_id, device_id), (protocol, _) in FIELD_DEVICES.items():
+        with contextlib.suppress(RegistryError):  # seeded by an earlier run
+            create_device(conn, tenant_id, device_id, device_type=f"{protocol}-demo", broker=broker)
     return keys, device_keys
+
+
+def _start_field_simulators(py: str, logs: Path, say: Say) -> tuple[dict[str, subprocess.Popen], dict[str, dict]]:
+    """Start the OPC UA and Modbus simulators on free ports; returns them and their profiles by device."""
+    sims = {
+        "opcua-simulator": [py, "-m", "ingest_daemons.simulators.opcua_server", "--port", "0", "--print-profiles"],
+        "modbus-simulator": [py, "-m", "ingest_daemons.simulators.modbus_server", "--port", "0", "--print-profile"],
+    }
+    children: dict[str, subprocess.Popen] = {}
+    profiles: dict[str, dict] = {}
+    try:
+        _read_profiles(sims, children, profiles, logs, say)
+    except BaseException:
+        for proc in children.values():
+            proc.kill()
+        raise
+    return children, profiles
+
+
+def _read_profiles(
+    sims: dict[str, list[str]], children: dict[str, subprocess.Popen], profiles: dict[str, dict], logs: Path, say: Say
+) -> None:
+    for name, cmd in sims.items():
+        say(f"starting {name} (log: {logs / (name + '.log')})")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=(logs / f"{name}.log").open("wb"),
+            start_new_session=True,
+            text=True,
+        )
+        children[name] = proc
+        assert proc.stdout is not None
+        wanted = 2 if name.startswith("opcua") else 1
+        while len([k for k in profiles if k.startswith(name)]) < wanted:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} exited early; see {logs / (name + '.log')}")
+            if line.startswith("{"):
+                doc = json.loads(line)
+                device = doc.get("device", "")
+                profiles[f"{name}:{device}"] = doc.get("profile", doc)
 
 
 def _start_services(state_dir: Path, say: Say) -> dict[str, str]:
@@ -127,9 +181,15 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         shutil.copy(REPO / "orchestration" / "dagster.yaml", dagster_home / "dagster.yaml")
         env["DAGSTER_HOME"] = str(dagster_home)
     py = sys.executable
+    field_children, field_profiles = _start_field_simulators(py, logs, say)
+    with connect(settings) as conn:
+        for (tenant_id, device_id), (protocol, simulated) in FIELD_DEVICES.items():
+            set_profile(conn, tenant_id, device_id, field_profiles[f"{protocol}-simulator:{simulated}"])
     devices = [f"{t}/{d}" for t, ds in DEMO_TENANTS.items() for d in ds]
     commands = {
         "mqtt-daemon": [py, "-m", "ingest_daemons.mqtt"],
+        "opcua-daemon": [py, "-m", "ingest_daemons.opcua"],
+        "modbus-daemon": [py, "-m", "ingest_daemons.modbus"],
         "simulator": [
             py,
             "-m",
@@ -155,7 +215,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             "-p",
             str(dagster_port),
         ]
-    children: dict[str, subprocess.Popen] = {}
+    children: dict[str, subprocess.Popen] = dict(field_children)
     for name, cmd in commands.items():
         say(f"starting {name} (log: {logs / (name + '.log')})")
         children[name] = subprocess.Popen(
@@ -179,7 +239,13 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             if with_dagster and not _wait_http(f"http://127.0.0.1:{dagster_port}/server_info", 180):
                 say(f"the Dagster UI did not answer; its log says:\n{_tail(logs / 'dagster.log')}")
                 return 1
-            return _check(example, keys["acme"], say)
+            field = {
+                "press-motor (OPC UA)": f"{api}/api/query/telemetry?device_id=press-motor&metric=temperature"
+                f"&start={start}&end={end}",
+                "line-plc (Modbus)": f"{api}/api/query/telemetry?device_id=line-plc&metric=motor.temperature"
+                f"&start={start}&end={end}",
+            }
+            return _check({"motor-1 (MQTT)": example, **field}, keys["acme"], say)
         dagster_line = (
             f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize lake/telemetry for today's partitions)\n"
             if with_dagster
@@ -192,6 +258,8 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             f"  MQTT broker    {services['SENSORMINE_MQTT_URL']}  (topic sensormine/{{tenant}}/{{device}}/telemetry)\n"
             f"  Device keys    {keys_file}  (MQTT user tenant/device, password its key)\n"
             f"  PostgreSQL     {services['SENSORMINE_DATABASE_URL']}\n"
+            "  Field devices  acme/press-motor, acme/press-tank (OPC UA simulator), acme/line-plc (Modbus simulator);\n"
+            "                 their profiles: GET /api/devices/{device}/profile\n"
             + "".join(f"  API key {t:<7}{k}\n" for t, k in keys.items())
             + f"\nTry:\n  curl -H 'X-API-Key: {keys['acme']}' '{example}'\n"
             f"\nLogs in {logs}. Stop with Ctrl-C (services keep running; `sensormine services down` stops them).\n",
@@ -224,20 +292,23 @@ def _supervise(children: dict[str, subprocess.Popen], logs: Path, say: Say) -> N
         say("stopping")
 
 
-def _check(url: str, key: str, say: Say, timeout: float = 60) -> int:
-    import json
-
+def _check(urls: dict[str, str], key: str, say: Say, timeout: float = 90) -> int:
+    """0 once every URL (a query of one simulated device) answers with at least one point."""
+    pending = dict(urls)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        req = urllib.request.Request(url, headers={"X-API-Key": key})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                body = json.load(resp)
-            if body["count"] > 0:
-                say(f"check passed: {body['count']} point(s) of acme/motor-1 temperature served by the API")
-                return 0
-        except (urllib.error.URLError, OSError, KeyError, ValueError):
-            pass
+    while pending and time.monotonic() < deadline:
+        for label, url in list(pending.items()):
+            req = urllib.request.Request(url, headers={"X-API-Key": key})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    body = json.load(resp)
+                if body["count"] > 0:
+                    say(f"check passed for {label}: {body['count']} point(s) served by the API")
+                    del pending[label]
+            except (urllib.error.URLError, OSError, KeyError, ValueError):
+                pass
         time.sleep(0.5)
-    say("check failed: no simulated point reached the API")
-    return 1
+    if pending:
+        say(f"check failed: no simulated point of {', '.join(pending)} reached the API")
+        return 1
+    return 0

@@ -1,4 +1,4 @@
-"""`sensormine demo` starts, and a simulated reading reaches the API and the Dagster UI answers."""
+"""`sensormine demo` starts, and simulated MQTT, OPC UA and Modbus readings reach the API; the Dagster UI answers."""
 
 from __future__ import annotations
 
@@ -36,4 +36,5 @@ def test_demo_serves_simulated_readings(services: dict[str, str]) -> None:
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "check passed" in proc.stdout
+    for device in ("motor-1 (MQTT)", "press-motor (OPC UA)", "line-plc (Modbus)"):
+        assert f"check passed for {device}" in proc.stdout, proc.stdout[-3000:]
