@@ -46,6 +46,7 @@ from sensormine.db import connect
 from sensormine.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, Reading, now_us
 from sensormine.settings import Settings, get_settings
+from sensormine.status import tracked
 
 log = logging.getLogger("sensormine.ingest.modbus")
 SOURCE = "modbus"
@@ -323,7 +324,7 @@ class ModbusDaemon:
         # failure and log an outage once, so its own logging would only flood the daemon's log.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         self.settings = settings or get_settings()
-        self.sink = sink or make_sink(self.settings)
+        self.sink = sink or tracked(make_sink(self.settings), self.settings)
         self.profile_refresh_s = profile_refresh_s
         self.watcher = ProfileWatcher("modbus")
         self.stats = ModbusStats()

@@ -60,6 +60,7 @@ from sensormine.reading import (
     now_us,
 )
 from sensormine.settings import Settings, get_settings
+from sensormine.status import tracked
 
 log = logging.getLogger("sensormine.ingest.opcua")
 SOURCE = "opcua"
@@ -618,7 +619,7 @@ class OpcUaDaemon:
     ) -> None:
         self.settings = settings or get_settings()
         self.options = options or OpcUaOptions()
-        self.worker = _SinkWorker(sink or make_sink(self.settings))
+        self.worker = _SinkWorker(sink or tracked(make_sink(self.settings), self.settings))
         self.watcher = ProfileWatcher("opcua")
         self.sessions: dict[tuple[str, str], DeviceSession] = {}
         self.loop = asyncio.new_event_loop()

@@ -16,6 +16,10 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from sensormine.bus import Done, ReadingSink
+from sensormine.reading import Reading
+from sensormine.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -54,26 +58,27 @@ class StatusTracker:
         self._tallies: dict[tuple[str, str], _Tally] = {}
         self._lock = threading.Lock()
 
-    def _tally(self, tenant_id: str, device_id: str, now: datetime) -> _Tally:
+    def _tally(self, tenant_id: str, device_id: str, now: datetime, source: str | None) -> _Tally:
         tally = self._tallies.get((tenant_id, device_id))
         if tally is None:
-            tally = self._tallies[(tenant_id, device_id)] = _Tally(now, self.source)
+            tally = self._tallies[(tenant_id, device_id)] = _Tally(now, source or self.source)
         tally.last_seen = now
+        tally.source = source or tally.source
         return tally
 
-    def seen(self, tenant_id: str, device_id: str, readings: int) -> None:
-        """A message with `readings` readings arrived from the device."""
+    def seen(self, tenant_id: str, device_id: str, readings: int, source: str | None = None) -> None:
+        """A message with `readings` readings arrived from the device (through `source`, e.g. mqtt)."""
         now = datetime.now(UTC)
         with self._lock:
-            tally = self._tally(tenant_id, device_id, now)
+            tally = self._tally(tenant_id, device_id, now, source)
             tally.messages += 1
             tally.readings += readings
 
-    def error(self, tenant_id: str, device_id: str, reason: str) -> None:
+    def error(self, tenant_id: str, device_id: str, reason: str, source: str | None = None) -> None:
         """A message from the device was rejected (or a poll of it failed) for `reason`."""
         now = datetime.now(UTC)
         with self._lock:
-            tally = self._tally(tenant_id, device_id, now)
+            tally = self._tally(tenant_id, device_id, now, source)
             tally.messages += 1
             tally.errors += 1
             tally.last_error, tally.last_error_at = reason[:500], now
@@ -187,3 +192,63 @@ def device_statuses(
         DeviceStatus(t, d, seen, src, seen is not None and now - seen <= cutoff, m, r, e, le, lea)
         for t, d, seen, src, m, r, e, le, lea, now in rows
     ]
+
+
+class TrackingSink:
+    """A ReadingSink that counts what passes through it per device (for `device_status`), then hands it on.
+
+    Wrap a daemon's sink with it: every publish counts as one message from the device, every
+    reject naming a device as one error. The tallies are written every few seconds, and on every
+    `flush` (daemons flush when they stop), so nothing counted is lost at a clean shutdown.
+    """
+
+    def __init__(self, inner: ReadingSink, connect: Callable[[], psycopg.Connection], interval_s: float = 5.0) -> None:
+        self.inner = inner
+        self.tracker = StatusTracker("ingest")
+        self.flusher = StatusFlusher(self.tracker, connect, interval_s).start()
+
+    def publish(
+        self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
+    ) -> None:
+        """Count, then hand the readings on."""
+        self.tracker.seen(tenant_id, device_id, len(readings), source)
+        self.inner.publish(tenant_id, device_id, source, readings, done)
+
+    def reject(
+        self,
+        source: str,
+        origin: str,
+        reason: str,
+        payload: bytes,
+        tenant_id: str | None = None,
+        device_id: str | None = None,
+        done: Done | None = None,
+    ) -> None:
+        """Count an error for a known device, then hand the dead letter on."""
+        if tenant_id and device_id:
+            self.tracker.error(tenant_id, device_id, reason, source)
+        self.inner.reject(source, origin, reason, payload, tenant_id, device_id, done)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve the inner sink's callbacks."""
+        self.inner.poll(timeout)
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Flush the inner sink, and write the status tallies."""
+        pending = self.inner.flush(timeout)
+        self.flusher.flush()
+        return pending
+
+    def close(self) -> None:
+        """Stop the status thread (writing what is left) and close the inner sink."""
+        self.flusher.stop()
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+def tracked(inner: ReadingSink, settings: Settings) -> TrackingSink:
+    """`inner` wrapped in a TrackingSink writing to the settings' database."""
+    from sensormine.db import connect
+
+    return TrackingSink(inner, lambda: connect(settings))

@@ -78,3 +78,22 @@ def test_profiles_through_the_api(conn: psycopg.Connection, settings: Settings) 
         assert client.put("/api/devices/ghost/profile", json=MODBUS, headers=h).status_code == 404
         assert client.delete("/api/devices/plc-1/profile", headers=h).status_code == 204
         assert client.delete("/api/devices/plc-1/profile", headers=h).status_code == 404
+
+
+def test_tracking_sink_counts_what_daemons_publish(conn: psycopg.Connection, settings: Settings) -> None:
+    from sensormine.bus import DirectSink
+    from sensormine.db import connect
+    from sensormine.status import tracked
+    from tests.factories import readings
+
+    make_tenant(conn, "acme", ["plc-1"])
+    in_process = settings.model_copy(update={"kafka_bootstrap": None})
+    sink = tracked(DirectSink(lambda: connect(in_process), in_process), in_process)
+    sink.publish("acme", "plc-1", "modbus", readings("acme", "plc-1", 3))
+    sink.reject("modbus", "modbus:acme/plc-1", "poll timed out", b"", "acme", "plc-1")
+    assert sink.flush(10) == 0
+    sink.close()
+    [status] = device_statuses(conn, ["acme"], 60)
+    assert (status.messages, status.readings, status.errors) == (2, 6, 1)
+    assert status.last_source == "modbus" and status.last_error == "poll timed out"
+    assert conn.execute("SELECT count(*) FROM telemetry").fetchone() == (6,)
