@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from sensormine.hotstore import HotStoreWriter
 from sensormine.payload import encode_envelope
 from sensormine.reading import Reading, now_us
+from sensormine.schemas import SchemaDirectory
 from sensormine.settings import Settings, get_settings
 from sensormine.validation import validate_message
 
@@ -169,7 +170,19 @@ class DirectSink:
         self._conn: psycopg.Connection | None = None
         self._writer: HotStoreWriter | None = None
         self._lock = threading.Lock()
+        self._schemas: SchemaDirectory | None = None
         self._open()
+
+    def _schema_violation(self, tenant_id: str, device_id: str, readings: list[Reading]) -> str | None:
+        """The consumer's schema check, in-process: why the readings break their device's schema, or None."""
+        if self._schemas is None:
+            self._schemas = SchemaDirectory(self._connect)
+        if self._schemas.due():
+            self._schemas.refresh()
+        violation = self._schemas.check(tenant_id, device_id, readings)
+        if violation is not None and self._schemas.refresh_if_older(1.0):  # a schema fixed just now
+            violation = self._schemas.check(tenant_id, device_id, readings)
+        return None if violation is None else str(violation)
 
     def _open(self) -> HotStoreWriter:
         # A connection lost with the database (restart, failover) is replaced on the next message.
@@ -193,7 +206,7 @@ class DirectSink:
     def publish(
         self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
     ) -> None:
-        reason = validate_message(readings, self.settings)
+        reason = validate_message(readings, self.settings) or self._schema_violation(tenant_id, device_id, readings)
         if reason is None:
             self._run(lambda w: w.write(readings))
         else:

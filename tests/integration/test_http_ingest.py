@@ -114,3 +114,20 @@ def test_bad_requests_get_problem_answers(conn: psycopg.Connection, settings: Se
             assert fragment in resp.json()["detail"]
         assert "/api/ingest" in client.get("/openapi.json").json()["paths"]
     assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+
+
+def test_in_process_path_validates_against_the_device_schema(conn: psycopg.Connection, settings: Settings) -> None:
+    from sensormine.schemas import register_schema
+
+    create_tenant(conn, "acme")
+    key = create_device(conn, "acme", "oven-1", device_type="oven")[1]
+    schema = {"type": "object", "properties": {"values": {"properties": {"temp": {"type": "number", "maximum": 300}}}}}
+    register_schema(conn, "acme", "oven", schema)
+    in_process = settings.model_copy(update={"kafka_bootstrap": None})
+    with TestClient(create_app(in_process)) as client:
+        ok = post(client, key, orjson.dumps({"ts": T0, "values": {"temp": 250}}))
+        hot = post(client, key, orjson.dumps({"ts": "2026-11-26T00:00:01Z", "values": {"temp": 350}}))
+    assert ok.status_code == hot.status_code == 200
+    assert conn.execute("SELECT value FROM telemetry").fetchall() == [(250.0,)]
+    [(reason,)] = conn.execute("SELECT reason FROM dead_letters").fetchall()
+    assert reason.startswith("schema oven v1: 350") and "(at /values/temp" in reason
