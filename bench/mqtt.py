@@ -7,8 +7,9 @@ MQTT 5 session while its client is away (published beforehand by several publish
 so the publisher's speed is not what is measured), then the client connects and the clock runs
 from connect until the last message is done:
 - bare: a paho subscriber on its network thread that only counts (and acknowledges) messages;
-- daemon: `ingest_daemons.mqtt.MqttDaemon` with its Kafka sink, until the tenant's topic holds N
-  messages (its acknowledgements wait for Kafka's delivery reports).
+- daemon: `ingest_daemons.mqtt.MqttDaemon` as shipped (Kafka sink behind the store-and-forward
+  buffer, device status counting), until the tenant's topic holds N messages (its
+  acknowledgements wait for Kafka's delivery reports).
 The ratio is daemon / bare. Mosquitto keeps at most `max_queued_messages` (100 000 as the
 launcher configures it) per session, which bounds N.
 """
@@ -31,7 +32,6 @@ from paho.mqtt.properties import Properties
 
 from bench.common import rate, say, scratch_database
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.bus import KafkaSink
 from sensormine.db import connect
 from sensormine.kafka import ensure_topics, make_admin, make_consumer
 from sensormine.mqtt import broker_address, telemetry_topic
@@ -161,10 +161,10 @@ def daemon_trial(settings: Settings, topics: list[str], n: int, publishers: int)
     trial = settings.model_copy(update={"mqtt_client_id": client_id})
     topic = trial.telemetry_topic(TENANT)
     before = _topic_messages(trial, topic)
-    daemon = MqttDaemon(trial, sink=KafkaSink(trial)).start()  # creates the session
+    daemon = MqttDaemon(trial).start()  # creates the session
     daemon.stop()
     publish_backlog(trial, topics, n, publishers)
-    daemon = MqttDaemon(trial, sink=KafkaSink(trial))
+    daemon = MqttDaemon(trial)  # as shipped: Kafka sink behind the store-and-forward buffer, status counts
     t0 = time.perf_counter()
     daemon.start()
     deadline = time.monotonic() + 300

@@ -40,8 +40,9 @@ import psycopg
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
+from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.modbus_codec import CodecError, ReadRequest, plan_reads, split_request
-from sensormine.bus import ReadingSink, make_sink
+from sensormine.bus import ReadingSink
 from sensormine.db import connect
 from sensormine.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, Reading, now_us
@@ -324,7 +325,11 @@ class ModbusDaemon:
         # failure and log an outage once, so its own logging would only flood the daemon's log.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         self.settings = settings or get_settings()
-        self.sink = sink or tracked(make_sink(self.settings), self.settings)
+        # Store-and-forward buffer (while Kafka or the database is unreachable) and device status counts.
+        self._owns_sink = sink is None
+        self.sink = sink or tracked(
+            make_buffered_sink(self.settings, name=f"modbus-{self.settings.env}"), self.settings
+        )
         self.profile_refresh_s = profile_refresh_s
         self.watcher = ProfileWatcher("modbus")
         self.stats = ModbusStats()
@@ -360,6 +365,9 @@ class ModbusDaemon:
             self._queue.put(None)
             self._sink_thread.join(60)
         self.sink.flush(30)
+        close = getattr(self.sink, "close", None)
+        if self._owns_sink and close is not None:
+            close()
         if self._conn is not None:
             self._conn.close()
 

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from sensormine.bus import Done, ReadingSink, make_sink
+from ingest_daemons.buffer import make_buffered_sink
+from sensormine.bus import Done, ReadingSink
 from sensormine.db import connect
 from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
 from sensormine.payload import PayloadError, parse_device_payload
 from sensormine.reading import now_us
 from sensormine.registry import DeviceDirectory
 from sensormine.settings import Settings, get_settings
+from sensormine.status import tracked
 
 log = logging.getLogger("sensormine.ingest.mqtt")
 SOURCE = "mqtt"
@@ -72,7 +74,15 @@ class MqttDaemon:
 
     def __init__(self, settings: Settings | None = None, sink: ReadingSink | None = None) -> None:
         self.settings = settings or get_settings()
-        self.sink = sink or make_sink(self.settings)
+        # Store-and-forward: while Kafka (or the database) is unreachable, readings wait in a disk buffer
+        # named after the MQTT session, so a restarted daemon drains what its predecessor buffered.
+        client_id = self.settings.mqtt_client_id or f"sensormine-ingest-{self.settings.env}"
+        self._owns_sink = sink is None
+        self.sink = sink or tracked(make_buffered_sink(self.settings, name=client_id), self.settings)
+        # Serialises message handling with stop(): once stopping, a message is left unacknowledged
+        # (the broker redelivers it to the next session) instead of being acknowledged too late.
+        self._handing = threading.Lock()
+        self._accepting = True
         self.directory = DeviceDirectory(lambda: connect(self.settings))
         self.directory.refresh()
         self.ingest = MqttIngest(self.sink, self.directory.contains)
@@ -95,10 +105,13 @@ class MqttDaemon:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         mid, qos = msg.mid, msg.qos
-        try:
-            self.ingest.handle(msg.topic, bytes(msg.payload), done=lambda: client.ack(mid, qos))
-        except Exception:  # a daemon must outlive any one message; unacknowledged, it comes back
-            log.exception("failed to handle a message on %s", msg.topic)
+        with self._handing:
+            if not self._accepting:
+                return  # stopping: left unacknowledged, the broker redelivers it to the next session
+            try:
+                self.ingest.handle(msg.topic, bytes(msg.payload), done=lambda: client.ack(mid, qos))
+            except Exception:  # a daemon must outlive any one message; unacknowledged, it comes back
+                log.exception("failed to handle a message on %s", msg.topic)
 
     def _poll_sink(self) -> None:
         # Delivery confirmations (and so MQTT acknowledgements) must flow when no message arrives.
@@ -115,12 +128,18 @@ class MqttDaemon:
 
     def stop(self) -> None:
         """Flush what was handed to the sink (acknowledging it), then disconnect; the session stays."""
+        with self._handing:
+            self._accepting = False
         self.sink.flush(30)
         self._stopping.set()
         self._poller.join(5)
         self.sink.flush(30)
         self.client.disconnect()
         self.client.loop_stop()
+        if self._owns_sink:
+            close = getattr(self.sink, "close", None)
+            if close is not None:
+                close()
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies, uacrypto
 from cryptography import x509
 
-from sensormine.bus import ReadingSink, make_sink
+from ingest_daemons.buffer import make_buffered_sink
+from sensormine.bus import ReadingSink
 from sensormine.db import connect
 from sensormine.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.reading import (
@@ -619,7 +620,11 @@ class OpcUaDaemon:
     ) -> None:
         self.settings = settings or get_settings()
         self.options = options or OpcUaOptions()
-        self.worker = _SinkWorker(sink or tracked(make_sink(self.settings), self.settings))
+        # Store-and-forward buffer (while Kafka or the database is unreachable) and device status counts.
+        self._owns_sink = sink is None
+        self.worker = _SinkWorker(
+            sink or tracked(make_buffered_sink(self.settings, name=f"opcua-{self.settings.env}"), self.settings)
+        )
         self.watcher = ProfileWatcher("opcua")
         self.sessions: dict[tuple[str, str], DeviceSession] = {}
         self.loop = asyncio.new_event_loop()
@@ -731,6 +736,9 @@ class OpcUaDaemon:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.worker.close()
+        close = getattr(self.worker.sink, "close", None)
+        if self._owns_sink and close is not None:
+            close()
         if self._db is not None:
             self._db.close()
 

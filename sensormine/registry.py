@@ -361,21 +361,31 @@ class DeviceDirectory:
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
-        """Reload the registry."""
+        """Reload the registry (raises when the database is unreachable)."""
         with self._connect() as conn:
             rows = conn.execute("SELECT tenant_id, id FROM devices").fetchall()
         with self._lock:
             self._known = frozenset((t, d) for t, d in rows)
             self._loaded_at = time.monotonic()
 
+    def _refresh_or_keep(self) -> None:
+        # During a database outage the daemon keeps working from the last list it loaded (its
+        # readings go to the store-and-forward buffer); it retries at the next interval.
+        try:
+            self.refresh()
+        except psycopg.Error as exc:
+            log.warning("device registry unreachable, keeping the last %d devices: %s", len(self._known), exc)
+            with self._lock:
+                self._loaded_at = time.monotonic()
+
     def contains(self, tenant_id: str, device_id: str) -> bool:
         """Whether the device is registered under the tenant."""
         now = time.monotonic()
         if now - self._loaded_at > self._ttl_s:
-            self.refresh()
+            self._refresh_or_keep()
         if (tenant_id, device_id) in self._known:
             return True
         if now - self._loaded_at > self._miss_refresh_s:
-            self.refresh()
+            self._refresh_or_keep()
             return (tenant_id, device_id) in self._known
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,15 @@ class Settings(BaseSettings):
     partition_days_ahead: int = 7
     partition_days_back: int = 7
     max_future_skew_s: int = 86_400
+    buffer_dir: Path | None = Field(None, description="Store-and-forward buffers ({state_dir}/buffers by default).")
+    buffer_max_bytes: int = Field(1 << 30, description="Size limit of one daemon's store-and-forward buffer.")
+    buffer_drop: Literal["oldest", "newest"] = Field(
+        "oldest", description="What a full buffer drops (counted, logged)."
+    )
+    buffer_link_timeout_s: float = Field(
+        5.0, description="A delivery unconfirmed for this long means the link is down."
+    )
+    buffer_retry_s: float = Field(1.0, description="How often a buffer probes a link that is down.")
     hot_data_threshold_rows: int = Field(
         1_000_000, description="Rows a hot-store day must gain before hot_data_sensor compacts it early."
     )
