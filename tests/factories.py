@@ -83,3 +83,15 @@ def mqtt_publish(settings, messages: list[tuple[str, bytes]], timeout: float = 3
         info.wait_for_publish(timeout)
     client.loop_stop()
     client.disconnect()
+
+
+def wait_until(check, timeout: float = 30.0) -> bool:
+    """Poll `check` every 50 ms until it holds or `timeout` seconds pass; its last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()

@@ -42,9 +42,10 @@ from sensormine.registry import (
 from sensormine.services import launcher
 from sensormine.services.mosquitto import Mosquitto
 from sensormine.settings import Settings, reset_settings
-from tests.factories import mqtt_publish
+from tests.factories import mqtt_publish, wait_until
 
 pytestmark = pytest.mark.integration
+
 
 GOOD = orjson.dumps({"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 21.5}})
 NOT_AUTHORIZED = 0x87  # MQTT 5 reason code, in the PUBACK of a publish the ACL refuses
@@ -143,15 +144,6 @@ def devices() -> Iterator[list[Device]]:
     yield opened
     for d in opened:
         d.close()
-
-
-def wait_until(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def test_launcher_initialises_dynamic_security(broker_env: dict[str, str], broker_dir: Path, ds: Settings) -> None:

@@ -13,20 +13,12 @@ from sensormine.mqtt import telemetry_topic
 from sensormine.payload import decode_envelope
 from sensormine.registry import create_device
 from sensormine.settings import Settings
-from tests.factories import drain_topic, make_tenant, mqtt_publish
+from tests.factories import drain_topic, make_tenant, mqtt_publish, wait_until
 
 pytestmark = pytest.mark.integration
 
+
 GOOD = {"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 21.5, "pressure": 1.01}}
-
-
-def wait_until(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def test_in_process_path_writes_rows_and_dead_letters(settings: Settings, conn: psycopg.Connection) -> None:

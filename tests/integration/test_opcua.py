@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from sensormine.kafka import ensure_topics
 from sensormine.profiles import set_profile
 from sensormine.reading import datetime_to_us
 from sensormine.settings import Settings
-from tests.factories import drain_topic, make_tenant
+from tests.factories import drain_topic, make_tenant, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +40,6 @@ FAST = OpcUaOptions(
 )
 QUALITY = {0: 0, DROPOUT_STATUS: 2}  # the statuses the simulator writes, as Reading qualities
 Row = tuple[str, str, int, float, int]  # device, metric, ts µs, value, quality
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def expected_rows(history: list[Written], nodes: dict[str, tuple[str, str]], from_tick: int = 0) -> list[Row]:

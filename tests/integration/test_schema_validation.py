@@ -7,7 +7,6 @@ schema is fixed, `sensormine dlq replay` brings it in exactly once, however ofte
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,9 +28,10 @@ from sensormine.reading import Reading
 from sensormine.registry import DeviceDirectory, create_device, create_tenant
 from sensormine.schemas import IncompatibleSchema, latest_schema, register_schema
 from sensormine.settings import Settings, reset_settings
-from tests.factories import DAY_US, drain_topic
+from tests.factories import DAY_US, drain_topic, wait_until
 
 pytestmark = pytest.mark.integration
+
 
 SECOND = 1_000_000
 
@@ -53,15 +53,6 @@ def thermo(maximum: float) -> dict:
         },
         "required": ["ts", "values"],
     }
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def telemetry(conn: psycopg.Connection) -> list[tuple]:
