@@ -31,7 +31,7 @@ from psycopg import sql
 
 from bench.common import checkpoint, rate, say, scratch_database
 from lake.storage import PARTITION_COLUMNS
-from lake.telemetry import _CSV_COLUMN_TYPES, TELEMETRY_SCHEMA, compact_day
+from lake.telemetry import CSV_COLUMN_TYPES, TELEMETRY_SCHEMA, compact_day
 from sensormine.db import ensure_partitions, partition_name
 from sensormine.reading import READING_SCHEMA
 from sensormine.registry import create_tenant
@@ -93,7 +93,7 @@ def raw_trial(url: str, lake: Path) -> tuple[float, int]:
         table = pcsv.read_csv(
             pa.py_buffer(buf),
             read_options=pcsv.ReadOptions(column_names=READING_SCHEMA.names),
-            convert_options=pcsv.ConvertOptions(column_types=_CSV_COLUMN_TYPES),
+            convert_options=pcsv.ConvertOptions(column_types=CSV_COLUMN_TYPES),
         ).cast(READING_SCHEMA)
         table = table.append_column("date", pc.cast(table["ts"], pa.date32())).cast(TELEMETRY_SCHEMA)
         write_deltalake(str(lake / "telemetry"), table, mode="append", partition_by=PARTITION_COLUMNS)

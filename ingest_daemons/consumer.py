@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any, cast
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from ingest_daemons.runner import stop_on_signals
 from sensormine.bus import dlq_headers
 from sensormine.db import connect, migrate
 from sensormine.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
@@ -412,11 +412,7 @@ def _close_quietly(consumer: HotStoreConsumer) -> None:
 
 def main() -> None:
     """Run the consumer until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    run_forever(stop)
+    run_forever(stop_on_signals())
 
 
 def _report(consumer: HotStoreConsumer, stop: threading.Event) -> None:

@@ -30,7 +30,6 @@ import asyncio
 import logging
 import math
 import queue
-import signal
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
@@ -42,6 +41,7 @@ from pymodbus.exceptions import ModbusException
 
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.modbus_codec import CodecError, ReadRequest, plan_reads, split_request
+from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.bus import ReadingSink
 from sensormine.db import connect
 from sensormine.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
@@ -508,12 +508,10 @@ class ModbusDaemon:
 
 def main() -> None:
     """Run the Modbus daemon until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     daemon = ModbusDaemon().start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(10):
+
+    def report() -> None:
         t = daemon.stats.total()
         log.info(
             "devices=%d polls=%d good=%d bad=%d io_errors=%d exceptions=%d published=%d sink_waits=%d",
@@ -526,6 +524,8 @@ def main() -> None:
             daemon.stats.published_readings,
             daemon.stats.sink_waits,
         )
+
+    report_until(stop, report)
     daemon.stop()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest_daemons.buffer import make_buffered_sink
+from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.bus import Done, ReadingSink
 from sensormine.db import connect
 from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
@@ -144,14 +144,14 @@ class MqttDaemon:
 
 def main() -> None:
     """Run the MQTT daemon until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     daemon = MqttDaemon().start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(10):
+
+    def report() -> None:
         s = daemon.ingest.stats
         log.info("received=%d accepted=%d rejected=%d", s.received, s.accepted, s.rejected)
+
+    report_until(stop, report)
     daemon.stop()
 
 

@@ -33,7 +33,6 @@ import logging
 import math
 import queue
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from asyncua.crypto import security_policies, uacrypto
 from cryptography import x509
 
 from ingest_daemons.buffer import make_buffered_sink
+from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.bus import ReadingSink
 from sensormine.db import connect
 from sensormine.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
@@ -750,14 +750,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--backoff-max", type=float, default=60.0, help="longest wait between reconnects (s)")
     parser.add_argument("--report-every", type=float, default=10.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = stop_on_signals()
     quiet_asyncua_logging()
     options = OpcUaOptions(profile_poll_s=args.profile_poll, backoff=Backoff(max_s=args.backoff_max))
     daemon = OpcUaDaemon(options=options).start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(args.report_every):
+
+    def report() -> None:
         s = daemon.stats()
         log.info(
             "devices=%d connected=%d notifications=%d readings=%d durable=%d rejected=%d empty=%d",
@@ -769,6 +767,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             s.rejected,
             s.empty,
         )
+
+    report_until(stop, report, args.report_every)
     daemon.stop()
 
 

@@ -72,18 +72,8 @@ class ParityResult:
 
 
 def _late(snapshot: str) -> sql.Composed:
-    """SQL condition: row `t` of telemetry is not visible in `snapshot` (it committed after the compaction read).
-
-    Same answer as `NOT sensormine_in_snapshot(t.xmin, snapshot)`, which costs ~8 us a row; here
-    that function only runs for the few rows whose xid lies between the snapshot's xmin and xmax.
-    `age()` compares xids wraparound-safely against one reference, so a row at or after xmax is
-    late, one before xmin (or frozen) is not.
-    """
-    snap = sql.SQL("{}::pg_snapshot").format(sql.Literal(snapshot))
-    return sql.SQL(
-        "(age(t.xmin) <= age(xid(pg_snapshot_xmax({snap}))) OR (age(t.xmin) <= age(xid(pg_snapshot_xmin({snap}))) "
-        "AND NOT sensormine_in_snapshot(t.xmin, {snap})))"
-    ).format(snap=snap)
+    """SQL condition: row `t` of telemetry is not visible in `snapshot` (it committed after the compaction read)."""
+    return sql.SQL("NOT sensormine_in_snapshot(t.xmin, {}::pg_snapshot)").format(sql.Literal(snapshot))
 
 
 def _hot_counts(conn: psycopg.Connection, tenant_id: str, day: date, snapshot: str | None) -> tuple[int, int]:

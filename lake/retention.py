@@ -21,6 +21,7 @@ from datetime import date, timedelta
 import psycopg
 from psycopg import sql
 
+from lake.maintenance import partition_file_counts
 from lake.rollups import ROLLUPS
 from lake.storage import check_tenant_id, open_table
 from lake.telemetry import TABLE_NAME
@@ -130,15 +131,7 @@ def lake_partitions_before(settings: Settings, table_name: str, tenant_id: str, 
     table = open_table(settings, table_name)
     if table is None:
         return []
-    actions = table.get_add_actions(flatten=True)
-    days = {
-        d if isinstance(d, date) else date.fromisoformat(str(d))
-        for t, d in zip(
-            actions.column("partition.tenant_id").to_pylist(), actions.column("partition.date").to_pylist(), strict=True
-        )
-        if t == tenant_id
-    }
-    return sorted(d for d in days if d < cutoff)
+    return sorted(d for t, d in partition_file_counts(table) if t == tenant_id and d < cutoff)
 
 
 def apply_lake_retention(

@@ -43,7 +43,7 @@ _COMPACTION_LOCK = 7_351_101
 _BLOCK_BYTES = 32 << 20
 # Timestamps leave PostgreSQL as naive UTC text, which Arrow parses natively and which does not
 # depend on the session's TimeZone setting.
-_CSV_COLUMN_TYPES: dict[str, pa.DataType] = {
+CSV_COLUMN_TYPES: dict[str, pa.DataType] = {
     f.name: (pa.timestamp("us") if pa.types.is_timestamp(f.type) else f.type) for f in READING_SCHEMA
 }
 
@@ -123,7 +123,7 @@ def _csv_batches(block: bytes | bytearray) -> list[pa.RecordBatch]:
         # hold a newline, and Arrow may split the block across threads at any newline.
         parse_options=pcsv.ParseOptions(newlines_in_values=b'"' in block),
         # Every column is NOT NULL: no text may turn into a null (Arrow's defaults map "NaN" to one).
-        convert_options=pcsv.ConvertOptions(column_types=_CSV_COLUMN_TYPES, null_values=[], strings_can_be_null=False),
+        convert_options=pcsv.ConvertOptions(column_types=CSV_COLUMN_TYPES, null_values=[], strings_can_be_null=False),
     )
     table = table.cast(READING_SCHEMA)
     # Derived from ts rather than set to the requested day, so a row outside the day would be

@@ -58,3 +58,21 @@ class LakeResource(dg.ConfigurableResource):
     def root(self) -> str:
         """The lake's root URI."""
         return self.settings().lake_root
+
+
+def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """`hot_store` and `lake` resources describing `settings`, for in-process runs (tests, tools).
+
+    The deployed Definitions build theirs from SENSORMINE_* variables instead (definitions.py).
+    """
+    if not settings.database_url:
+        raise ValueError("settings.database_url is not set")
+    lake = LakeResource(
+        lake_uri=settings.lake_root,
+        state_dir=str(settings.state_dir),
+        s3_endpoint=settings.s3_endpoint,
+        s3_access_key=settings.s3_access_key,
+        s3_secret_key=settings.s3_secret_key,
+        s3_region=settings.s3_region,
+    )
+    return {"hot_store": HotStoreResource(database_url=settings.database_url), "lake": lake}

@@ -8,6 +8,7 @@ from typing import cast
 import psycopg
 import typer
 
+from sensormine.cli_common import fail
 from sensormine.db import DatabaseNotConfigured, connect, migrate
 from sensormine.kafka import ensure_topics
 from sensormine.mqtt import telemetry_topic
@@ -57,11 +58,6 @@ app.add_typer(_dlq_app(), name="dlq")
 app.add_typer(_services_app(), name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending migrations."""
@@ -84,7 +80,7 @@ def tenant_create(
             create_tenant(conn, tenant_id, name, parent, plan)
             key = create_api_key(conn, tenant_id, "initial")
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     settings = get_settings()
     if settings.kafka_bootstrap:
         # Brokers in production often refuse to auto-create topics: make the tenant's now.
@@ -113,7 +109,7 @@ def device_create(
         try:
             _, key = create_device(conn, tenant_id, device_id, name, device_type)
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     typer.echo(f"device {device_id} created in {tenant_id}")
     typer.echo(f"device key (shown once): {key}")
     typer.echo(
@@ -128,7 +124,7 @@ def apikey_create(tenant_id: str, name: str = typer.Option("cli", help="What the
         try:
             key = create_api_key(conn, tenant_id, name)
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     typer.echo(f"api key (shown once): {key}")
 
 
@@ -207,21 +203,21 @@ def sql(
     from sensormine.registry import visible_tenant_ids
 
     if output_format not in FORMATS:
-        _fail(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
+        fail(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     fmt = cast(OutputFormat, output_format)
     if command is not None and file is not None:
-        _fail("give either -c or -f, not both")
+        fail("give either -c or -f, not both")
     if fmt == "parquet" and output is None:
-        _fail("--format parquet needs --output PATH")
+        fail("--format parquet needs --output PATH")
     tenant_ids: list[str] | None = None
     if tenant is not None:
         try:
             with connect() as conn:
                 tenant_ids = visible_tenant_ids(conn, tenant)
         except (psycopg.Error, DatabaseNotConfigured) as exc:
-            _fail(f"cannot resolve tenant {tenant!r}: {exc}")
+            fail(f"cannot resolve tenant {tenant!r}: {exc}")
         if not tenant_ids:
-            _fail(f"tenant {tenant!r} does not exist")
+            fail(f"tenant {tenant!r} does not exist")
     settings = get_settings()
     failures = (SqlError, LakeError, DeltaError, duckdb.Error, OSError)
 
@@ -231,13 +227,13 @@ def sql(
     try:
         if command is None and file is None:
             if fmt == "parquet":
-                _fail("the shell writes tables or CSV: use -c or -f with --format parquet")
+                fail("the shell writes tables or CSV: use -c or -f with --format parquet")
             raise typer.Exit(run_shell(catalog, fmt, max_rows=max_rows))
         text = command if command is not None else file.read_text(encoding="utf-8")
         with catalog() as session:
             run_script(session, text, fmt, output=output, max_rows=max_rows)
     except failures as exc:
-        _fail(str(exc).strip() or type(exc).__name__)
+        fail(str(exc).strip() or type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from sensormine.cli_common import fail
 from sensormine.db import connect
 from sensormine.dynsec import DynsecError, device_username
 from sensormine.registry import (
@@ -21,11 +22,6 @@ Tenant = Annotated[str, typer.Argument(help="The device's tenant.")]
 DeviceId = Annotated[str, typer.Argument(help="The device id.")]
 
 
-def _fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
-
-
 def _broker_line(update: BrokerUpdate, done: str, hint: str) -> None:
     """Say what happened at the broker; exit 1 when the broker could not be updated."""
     if update is BrokerUpdate.APPLIED:
@@ -33,7 +29,7 @@ def _broker_line(update: BrokerUpdate, done: str, hint: str) -> None:
     elif update is BrokerUpdate.SKIPPED:
         typer.echo("MQTT broker: no dynamic security configured, nothing to do there")
     else:
-        _fail(f"the MQTT broker could not be updated (see the warning above); {hint}")
+        fail(f"the MQTT broker could not be updated (see the warning above); {hint}")
 
 
 def rotate_key(tenant_id: Tenant, device_id: DeviceId) -> None:
@@ -42,9 +38,9 @@ def rotate_key(tenant_id: Tenant, device_id: DeviceId) -> None:
         try:
             key = rotate_device_key(conn, tenant_id, device_id)
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except DynsecError as exc:
-            _fail(f"{exc}\nthe key was not changed (the broker must take it at once); try again once the broker is up")
+            fail(f"{exc}\nthe key was not changed (the broker must take it at once); try again once the broker is up")
     typer.echo(f"device {device_id} of {tenant_id}: new key issued, the old one is refused from now on")
     typer.echo(f"device key (shown once): {key}")
     typer.echo(f"MQTT user: {device_username(tenant_id, device_id)} (password: the device key)")
@@ -56,7 +52,7 @@ def revoke(tenant_id: Tenant, device_id: DeviceId) -> None:
         try:
             update = revoke_device_key(conn, tenant_id, device_id)
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     typer.echo(f"device {device_id} of {tenant_id}: key revoked")
     _broker_line(update, "client disabled, its connections dropped", "run `sensormine device sync-broker` later")
 
@@ -73,7 +69,7 @@ def delete(
         try:
             update = delete_device(conn, tenant_id, device_id)
         except RegistryError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     typer.echo(f"device {device_id} of {tenant_id} deleted")
     _broker_line(update, "client and role deleted", "run `sensormine device sync-broker --prune` later")
 
@@ -94,7 +90,7 @@ def sync_broker_command(
         try:
             report = sync_broker(conn, rotate_missing=rotate_missing, prune=prune)
         except DynsecError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if report.skipped:
         typer.echo("MQTT broker: no dynamic security configured (SENSORMINE_MQTT_ADMIN_USERNAME unset); nothing to do")
         return
@@ -111,7 +107,7 @@ def sync_broker_command(
     if report.missing:
         for user in report.missing:
             typer.echo(f"unknown to the broker: {user}")
-        _fail(
+        fail(
             f"{len(report.missing)} device(s) are unknown to the broker and their keys are stored hashed only: "
             "give them new keys with `sensormine device sync-broker --rotate-missing` "
             "(or `sensormine device rotate-key TENANT DEVICE`)"

@@ -6,11 +6,12 @@ Reads the `{env}.dlq` topic (with Kafka) and the `dead_letters` table; see `sens
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 import typer
 
+from sensormine.cli_common import fail
 from sensormine.db import connect, migrate
 from sensormine.dlq import DeadLetter, DlqError, DlqFilter, ReplayReport, Status, list_dead_letters, replay_matching
 from sensormine.settings import get_settings
@@ -25,11 +26,6 @@ SOURCE = typer.Option(None, "--source", help="Only dead letters from this source
 REASON = typer.Option(None, "--reason", help="Only dead letters whose reason contains this text (any case).")
 SINCE = typer.Option(None, "--since", help="Only dead letters rejected at or after this ISO-8601 instant.")
 AS_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
-
-
-def _fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 def _since(value: str | None) -> datetime | None:
@@ -97,7 +93,7 @@ def list_command(
             migrate(conn)
             entries = list_dead_letters(conn, settings, flt)
     except DlqError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(orjson.dumps([entry_json(e) for e in entries], option=orjson.OPT_INDENT_2).decode())
         return
@@ -147,7 +143,7 @@ def replay_command(
             migrate(conn)
             report = replay_matching(conn, settings, ids=ids or None, flt=flt, replayed_by="cli", dry_run=dry_run)
     except DlqError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_report(report, as_json)
     if report.count("failed") or report.count("not_found"):
         raise typer.Exit(1)

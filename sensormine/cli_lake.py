@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import typer
 
+from sensormine.cli_common import fail
 from sensormine.db import connect, migrate
 from sensormine.settings import get_settings
 
@@ -23,11 +24,6 @@ def _day(value: str | None) -> date:
         return date.fromisoformat(value)
     except ValueError:
         raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 @app.command("compact")
@@ -55,7 +51,7 @@ def compact(
                     f"{rollup.name}: {r.rows} buckets over {r.readings} readings, table version {r.table_version}"
                 )
     except LakeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command("history")
@@ -70,7 +66,7 @@ def history(
     try:
         commits = table_history(get_settings(), table, limit)
     except LakeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(f"{'version':>7}  {'time (UTC)':<19}  {'operation':<14}  {'by':<22}  partition")
     for c in commits:
@@ -94,7 +90,7 @@ def optimize(
     try:
         results = optimize_table(get_settings(), table, since=since, min_files=min_files)
     except LakeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     for r in results:
         typer.echo(f"{r.tenant_id} {r.day}: {r.files_before} files -> {r.files_after} (version {r.table_version})")
@@ -117,7 +113,7 @@ def vacuum(
     try:
         files = vacuum_table(get_settings(), table, retention_hours, dry_run=dry_run, force=force)
     except (LakeError, DeltaError) as exc:
-        _fail(f"{exc} (use --force to go below the table's minimum retention, if no reader needs old versions)")
+        fail(f"{exc} (use --force to go below the table's minimum retention, if no reader needs old versions)")
         return
     for f in files:
         typer.echo(f)

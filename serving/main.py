@@ -9,7 +9,6 @@ from fastapi import FastAPI
 
 from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
-from sensormine.status import StatusFlusher, StatusTracker
 from serving.problems import install_problem_handlers
 from serving.routes import devices, dlq, health, ingest, query
 
@@ -23,11 +22,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with connect(settings) as conn:
             migrate(conn)
         app.state.pool = make_pool(settings)
-        app.state.status = StatusFlusher(StatusTracker("http"), lambda: connect(settings)).start()
         try:
             yield
         finally:
-            app.state.status.stop()
             gate = getattr(app.state, "ingest_gate", None)
             if gate is not None:
                 gate.close()

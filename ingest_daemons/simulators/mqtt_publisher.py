@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import random
-import signal
 import threading
 import time
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from pathlib import Path
 import orjson
 import paho.mqtt.client as mqtt
 
+from ingest_daemons.runner import stop_on_signals
 from ingest_daemons.simulators.signals import MotorSignal, TankSignal
 from sensormine.mqtt import make_client, telemetry_topic
 
@@ -87,10 +87,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     keys = json.loads(args.keys_file.read_text()) if args.keys_file else None
-    logging.basicConfig(level=logging.INFO)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     pairs = [tuple(p.split("/", 1)) for p in args.devices]
     started = time.monotonic()
     sent = run(pairs, args.interval, stop, keys=keys)  # type: ignore[arg-type]

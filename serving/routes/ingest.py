@@ -10,11 +10,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from sensormine.batch import BatchOutcome, parse_csv_batch, parse_json_batch
-from sensormine.bus import ReadingSink, make_sink
+from sensormine.bus import make_sink
 from sensormine.payload import PayloadError
 from sensormine.reading import now_us
 from sensormine.registry import resolve_device_key
 from sensormine.settings import Settings
+from sensormine.status import TrackingSink, tracked
 from serving.deps import SettingsDep
 from serving.problems import Problem
 
@@ -44,19 +45,23 @@ class IngestResult(BaseModel):
 
 
 class IngestGate:
-    """The app's one sink for HTTP ingest, created on first use, used by one request at a time."""
+    """The app's one sink for HTTP ingest (device status counted), created on first use, one request at a time."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._sink: ReadingSink | None = None
+        self._sink: TrackingSink | None = None
         self._lock = threading.Lock()
+
+    def _open(self) -> TrackingSink:
+        # Called with the lock held.
+        if self._sink is None:
+            self._sink = tracked(make_sink(self.settings), self.settings)
+        return self._sink
 
     def deliver(self, tenant_id: str, device_id: str, outcome: BatchOutcome) -> None:
         """Hand the batch's readings and rejects over and wait until they are durable; 503 when they are not."""
         with self._lock:
-            if self._sink is None:
-                self._sink = make_sink(self.settings)
-            sink = self._sink
+            sink = self._open()
             origin = f"http:{tenant_id}/{device_id}"
             if outcome.readings:
                 sink.publish(tenant_id, device_id, SOURCE, outcome.readings)
@@ -73,19 +78,16 @@ class IngestGate:
     def reject_whole(self, tenant_id: str, device_id: str, body: bytes, error: PayloadError) -> None:
         """A body that is not a batch at all goes to the dead-letter queue whole."""
         with self._lock:
-            if self._sink is None:
-                self._sink = make_sink(self.settings)
-            self._sink.reject(SOURCE, f"http:{tenant_id}/{device_id}", str(error), body, tenant_id, device_id)
-            self._sink.flush(self.settings.http_ingest_timeout_s)
+            sink = self._open()
+            sink.reject(SOURCE, f"http:{tenant_id}/{device_id}", str(error), body, tenant_id, device_id)
+            sink.flush(self.settings.http_ingest_timeout_s)
 
     def close(self) -> None:
-        """Flush and release the sink (at shutdown)."""
+        """Flush and release the sink, writing the last device-status counts (at shutdown)."""
         with self._lock:
             if self._sink is not None:
                 self._sink.flush(self.settings.http_ingest_timeout_s)
-                close = getattr(self._sink, "close", None)
-                if close is not None:
-                    close()
+                self._sink.close()
                 self._sink = None
 
 
@@ -158,14 +160,8 @@ async def ingest(
         outcome = parsers[media](body, tenant_id, device_id, now_us())
     except PayloadError as exc:
         await run_in_threadpool(gate.reject_whole, tenant_id, device_id, body, exc)
-        request.app.state.status.tracker.error(tenant_id, device_id, str(exc))
         raise Problem(400, f"not a {media} batch: {exc}; the body was kept in the dead-letter queue") from None
     await run_in_threadpool(gate.deliver, tenant_id, device_id, outcome)
-    tracker = request.app.state.status.tracker
-    if outcome.accepted_items:
-        tracker.seen(tenant_id, device_id, len(outcome.readings))
-    for r in outcome.rejects:
-        tracker.error(tenant_id, device_id, str(r.error))
     return IngestResult(
         tenant_id=tenant_id,
         device_id=device_id,

@@ -36,7 +36,7 @@ from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake
 from lake.storage import table_uri
 from lake.telemetry import compact_day
 from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
-from orchestration.resources import HotStoreResource, LakeResource
+from orchestration.resources import HotStoreResource, LakeResource, resources_for
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import QUALITY_BAD, Reading
 from sensormine.settings import Settings
@@ -256,10 +256,7 @@ def test_dbt_build_on_s3_matches_an_independent_computation(
 
 def dagster_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The dbt resource of the Definitions, and a lake resource for the test's folder and state dir."""
-    return {
-        "dbt": build_dbt_resource(),
-        "lake": LakeResource(lake_uri=settings.lake_root, state_dir=str(settings.state_dir)),
-    }
+    return {**resources_for(settings), "dbt": build_dbt_resource()}
 
 
 def test_materialize_dbt_assets_through_dagster(conn: psycopg.Connection, settings: Settings) -> None:
@@ -289,7 +286,7 @@ def test_materialize_dbt_assets_through_dagster(conn: psycopg.Connection, settin
 
 def evaluate_daily_schedule(settings: Settings) -> dg.RunRequest | dg.SkipReason:
     """One tick of dbt_models_daily_schedule at 01:30 UTC after DAY, against the settings' lake."""
-    lake = LakeResource(lake_uri=settings.lake_root, state_dir=str(settings.state_dir))
+    lake = resources_for(settings)["lake"]
     tick = DAY + timedelta(days=1, hours=1, minutes=30)
     with dg.build_schedule_context(scheduled_execution_time=tick, resources={"lake": lake}) as context:
         return dbt_models_daily_schedule(context)

@@ -14,7 +14,7 @@ from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
 from lake.telemetry import read_telemetry
 from orchestration.definitions import defs, telemetry_lake_daily_close_schedule, telemetry_lake_hourly_schedule
-from orchestration.resources import HotStoreResource, LakeResource
+from orchestration.resources import resources_for
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import readings_to_table
 from sensormine.registry import create_tenant
@@ -23,15 +23,6 @@ from sensors.tenants import tenant_partitions_sensor
 from tests.factories import DAY, DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration
-
-
-def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """Resources pointing at the test's database and lake folder."""
-    assert settings.database_url
-    return {
-        "hot_store": HotStoreResource(database_url=settings.database_url),
-        "lake": LakeResource(lake_uri=settings.lake_root),
-    }
 
 
 def test_definitions_load_with_the_expected_objects() -> None:
@@ -78,7 +69,7 @@ def test_materialize_compacts_one_tenant_day(conn: psycopg.Connection, settings:
     result = dg.materialize(
         [telemetry_lake],
         partition_key=telemetry_partition_key("acme", DAY.date()),
-        resources=resources(settings),
+        resources=resources_for(settings),
         instance=instance,
     )
 
@@ -99,7 +90,7 @@ def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(conn: psycopg.Connec
     create_tenant(conn, "globex")
     create_tenant(conn, "acme")
     instance = dg.DagsterInstance.ephemeral()
-    hot = {"hot_store": resources(settings)["hot_store"]}
+    hot = {"hot_store": resources_for(settings)["hot_store"]}
 
     with dg.build_sensor_context(instance=instance, resources=hot) as context:
         first = tenant_partitions_sensor(context)

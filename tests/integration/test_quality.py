@@ -20,7 +20,7 @@ from expectations.telemetry import CHECK_DESCRIPTIONS, VALUES_IN_SCHEMA_RANGE
 from lake.quality import check_freshness, check_parity, lake_row_count, parity_diff
 from lake.storage import table_uri
 from lake.telemetry import compact_day
-from orchestration.resources import HotStoreResource, LakeResource
+from orchestration.resources import HotStoreResource, resources_for
 from sensormine.db import tenant_scope
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import Reading, now_us, us_to_datetime
@@ -75,15 +75,6 @@ def compactions(conn: psycopg.Connection) -> list[tuple]:
     ).fetchall()
     conn.commit()
     return rows
-
-
-def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """Resources pointing at the test's database and lake."""
-    assert settings.database_url
-    return {
-        "hot_store": HotStoreResource(database_url=settings.database_url),
-        "lake": LakeResource(lake_uri=settings.lake_root),
-    }
 
 
 # -- device schemas -----------------------------------------------------------------------------
@@ -318,7 +309,7 @@ def test_blocking_check_failure_stops_downstream_and_a_fix_lets_it_run(
     failed = dg.materialize(
         [telemetry_lake, *telemetry_quality_checks, rollup_stub],
         partition_key=key,
-        resources=resources(settings),
+        resources=resources_for(settings),
         instance=instance,
         raise_on_error=False,
     )
@@ -364,7 +355,7 @@ def test_blocking_check_failure_stops_downstream_and_a_fix_lets_it_run(
     passed = dg.materialize(
         [telemetry_lake, *telemetry_quality_checks, rollup_stub],
         partition_key=key,
-        resources=resources(settings),
+        resources=resources_for(settings),
         instance=instance,
         raise_on_error=False,
     )
@@ -392,7 +383,7 @@ def test_the_telemetry_job_runs_the_checks_before_the_rollups(conn: psycopg.Conn
         asset_checks=telemetry_quality_checks,
         jobs=[telemetry_lake_job],
         sensors=[failed_quality_checks_sensor],
-        resources=resources(settings),
+        resources=resources_for(settings),
     )
     dg.Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("telemetry_lake_job")
@@ -449,7 +440,7 @@ def test_failed_parity_requests_one_recompaction_and_never_loops(conn: psycopg.C
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("tenants", ["acme"])
     assets = [telemetry_lake, *telemetry_quality_checks, rollup_stub]
-    normal = resources(settings)
+    normal = resources_for(settings)
     assert settings.database_url
     damaging = {
         **normal,
