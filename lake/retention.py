@@ -66,7 +66,9 @@ def _blockers(conn: psycopg.Connection, day: date, today: date, counts: dict[str
     if not counts:
         return []
     plans: dict[str, str] = dict(
-        conn.execute("SELECT id, plan FROM tenants WHERE id = ANY(%s)", (list(counts),)).fetchall()
+        conn.execute(
+            "SELECT id, sensormine_effective_plan(id) FROM tenants WHERE id = ANY(%s)", (list(counts),)
+        ).fetchall()
     )
     reasons = []
     keep_days = 0
@@ -139,7 +141,9 @@ def apply_lake_retention(
 ) -> list[LakeRetentionResult]:
     """Remove every tenant's lake partitions older than its plan's lake retention; returns what went."""
     results = []
-    for tenant_id, plan_name in conn.execute("SELECT id, plan FROM tenants ORDER BY id").fetchall():
+    for tenant_id, plan_name in conn.execute(
+        "SELECT id, sensormine_effective_plan(id) FROM tenants ORDER BY id"
+    ).fetchall():
         keep = get_plan(plan_name).lake_retention_days
         if keep is None:
             continue

@@ -94,7 +94,7 @@ def tenant_list() -> None:
     """List tenants."""
     with connect() as conn:
         for t in list_tenants(conn):
-            typer.echo(f"{t.id}\t{t.plan}\t{t.parent_id or '-'}\t{t.name}")
+            typer.echo(f"{t.id}\t{t.plan or '(inherited)'}\t{t.parent_id or '-'}\t{t.name}")
 
 
 @device_app.command("create")

@@ -114,12 +114,21 @@ def epoch_day_to_date(day_number: int) -> date:
 
 
 @contextmanager
-def tenant_scope(conn: psycopg.Connection, tenant_ids: Iterable[str]) -> Iterator[psycopg.Connection]:
-    """A transaction in which row-level security shows only `tenant_ids`' rows."""
+def tenant_scope(
+    conn: psycopg.Connection, tenant_ids: Iterable[str], *, write: bool = False, platform: bool = False
+) -> Iterator[psycopg.Connection]:
+    """A transaction in which row-level security shows only `tenant_ids`' rows.
+
+    `write` runs it as the writer role (what API requests may change, under the same policies);
+    `platform` lets a platform administrator's session see and create top-level tenants.
+    """
     ids = ",".join(sorted(set(tenant_ids)))
     with conn.transaction():
-        conn.execute("SET LOCAL ROLE sensormine_reader")
-        conn.execute("SELECT set_config('sensormine.tenant_ids', %s, true)", (ids,))
+        conn.execute("SET LOCAL ROLE sensormine_writer" if write else "SET LOCAL ROLE sensormine_reader")
+        conn.execute(
+            "SELECT set_config('sensormine.tenant_ids', %s, true), set_config('sensormine.platform', %s, true)",
+            (ids, "on" if platform else "off"),
+        )
         yield conn
 
 

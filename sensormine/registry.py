@@ -37,12 +37,12 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class Tenant:
-    """A tenant; `parent_id` is set for sub-tenants."""
+    """A tenant; `parent_id` is set for sub-tenants, `plan` is None for one inheriting its parent's plan."""
 
     id: str
     name: str
     parent_id: str | None
-    plan: str
+    plan: str | None
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,24 @@ def hash_secret(secret: str) -> str:
 
 
 def create_tenant(
-    conn: psycopg.Connection, tenant_id: str, name: str | None = None, parent_id: str | None = None, plan: str = "free"
+    conn: psycopg.Connection,
+    tenant_id: str,
+    name: str | None = None,
+    parent_id: str | None = None,
+    plan: str | None = None,
 ) -> Tenant:
-    """Create a tenant, optionally under a parent."""
+    """Create a tenant, optionally under a parent.
+
+    Without a plan a top-level tenant is on the free plan and a sub-tenant inherits its parent's
+    plan (sharing its quota); `Tenant.plan` is then None.
+    """
     if not TENANT_ID_RE.match(tenant_id):
         raise RegistryError(
             f"tenant id {tenant_id!r} must be 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
         )
-    if plan not in PLANS:
+    if plan is None and parent_id is None:
+        plan = "free"
+    if plan is not None and plan not in PLANS:
         raise RegistryError(f"plan must be one of {', '.join(PLANS)}")
     try:
         with conn.transaction():
@@ -298,16 +308,25 @@ def list_devices(conn: psycopg.Connection, tenant_ids: list[str]) -> list[Device
 
 
 def create_api_key(
-    conn: psycopg.Connection, tenant_id: str, name: str = "default", scopes: tuple[str, ...] = ("read", "write")
+    conn: psycopg.Connection,
+    tenant_id: str,
+    name: str = "default",
+    scopes: tuple[str, ...] = ("read", "write"),
+    role: str = "operator",
+    created_by: str | None = None,
 ) -> str:
-    """Issue an API key for a tenant; the returned secret is shown once and stored hashed."""
+    """Issue an API key for a tenant; the returned secret (`smk_<id>_<secret>`) is shown once and stored hashed.
+
+    The key acts with `role`; its scopes narrow the role's permissions (see `sensormine.auth`).
+    """
     key_id = secrets.token_hex(6)
     key = f"smk_{key_id}_{secrets.token_urlsafe(24)}"
     try:
         with conn.transaction():
             conn.execute(
-                "INSERT INTO api_keys (id, tenant_id, name, key_hash, scopes) VALUES (%s, %s, %s, %s, %s)",
-                (key_id, tenant_id, name, hash_secret(key), list(scopes)),
+                "INSERT INTO api_keys (id, tenant_id, name, key_hash, scopes, role, created_by) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (key_id, tenant_id, name, hash_secret(key), list(scopes), role, created_by),
             )
     except psycopg.errors.ForeignKeyViolation:
         raise RegistryError(f"tenant {tenant_id!r} does not exist") from None

@@ -56,6 +56,18 @@ class Settings(BaseSettings):
         5.0, description="How long a dynamic-security control request may take (connect plus answer)."
     )
     api_key_header: str = "X-API-Key"
+    jwt_secret: str | None = Field(
+        None,
+        description="Signs access and refresh tokens (HS256). Required outside development environments "
+        "(env dev, test, demo, local), where a fixed development secret is used when unset.",
+    )
+    jwt_access_ttl_s: int = Field(900, description="Lifetime of an access token.")
+    jwt_refresh_ttl_s: int = Field(7 * 86_400, description="Lifetime of a refresh token.")
+    auth_cache_ttl_s: float = Field(
+        5.0,
+        description="How long the API remembers a resolved credential. A revocation, logout or role change made "
+        "through another API process takes effect within this time (at once in the process that made it).",
+    )
     device_key_header: str = "X-Device-Key"
     device_offline_after_s: float = Field(300.0, description="A device not heard from for this long is offline.")
     http_ingest_max_bytes: int = Field(10 << 20, description="Largest body POST /api/ingest accepts.")

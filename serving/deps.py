@@ -1,16 +1,34 @@
-"""Dependency shorthands: settings, database connections, and the calling tenant."""
+"""Dependency shorthands: settings, database connections, and the authenticated caller.
+
+Every route declares the permissions it needs with FastAPI's `Security`, e.g.
+`caller: Annotated[Caller, Security(authenticate, scopes=["devices:write"])]`; the OpenAPI document
+shows them, and a caller without one gets a 403 problem naming it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Annotated
 
 import psycopg
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.security import APIKeyHeader, OAuth2PasswordBearer, SecurityScopes
 from psycopg_pool import ConnectionPool
 
-from sensormine.registry import resolve_api_key, visible_tenant_ids
+from sensormine.auth import (
+    ALL_PERMISSIONS,
+    AuthError,
+    Identity,
+    Role,
+    identity_from_api_key,
+    identity_from_token,
+)
+from sensormine.db import tenant_scope
 from sensormine.settings import Settings
 from serving.problems import Problem
 
@@ -30,28 +48,135 @@ def get_conn(request: Request) -> Iterator[psycopg.Connection]:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ConnDep = Annotated[psycopg.Connection, Depends(get_conn)]
 
+PERMISSION_HELP = {p: p for p in sorted(ALL_PERMISSIONS)}
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/token", scopes=PERMISSION_HELP, auto_error=False)
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (smk_<id>_<secret>)")
+
 
 @dataclass(frozen=True)
-class Caller:
-    """Who is calling: their tenant, what they may read, and their scopes."""
+class Caller(Identity):
+    """The authenticated caller of a request."""
 
-    tenant_id: str
-    visible: tuple[str, ...]
-    scopes: tuple[str, ...]
+    def tenant(self, tenant_id: str | None = None) -> str:
+        """The tenant a request addresses: `tenant_id` when given, else the caller's own.
+
+        A tenant the caller may not read is answered as not found, so its existence is not disclosed.
+        """
+        if tenant_id is None:
+            if self.tenant_id is None:
+                raise Problem(422, "platform administrators name the tenant: add tenant_id")
+            return self.tenant_id
+        if tenant_id not in self.visible:
+            raise Problem(404, f"tenant {tenant_id!r} not found")
+        return tenant_id
+
+    def can(self, permission: str) -> bool:
+        """Whether the caller holds a permission."""
+        return permission in self.permissions
+
+    @property
+    def is_platform(self) -> bool:
+        """A platform administrator."""
+        return self.role == Role.PLATFORM_ADMIN
+
+    def scope(self, conn: psycopg.Connection, write: bool = False) -> AbstractContextManager[psycopg.Connection]:
+        """A transaction under row-level security limited to the caller's tenants (writer role when `write`)."""
+        return tenant_scope(conn, self.visible, write=write, platform=self.is_platform)
 
 
-def get_caller(request: Request, conn: ConnDep, settings: SettingsDep) -> Caller:
-    """Authenticate the API key header; a missing or invalid key is a 401."""
-    key = request.headers.get(settings.api_key_header)
-    if not key:
-        raise Problem(401, f"send an API key in the {settings.api_key_header} header")
-    resolved = resolve_api_key(conn, key)
-    if resolved is None:
-        raise Problem(401, "the API key is unknown or revoked")
-    tenant_id, scopes = resolved
-    visible = tuple(visible_tenant_ids(conn, tenant_id))
-    conn.commit()
-    return Caller(tenant_id, visible, tuple(scopes))
+class CredentialCache:
+    """Resolved credentials for `auth_cache_ttl_s`, so a hot route costs no database round trip for auth."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, Caller]] = {}
+
+    @staticmethod
+    def _key(kind: str, credential: str) -> str:
+        return kind + hashlib.sha256(credential.encode()).hexdigest()
+
+    def get(self, kind: str, credential: str) -> Caller | None:
+        """A cached caller, or None when absent or expired."""
+        hit = self._entries.get(self._key(kind, credential))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, kind: str, credential: str, caller: Caller) -> None:
+        """Remember a resolved caller."""
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[self._key(kind, credential)] = (time.monotonic() + self.ttl_s, caller)
+
+    def clear(self) -> None:
+        """Forget everything (after a revocation, logout, role or tenant change in this process)."""
+        with self._lock:
+            self._entries.clear()
 
 
-CallerDep = Annotated[Caller, Depends(get_caller)]
+def credential_cache(request: Request) -> CredentialCache:
+    """The app's credential cache."""
+    return request.app.state.credentials
+
+
+def _resolve(conn: psycopg.Connection, settings: Settings, kind: str, credential: str) -> Caller:
+    try:
+        ident = (
+            identity_from_token(conn, settings, credential)
+            if kind == "bearer"
+            else identity_from_api_key(conn, credential)
+        )
+    finally:
+        conn.commit()
+    return Caller(**vars(ident))
+
+
+def authenticate(
+    security_scopes: SecurityScopes,
+    request: Request,
+    response: Response,
+    conn: ConnDep,
+    settings: SettingsDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+    api_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Caller:
+    """The caller, from a bearer access token or an API key; 401 without either, 403 without a permission."""
+    if token:
+        kind, credential = "bearer", token
+    elif api_key:
+        kind, credential = "key", api_key
+    else:
+        raise Problem(
+            401,
+            "log in (POST /api/auth/token) and send 'Authorization: Bearer <token>', "
+            f"or send an API key in the {settings.api_key_header} header",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    cache = credential_cache(request)
+    caller = cache.get(kind, credential)
+    if caller is None:
+        try:
+            caller = _resolve(conn, settings, kind, credential)
+        except AuthError as exc:
+            raise Problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        cache.put(kind, credential, caller)
+    missing = [s for s in security_scopes.scopes if s not in caller.permissions]
+    if missing:
+        raise Problem(
+            403,
+            f"this {caller.subject.split(':')[0]} (role {caller.role}) lacks the permission {', '.join(missing)}",
+        )
+    if not getattr(request.state, "caller", None):
+        request.state.caller = caller
+        limits = getattr(request.app.state, "enforce_call_limits", None)
+        if limits is not None:
+            limits(request, response, caller)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]  # any authenticated caller, no particular permission

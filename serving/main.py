@@ -7,15 +7,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from sensormine.auth import jwt_secret
 from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
+from serving.deps import CredentialCache
 from serving.problems import install_problem_handlers
-from serving.routes import devices, dlq, health, ingest, query
+from serving.routes import auth, devices, dlq, health, ingest, query
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API application for `settings` (the environment's by default)."""
     settings = settings or get_settings()
+    jwt_secret(settings)  # refuse to start outside development without a real signing secret
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,8 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.credentials = CredentialCache(settings.auth_cache_ttl_s)
     install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(auth.router)
     app.include_router(query.router)
     app.include_router(ingest.router)
     app.include_router(dlq.router)

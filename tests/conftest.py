@@ -72,6 +72,7 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         s3_secret_key=services.get("SENSORMINE_S3_SECRET_KEY", "test"),
         lake_uri=str(tmp_path / "lake"),
         mqtt_session_expiry_s=60,  # broker sessions of finished tests go away soon
+        jwt_secret="test-signing-secret-" + uuid.uuid4().hex,
     )
 
 

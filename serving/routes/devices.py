@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Query, Response, Security
 from pydantic import BaseModel
 
 from sensormine.profiles import ProfileError, delete_profile, get_profile, set_profile
 from sensormine.status import device_statuses
-from serving.deps import Caller, CallerDep, ConnDep, SettingsDep
+from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
@@ -42,21 +42,17 @@ class ProfileOut(BaseModel):
     profile: dict[str, Any]
 
 
+Reader = Annotated[Caller, Security(authenticate, scopes=["devices:read"])]
+Writer = Annotated[Caller, Security(authenticate, scopes=["devices:write"])]
+
+
 def _tenant(caller: Caller, tenant_id: str | None) -> str:
-    tenant = tenant_id or caller.tenant_id
-    if tenant not in caller.visible:
-        raise Problem(404, f"tenant {tenant!r} not found")
-    return tenant
-
-
-def _require_write(caller: Caller) -> None:
-    if "write" not in caller.scopes:
-        raise Problem(403, "this API key lacks the write scope")
+    return caller.tenant(tenant_id)
 
 
 @router.get("/status", response_model=list[DeviceStatusOut])
 def list_status(
-    caller: CallerDep, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
+    caller: Reader, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> list[DeviceStatusOut]:
     """Status of every device of a tenant: online (heard from within the offline timeout), counters."""
     tenant = _tenant(caller, tenant_id)
@@ -66,7 +62,7 @@ def list_status(
 
 @router.get("/{device_id}/status", response_model=DeviceStatusOut)
 def one_status(
-    device_id: str, caller: CallerDep, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
+    device_id: str, caller: Reader, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> DeviceStatusOut:
     """Status of one device."""
     tenant = _tenant(caller, tenant_id)
@@ -77,7 +73,7 @@ def one_status(
 
 
 @router.get("/{device_id}/profile", response_model=ProfileOut)
-def read_profile(device_id: str, caller: CallerDep, conn: ConnDep, tenant_id: TenantParam = None) -> ProfileOut:
+def read_profile(device_id: str, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> ProfileOut:
     """The device's OPC UA or Modbus connection profile."""
     tenant = _tenant(caller, tenant_id)
     stored = get_profile(conn, tenant, device_id)
@@ -91,7 +87,7 @@ def read_profile(device_id: str, caller: CallerDep, conn: ConnDep, tenant_id: Te
 @router.put("/{device_id}/profile", response_model=ProfileOut)
 def write_profile(
     device_id: str,
-    caller: CallerDep,
+    caller: Writer,
     conn: ConnDep,
     profile: Annotated[
         dict[str, Any],
@@ -110,7 +106,6 @@ def write_profile(
     tenant_id: TenantParam = None,
 ) -> ProfileOut:
     """Create or replace the profile; the device's daemon applies it without a restart."""
-    _require_write(caller)
     tenant = _tenant(caller, tenant_id)
     try:
         stored = set_profile(conn, tenant, device_id, profile)
@@ -123,9 +118,8 @@ def write_profile(
 
 
 @router.delete("/{device_id}/profile", status_code=204)
-def remove_profile(device_id: str, caller: CallerDep, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
+def remove_profile(device_id: str, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
     """Remove the profile; the daemon disconnects from the device."""
-    _require_write(caller)
     tenant = _tenant(caller, tenant_id)
     if not delete_profile(conn, tenant, device_id):
         raise Problem(404, f"device {device_id!r} of tenant {tenant!r} has no profile")

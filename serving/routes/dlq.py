@@ -10,11 +10,11 @@ import base64
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Security
 from pydantic import AwareDatetime, BaseModel, Field
 
 from sensormine.dlq import MAX_LIMIT, DeadLetter, DlqError, DlqFilter, ReplayOutcome, list_dead_letters, replay_matching
-from serving.deps import Caller, CallerDep, ConnDep, SettingsDep
+from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
 
 router = APIRouter(prefix="/api/dlq", tags=["dlq"])
@@ -111,7 +111,7 @@ def _outcome(o: ReplayOutcome) -> ReplayOutcomeOut:
 
 @router.get("", response_model=DeadLetterList, summary="List dead letters of the caller's tenants")
 def list_dlq(
-    caller: CallerDep,
+    caller: Annotated[Caller, Security(authenticate, scopes=["dlq:read"])],
     conn: ConnDep,
     settings: SettingsDep,
     tenant_id: Annotated[str | None, Query(description="One of the caller's tenants; all of them by default")] = None,
@@ -134,23 +134,26 @@ def list_dlq(
 @router.post(
     "/replay",
     response_model=ReplayResult,
-    summary="Re-submit dead letters after a schema or device fix (scope: write)",
-    responses={403: {"description": "The API key lacks the write scope."}, 503: {"description": "Try again."}},
+    summary="Re-submit dead letters after a schema or device fix (permission dlq:write)",
+    responses={403: {"description": "The caller lacks dlq:write."}, 503: {"description": "Try again."}},
 )
-def replay_dlq(caller: CallerDep, conn: ConnDep, settings: SettingsDep, body: ReplayRequest) -> ReplayResult:
+def replay_dlq(
+    caller: Annotated[Caller, Security(authenticate, scopes=["dlq:write"])],
+    conn: ConnDep,
+    settings: SettingsDep,
+    body: ReplayRequest,
+) -> ReplayResult:
     """Replay dead letters through the path of their origin; those still invalid stay pending.
 
     Each re-submitted dead letter is recorded, so replaying it again is skipped (`already_replayed`);
     ids of other tenants' dead letters are `not_found`.
     """
-    if "write" not in caller.scopes:
-        raise Problem(403, "replaying dead letters needs an API key with the write scope")
     flt = DlqFilter(
         _tenants(caller, body.tenant_id), body.device_id, body.source, body.reason, body.since, "pending", body.limit
     )
     try:
         report = replay_matching(
-            conn, settings, ids=body.ids, flt=flt, replayed_by=f"api:{caller.tenant_id}", dry_run=body.dry_run
+            conn, settings, ids=body.ids, flt=flt, replayed_by=f"api:{caller.subject}", dry_run=body.dry_run
         )
     except DlqError as exc:
         raise Problem(503, str(exc)) from None

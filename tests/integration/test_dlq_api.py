@@ -91,7 +91,7 @@ def test_replay_needs_the_write_scope_and_touches_only_the_callers_dead_letters(
         ids = {e["tenant_id"]: e["id"] for e in listed(client, keys["parent"])}
 
         refused = replay(client, keys["child-ro"], ids=[ids["child"]])
-        assert refused.status_code == 403 and "write scope" in refused.json()["detail"]
+        assert refused.status_code == 403 and "dlq:write" in refused.json()["detail"]
 
         dry = replay(client, keys["child"], dry_run=True).json()
         assert dry["counts"] == {"would_resubmit": 1}

@@ -1,0 +1,89 @@
+"""The audit log: who changed what, written in the same transaction as the change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+
+class Actor(Protocol):
+    """Whoever made a change (an authenticated API caller, or the CLI)."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class CliActor:
+    """Changes made with the `sensormine` command line on the server."""
+
+    subject: str = "cli"
+    role: str = "platform_admin"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One recorded change."""
+
+    id: int
+    at: datetime
+    tenant_id: str | None
+    actor: str
+    actor_role: str | None
+    action: str
+    target_type: str
+    target_id: str
+    detail: dict[str, Any]
+
+
+def record(
+    conn: psycopg.Connection,
+    actor: Actor,
+    tenant_id: str | None,
+    action: str,
+    target_type: str,
+    target_id: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Record a change; call inside the transaction that makes it, so both commit or neither."""
+    conn.execute(
+        "INSERT INTO audit_log (tenant_id, actor, actor_role, action, target_type, target_id, detail) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (tenant_id, actor.subject, str(actor.role), action, target_type, target_id, Jsonb(detail or {})),
+    )
+
+
+def query_audit(
+    conn: psycopg.Connection,
+    tenant_ids: list[str],
+    *,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
+) -> list[AuditEntry]:
+    """Entries of the given tenants, newest first, before a cursor id."""
+    rows = conn.execute(
+        "SELECT id, at, tenant_id, actor, actor_role, action, target_type, target_id, detail FROM audit_log "
+        "WHERE tenant_id = ANY(%(t)s) AND (%(action)s::text IS NULL OR action = %(action)s OR action LIKE %(prefix)s) "
+        "AND (%(actor)s::text IS NULL OR actor = %(actor)s) AND (%(since)s::timestamptz IS NULL OR at >= %(since)s) "
+        "AND (%(before)s::bigint IS NULL OR id < %(before)s) ORDER BY id DESC LIMIT %(limit)s",
+        {
+            "t": tenant_ids,
+            "action": action,
+            "prefix": f"{action}.%" if action else None,
+            "actor": actor,
+            "since": since,
+            "before": before_id,
+            "limit": limit,
+        },
+    ).fetchall()
+    return [AuditEntry(*r) for r in rows]
