@@ -12,7 +12,7 @@ from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache
 from serving.problems import install_problem_handlers
-from serving.routes import auth, devices, dlq, health, ingest, query
+from serving.routes import audit, auth, devices, dlq, health, ingest, query, schemas, tenants, users
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,6 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ingest.router)
     app.include_router(dlq.router)
     app.include_router(devices.router)
+    app.include_router(schemas.router)
+    app.include_router(tenants.router)
+    app.include_router(users.router)
+    app.include_router(audit.router)
     return app
 
 

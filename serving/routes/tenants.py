@@ -1,0 +1,7 @@
+"""Routes: tenants (being built)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/api/tenants", tags=["tenants"])
