@@ -61,6 +61,14 @@ class Settings(BaseSettings):
         description="Signs access and refresh tokens (HS256). Required outside development environments "
         "(env dev, test, demo, local), where a fixed development secret is used when unset.",
     )
+    quota_flush_interval_s: float = Field(
+        5.0, description="How often each API process moves API-call counts from Redis to the usage table."
+    )
+    limits_enabled: bool = Field(
+        True,
+        description="Enforce per-plan rate limits and monthly quotas on the API (and meter API calls); "
+        "off only for benchmarks that measure the routes themselves.",
+    )
     jwt_access_ttl_s: int = Field(900, description="Lifetime of an access token.")
     jwt_refresh_ttl_s: int = Field(7 * 86_400, description="Lifetime of a refresh token.")
     auth_cache_ttl_s: float = Field(

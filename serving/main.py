@@ -11,6 +11,7 @@ from sensormine.auth import jwt_secret
 from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache
+from serving.limits import start_limits, stop_limits
 from serving.problems import install_problem_handlers
 from serving.routes import audit, auth, devices, dlq, health, ingest, query, schemas, tenants, users
 
@@ -25,9 +26,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with connect(settings) as conn:
             migrate(conn)
         app.state.pool = make_pool(settings)
+        start_limits(app, settings)
         try:
             yield
         finally:
+            stop_limits(app)  # a last flush of API-call counts
             gate = getattr(app.state, "ingest_gate", None)
             if gate is not None:
                 gate.close()

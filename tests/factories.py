@@ -13,12 +13,23 @@ DAY = datetime(2026, 11, 26, tzinfo=UTC)
 DAY_US = datetime_to_us(DAY)
 
 
-def make_tenant(conn: psycopg.Connection, tenant_id: str, devices: list[str], parent_id: str | None = None) -> str:
-    """Create a tenant with devices; returns an API key."""
-    create_tenant(conn, tenant_id, parent_id=parent_id)
+def make_tenant(
+    conn: psycopg.Connection,
+    tenant_id: str,
+    devices: list[str],
+    parent_id: str | None = None,
+    plan: str | None = None,
+    role: str = "operator",
+) -> str:
+    """Create a tenant with devices; returns an API key of `role`.
+
+    A top-level tenant is on the pro plan unless told otherwise (its rate limit of 100 requests a
+    second stays clear of tests that poll); a sub-tenant inherits its parent's plan.
+    """
+    create_tenant(conn, tenant_id, parent_id=parent_id, plan=plan or (None if parent_id else "pro"))
     for d in devices:
         create_device(conn, tenant_id, d)
-    return create_api_key(conn, tenant_id, "test")
+    return create_api_key(conn, tenant_id, "test", role=role)
 
 
 def readings(

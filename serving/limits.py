@@ -1,0 +1,142 @@
+"""Per-plan rate limits and quotas on the API (docs/quotas.md).
+
+`start_limits(app, settings)` / `stop_limits(app)` run from the app's lifespan (after the connection
+pool exists); the authentication dependency calls `enforce_call_limits` for every authenticated
+request; the device routes call `device_quota_guard` before registering devices.
+
+Headers on every limited answer:
+- `X-RateLimit-Limit` (the bucket size, i.e. the burst), `X-RateLimit-Remaining` (tokens left);
+- `X-Quota-Limit`, `X-Quota-Remaining`, `X-Quota-Reset` (seconds until the month resets, UTC) when the
+  plan has a monthly API-call quota, and `X-Quota-Warning` from 80 % of it on.
+A refusal is a 429 problem+json with `Retry-After` (seconds) and `kind` (rate, api_calls, devices).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import psycopg
+from fastapi import FastAPI, Request, Response
+
+from sensormine.plans import PlanError, get_plan
+from sensormine.quotas import (
+    DeviceQuota,
+    MemoryBackend,
+    QuotaBackend,
+    QuotaExceeded,
+    Quotas,
+    RedisBackend,
+    check_device_quota,
+)
+from sensormine.redisclient import key_prefix, make_redis
+from sensormine.settings import Settings
+from serving.problems import Problem
+
+log = logging.getLogger(__name__)
+
+PLATFORM_ADMIN = "platform_admin"
+
+
+class LimitedCaller(Protocol):
+    """What the limits need to know of an authenticated caller (serving.deps.Caller has it)."""
+
+    @property
+    def tenant_id(self) -> str | None: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def plan(self) -> str | None: ...
+
+    @property
+    def quota_tenant(self) -> str | None: ...
+
+
+def make_quotas(app: FastAPI, settings: Settings) -> Quotas:
+    """The limiter for `settings`: in Redis when configured, else in process memory (one process only)."""
+    backend: QuotaBackend
+    if settings.redis_url:
+        backend = RedisBackend(make_redis(settings), key_prefix(settings))
+    else:
+        log.info("no SENSORMINE_REDIS_URL: rate limits and quotas are kept in this process only")
+        backend = MemoryBackend()
+    return Quotas(
+        backend,
+        lambda: app.state.pool.connection(),
+        flush_interval_s=settings.quota_flush_interval_s,
+    )
+
+
+def start_limits(app: FastAPI, settings: Settings) -> None:
+    """Start rate limits, quotas and usage metering for `app` (call once `app.state.pool` exists)."""
+    if not settings.limits_enabled:
+        return
+    quotas = make_quotas(app, settings)
+    quotas.start()
+    app.state.quotas = quotas
+    app.state.enforce_call_limits = enforce_call_limits
+
+
+def stop_limits(app: FastAPI) -> None:
+    """Stop metering after writing the last usage counts (call before the pool closes)."""
+    app.state.enforce_call_limits = None
+    quotas: Quotas | None = getattr(app.state, "quotas", None)
+    if quotas is not None:
+        quotas.close()
+        app.state.quotas = None
+
+
+def too_many(exc: QuotaExceeded, headers: dict[str, str] | None = None) -> Problem:
+    """The 429 problem for a refusal, with `Retry-After`."""
+    return Problem(
+        429,
+        exc.detail,
+        headers={**(headers or {}), "Retry-After": str(exc.retry_after_s)},
+        retry_after_s=exc.retry_after_s,
+        **exc.info,
+    )
+
+
+def enforce_call_limits(request: Request, response: Response, caller: LimitedCaller) -> None:
+    """Admit one authenticated request: token bucket, then the monthly API-call quota; 429 beyond them.
+
+    Platform administrators are never limited. Sets the rate-limit and quota headers on `response`.
+    """
+    quotas: Quotas | None = getattr(request.app.state, "quotas", None)
+    if quotas is None or caller.tenant_id is None or caller.role == PLATFORM_ADMIN:
+        return
+    quota_tenant = caller.quota_tenant or caller.tenant_id
+    try:
+        plan = get_plan(caller.plan or "free")
+    except PlanError:
+        log.warning("tenant %s has an unknown plan %r; limiting it as free", quota_tenant, caller.plan)
+        plan = get_plan("free")
+    try:
+        allowance = quotas.check_call(quota_tenant, caller.tenant_id, plan)
+    except QuotaExceeded as exc:
+        headers = {}
+        if exc.info.get("kind") == "rate" and plan.burst is not None:
+            headers = {"X-RateLimit-Limit": str(plan.burst), "X-RateLimit-Remaining": "0"}
+        raise too_many(exc, headers) from None
+    if allowance.rate_limit is not None and allowance.rate_remaining is not None:
+        response.headers["X-RateLimit-Limit"] = str(allowance.rate_limit)
+        response.headers["X-RateLimit-Remaining"] = str(allowance.rate_remaining)
+    if allowance.quota_limit is not None and allowance.quota_used is not None:
+        response.headers["X-Quota-Limit"] = str(allowance.quota_limit)
+        response.headers["X-Quota-Remaining"] = str(max(0, allowance.quota_limit - allowance.quota_used))
+        response.headers["X-Quota-Reset"] = str(allowance.quota_reset_s)
+    if allowance.warning:
+        response.headers["X-Quota-Warning"] = allowance.warning
+
+
+def device_quota_guard(conn: psycopg.Connection, tenant_id: str, adding: int = 1) -> DeviceQuota:
+    """`check_device_quota` for a route: a refusal becomes a 429 problem with `Retry-After`.
+
+    Call it inside the transaction that inserts the devices (it holds the quota group's lock until then).
+    """
+    try:
+        return check_device_quota(conn, tenant_id, adding)
+    except QuotaExceeded as exc:
+        raise too_many(exc) from None

@@ -1,0 +1,84 @@
+"""Roles, scopes, passwords, tokens and the production secret rule, without services."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from sensormine.auth import (
+    DEV_JWT_SECRET,
+    ROLE_PERMISSIONS,
+    AuthError,
+    Role,
+    decode_token,
+    expand_scopes,
+    hash_password,
+    jwt_secret,
+    may_grant,
+    verify_password,
+)
+from sensormine.settings import Settings
+
+
+def test_roles_nest_and_device_stands_apart() -> None:
+    viewer, operator = ROLE_PERMISSIONS[Role.VIEWER], ROLE_PERMISSIONS[Role.OPERATOR]
+    admin, platform = ROLE_PERMISSIONS[Role.TENANT_ADMIN], ROLE_PERMISSIONS[Role.PLATFORM_ADMIN]
+    assert viewer < operator < admin < platform
+    assert all(p.endswith(":read") for p in viewer)
+    assert ROLE_PERMISSIONS[Role.DEVICE] == {"telemetry:write"}
+    assert "tenants:plan" in platform and "tenants:plan" not in admin
+
+
+def test_scopes_expand_and_reject_unknown_names() -> None:
+    assert "devices:read" in expand_scopes(["read"]) and "devices:write" not in expand_scopes(["read"])
+    assert expand_scopes(["devices:read", "telemetry:read"]) == {"devices:read", "telemetry:read"}
+    with pytest.raises(AuthError, match="unknown scope"):
+        expand_scopes(["admin"])
+
+
+def test_nobody_grants_above_themselves() -> None:
+    assert may_grant(Role.TENANT_ADMIN, Role.OPERATOR) and may_grant(Role.TENANT_ADMIN, Role.TENANT_ADMIN)
+    assert not may_grant(Role.OPERATOR, Role.TENANT_ADMIN)
+    assert not may_grant(Role.TENANT_ADMIN, Role.PLATFORM_ADMIN)
+    assert may_grant(Role.PLATFORM_ADMIN, Role.PLATFORM_ADMIN)
+    assert may_grant(Role.OPERATOR, Role.DEVICE) and not may_grant(Role.DEVICE, Role.VIEWER)
+
+
+def test_password_hashes_are_salted_and_verify() -> None:
+    a, b = hash_password("correct horse battery"), hash_password("correct horse battery")
+    assert a != b and a.startswith("scrypt$")
+    assert verify_password("correct horse battery", a) and verify_password("correct horse battery", b)
+    assert not verify_password("correct horse batterx", a)
+    assert not verify_password("anything", "not-a-hash")
+
+
+def test_production_refuses_the_default_secret() -> None:
+    assert jwt_secret(Settings(env="dev")) == DEV_JWT_SECRET
+    with pytest.raises(AuthError, match="SENSORMINE_JWT_SECRET is unset"):
+        jwt_secret(Settings(env="prod"))
+    with pytest.raises(AuthError, match="SENSORMINE_JWT_SECRET is unset"):
+        jwt_secret(Settings(env="prod", jwt_secret=DEV_JWT_SECRET))
+    with pytest.raises(AuthError, match="at least 32"):
+        jwt_secret(Settings(env="prod", jwt_secret="short"))
+    good = "x" * 40
+    assert jwt_secret(Settings(env="prod", jwt_secret=good)) == good
+
+
+def test_tokens_check_signature_type_and_expiry() -> None:
+    settings = Settings(env="prod", jwt_secret="s" * 40)
+    now = int(time.time())
+    access = jwt.encode({"sub": "u", "typ": "access", "exp": now + 60}, "s" * 40, algorithm="HS256")
+    assert decode_token(settings, access, "access")["sub"] == "u"
+    with pytest.raises(AuthError, match="where a refresh token is needed"):
+        decode_token(settings, access, "refresh")
+    forged = jwt.encode({"sub": "u", "typ": "access", "exp": now + 60}, "t" * 40, algorithm="HS256")
+    with pytest.raises(AuthError, match="invalid"):
+        decode_token(settings, forged, "access")
+    expired = jwt.encode({"sub": "u", "typ": "access", "exp": now - 5}, "s" * 40, algorithm="HS256")
+    with pytest.raises(AuthError, match="expired"):
+        decode_token(settings, expired, "access")
+    unsigned = jwt.encode({"sub": "u", "typ": "access", "exp": now + 60}, None, algorithm="none")
+    with pytest.raises(AuthError, match="invalid"):
+        decode_token(settings, unsigned, "access")
