@@ -69,11 +69,13 @@ def query_audit(
     since: datetime | None = None,
     before_id: int | None = None,
     limit: int = 100,
+    include_platform: bool = False,
 ) -> list[AuditEntry]:
-    """Entries of the given tenants, newest first, before a cursor id."""
+    """Entries of the given tenants (and platform-level ones, without a tenant, if asked), newest first."""
     rows = conn.execute(
         "SELECT id, at, tenant_id, actor, actor_role, action, target_type, target_id, detail FROM audit_log "
-        "WHERE tenant_id = ANY(%(t)s) AND (%(action)s::text IS NULL OR action = %(action)s OR action LIKE %(prefix)s) "
+        "WHERE (tenant_id = ANY(%(t)s) OR (%(platform)s AND tenant_id IS NULL)) "
+        "AND (%(action)s::text IS NULL OR action = %(action)s OR action LIKE %(prefix)s) "
         "AND (%(actor)s::text IS NULL OR actor = %(actor)s) AND (%(since)s::timestamptz IS NULL OR at >= %(since)s) "
         "AND (%(before)s::bigint IS NULL OR id < %(before)s) ORDER BY id DESC LIMIT %(limit)s",
         {
@@ -84,6 +86,7 @@ def query_audit(
             "since": since,
             "before": before_id,
             "limit": limit,
+            "platform": include_platform,
         },
     ).fetchall()
     return [AuditEntry(*r) for r in rows]

@@ -46,6 +46,12 @@ def _dlq_app() -> typer.Typer:
     return dlq
 
 
+def _users_app() -> typer.Typer:
+    from sensormine.cli_users import app as users
+
+    return users
+
+
 def _register_device_commands(device: typer.Typer) -> None:
     from sensormine.cli_devices import register
 
@@ -55,6 +61,7 @@ def _register_device_commands(device: typer.Typer) -> None:
 app.add_typer(_lake_app(), name="lake")
 _register_device_commands(device_app)
 app.add_typer(_dlq_app(), name="dlq")
+app.add_typer(_users_app(), name="user")
 app.add_typer(_services_app(), name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
 
 
@@ -71,7 +78,9 @@ def tenant_create(
     tenant_id: str,
     name: str = typer.Option(None, help="Display name (defaults to the id)."),
     parent: str = typer.Option(None, help="Parent tenant id, for a sub-tenant."),
-    plan: str = typer.Option("free", help="free, pro or enterprise."),
+    plan: str | None = typer.Option(
+        None, help="free, pro or enterprise; omitted: free for a top-level tenant, inherited for a sub-tenant."
+    ),
 ) -> None:
     """Create a tenant and print its first API key (shown once)."""
     with connect() as conn:

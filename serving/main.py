@@ -12,8 +12,9 @@ from sensormine.db import connect, make_pool, migrate
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache
 from serving.limits import start_limits, stop_limits
+from serving.metrics import install_metrics
 from serving.problems import install_problem_handlers
-from serving.routes import audit, auth, devices, dlq, health, ingest, query, schemas, tenants, users
+from serving.routes import audit, auth, devices, dlq, health, ingest, query, schemas, tenants, usage, users
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.credentials = CredentialCache(settings.auth_cache_ttl_s)
     install_problem_handlers(app)
+    install_metrics(app)
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(query.router)
@@ -55,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tenants.router)
     app.include_router(users.router)
     app.include_router(audit.router)
+    app.include_router(usage.router)
     return app
 
 

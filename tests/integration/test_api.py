@@ -47,6 +47,12 @@ def test_probes_and_openapi(settings: Settings) -> None:
         spec = client.get("/openapi.json").json()
         assert "/api/query/telemetry" in spec["paths"]
         assert client.get("/docs").status_code == 200
+        client.get("/api/devices/nope/status")  # a 401, counted under its route template
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        assert 'sensormine_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in metrics.text
+        assert 'route="/api/devices/{device_id}/status",status="401"' in metrics.text
+        assert "sensormine_db_pool_connections" in metrics.text
 
 
 def test_parent_reads_children_never_the_reverse(settings: Settings, keys: dict[str, str]) -> None:

@@ -82,3 +82,11 @@ def test_tokens_check_signature_type_and_expiry() -> None:
     unsigned = jwt.encode({"sub": "u", "typ": "access", "exp": now + 60}, None, algorithm="none")
     with pytest.raises(AuthError, match="invalid"):
         decode_token(settings, unsigned, "access")
+
+
+def test_the_app_refuses_to_start_in_production_with_the_default_secret() -> None:
+    from serving.main import create_app
+
+    with pytest.raises(AuthError, match="SENSORMINE_JWT_SECRET"):
+        create_app(Settings(env="prod"))
+    assert create_app(Settings(env="prod", jwt_secret="p" * 40)).title == "Sensormine API"

@@ -1,0 +1,81 @@
+"""Prometheus metrics at /metrics: requests by route template, method and status, their latency, pool use.
+
+A plain ASGI middleware (no BaseHTTPMiddleware), so the cost per request is a dict lookup and two
+metric updates. Labels use the route template (`/api/devices/{device_id}`), never the raw path, so
+the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Metrics:
+    """The app's own registry (one per app, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sensormine_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "sensormine_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.pool_size = Gauge("sensormine_db_pool_connections", "Database pool connections", registry=self.registry)
+        self.pool_waiting = Gauge(
+            "sensormine_db_pool_waiting", "Requests waiting for a connection", registry=self.registry
+        )
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+
+
+def install_metrics(app: FastAPI) -> None:
+    """Add the middleware and the /metrics route."""
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus(request: Request) -> Response:
+        pool = getattr(request.app.state, "pool", None)
+        if pool is not None:
+            stats = pool.get_stats()
+            metrics.pool_size.set(stats.get("pool_size", 0))
+            metrics.pool_waiting.set(stats.get("requests_waiting", 0))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

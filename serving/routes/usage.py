@@ -1,0 +1,156 @@
+"""Usage of a tenant against its plan (API calls, devices) and the events its admins should hear about."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Security
+from pydantic import BaseModel, Field
+
+from sensormine.plans import get_plan
+from sensormine.quotas import Quotas, month_label
+from serving.deps import Caller, ConnDep, authenticate
+from serving.pagination import Page, PageDep
+from serving.problems import Problem
+
+router = APIRouter(prefix="/api/usage", tags=["usage"])
+Reader = Annotated[Caller, Security(authenticate, scopes=["usage:read"])]
+TenantParam = Annotated[str | None, Query(description="A sub-tenant; the caller's own tenant by default")]
+
+
+class Allowance(BaseModel):
+    """Used against the plan's limit (null: unlimited)."""
+
+    used: int
+    limit: int | None
+
+
+class DayCount(BaseModel):
+    """API calls of one day."""
+
+    day: date
+    api_calls: int
+
+
+class TenantCount(BaseModel):
+    """API calls and devices of one tenant of the subtree in the month (for chargeback)."""
+
+    tenant_id: str
+    api_calls: int
+    devices: int
+
+
+class UsageOut(BaseModel):
+    """A tenant's month: its quota group's standing against the plan, and its own subtree's breakdown."""
+
+    tenant_id: str
+    month: str = Field(description="YYYY-MM (UTC)")
+    plan: str
+    quota_tenant: str = Field(description="Whose plan and quota apply (the nearest tenant up with its own plan)")
+    api_calls: Allowance = Field(description="The quota group's calls this month (live for the current month)")
+    devices: Allowance = Field(description="The quota group's registered devices")
+    by_day: list[DayCount] = Field(description="The tenant's own calls per day (flushed counts)")
+    by_tenant: list[TenantCount] = Field(description="The tenant and each sub-tenant (flushed counts)")
+
+
+class EventOut(BaseModel):
+    """Something that happened to a tenant (e.g. quota.api_calls.warning at 80 %)."""
+
+    id: int
+    at: datetime
+    tenant_id: str
+    type: str
+    data: dict[str, Any]
+
+
+def _month(month: str | None) -> tuple[date, date, str]:
+    if month is None:
+        month = month_label(datetime.now(UTC))
+    try:
+        start = date.fromisoformat(month + "-01")
+    except ValueError:
+        raise Problem(422, f"month {month!r} is not YYYY-MM, e.g. 2026-11") from None
+    end = date(start.year + (start.month == 12), start.month % 12 + 1, 1)
+    return start, end, month
+
+
+@router.get("", response_model=UsageOut)
+def usage(
+    caller: Reader,
+    conn: ConnDep,
+    request: Request,
+    tenant_id: TenantParam = None,
+    month: Annotated[str | None, Query(description="YYYY-MM; the current month by default")] = None,
+) -> UsageOut:
+    """API calls and devices against the plan, per day and per sub-tenant."""
+    tenant = caller.tenant(tenant_id)
+    start, end, label = _month(month)
+    with caller.scope(conn):
+        subtree = [
+            r[0]
+            for r in conn.execute(
+                "WITH RECURSIVE t AS (SELECT id FROM tenants WHERE id = %s "
+                "UNION ALL SELECT c.id FROM tenants c JOIN t ON c.parent_id = t.id) SELECT id FROM t",
+                (tenant,),
+            ).fetchall()
+        ]
+        row = conn.execute("SELECT * FROM sensormine_device_quota_usage(%s)", (tenant,)).fetchone()
+        assert row is not None
+        quota_tenant, plan_name, group_devices = row
+        calls: dict[str, int] = dict(
+            conn.execute(
+                "SELECT tenant_id, sum(value) FROM usage WHERE metric = 'api_calls' AND day >= %s AND day < %s "
+                "AND tenant_id = ANY(%s) GROUP BY tenant_id",
+                (start, end, subtree),
+            ).fetchall()
+        )
+        devices: dict[str, int] = dict(
+            conn.execute(
+                "SELECT tenant_id, count(*) FROM devices WHERE tenant_id = ANY(%s) GROUP BY tenant_id", (subtree,)
+            ).fetchall()
+        )
+        days = conn.execute(
+            "SELECT day, value FROM usage WHERE metric = 'api_calls' AND tenant_id = %s AND day >= %s AND day < %s "
+            "ORDER BY day",
+            (tenant, start, end),
+        ).fetchall()
+        group_calls = conn.execute(
+            "SELECT coalesce(sum(value), 0) FROM usage WHERE metric = 'api_calls' AND day >= %s AND day < %s "
+            "AND tenant_id IN (SELECT sensormine_quota_group(%s))",
+            (start, end, quota_tenant),
+        ).fetchone()
+    used = int(group_calls[0]) if group_calls else 0
+    quotas: Quotas | None = getattr(request.app.state, "quotas", None)
+    if quotas is not None and label == month_label(datetime.now(UTC)):
+        live = quotas.backend.month_count(quota_tenant, label)
+        used = max(used, live or 0)  # the live counter includes calls not flushed yet
+    plan = get_plan(plan_name)
+    return UsageOut(
+        tenant_id=tenant,
+        month=label,
+        plan=plan.name,
+        quota_tenant=quota_tenant,
+        api_calls=Allowance(used=used, limit=plan.api_calls_per_month),
+        devices=Allowance(used=int(group_devices), limit=plan.max_devices),
+        by_day=[DayCount(day=d, api_calls=int(v)) for d, v in days],
+        by_tenant=[
+            TenantCount(tenant_id=t, api_calls=int(calls.get(t, 0)), devices=int(devices.get(t, 0))) for t in subtree
+        ],
+    )
+
+
+@router.get("/events", response_model=Page[EventOut])
+def events(caller: Reader, conn: ConnDep, page: PageDep, tenant_id: TenantParam = None) -> dict[str, Any]:
+    """Events of a tenant, newest first (quota warnings and refusals)."""
+    tenant = caller.tenant(tenant_id)
+    if page.after is not None and not isinstance(page.after, int):
+        raise Problem(422, "the cursor is invalid; pass back next_cursor from the previous page unchanged")
+    with caller.scope(conn):
+        rows = conn.execute(
+            "SELECT id, at, tenant_id, type, data FROM tenant_events WHERE tenant_id = %s "
+            "AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+            (tenant, page.after, page.after, page.limit + 1),
+        ).fetchall()
+    items = [EventOut(id=r[0], at=r[1], tenant_id=r[2], type=r[3], data=r[4]) for r in rows]
+    return page.page(items, key=lambda e: e.id)
