@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import csv
 import enum
 import hashlib
+import io
 import logging
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
+import orjson
 import psycopg
+from psycopg.types.json import Jsonb
 
 from sensormine.dynsec import (
     DEVICE_TEXTNAME,
@@ -29,10 +35,25 @@ log = logging.getLogger(__name__)
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+DEVICE_TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+MAX_DEVICE_NAME = 200
+MAX_METADATA_BYTES = 16_384  # compact JSON; migration 013 checks a looser bound as a backstop
 
 
 class RegistryError(ValueError):
     """A registry request that cannot be honoured (bad id, unknown parent, duplicate)."""
+
+
+class DuplicateDevice(RegistryError):
+    """A device id already registered in the tenant."""
+
+
+class UnknownDevice(RegistryError):
+    """No such device in the tenant."""
+
+
+class UnknownTenant(RegistryError):
+    """No such tenant."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +68,59 @@ class Tenant:
 
 @dataclass(frozen=True)
 class Device:
-    """A registered device of one tenant."""
+    """A registered device of one tenant (its key is never part of it: only a hash is stored)."""
 
     tenant_id: str
     id: str
     name: str
     device_type: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    key_revoked: bool = False
+
+
+_DEVICE_COLUMNS = (
+    "tenant_id, id, name, device_type, metadata, created_at, updated_at, key_hash LIKE 'revoked:%%' AS key_revoked"
+)
+
+
+def check_device_id(device_id: str) -> None:
+    """RegistryError unless `device_id` is a valid device id."""
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+        raise RegistryError(
+            f"device id {device_id!r} must be 1-128 of A-Z, a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )
+
+
+def check_device_type(device_type: str | None) -> None:
+    """RegistryError unless `device_type` is None or a valid type name (it names schemas in URLs too)."""
+    if device_type is not None and (not isinstance(device_type, str) or not DEVICE_TYPE_RE.match(device_type)):
+        raise RegistryError(
+            f"device type {device_type!r} must be 1-128 of A-Z, a-z, 0-9, '_', '.', ':' and '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_device_name(name: str | None) -> None:
+    """RegistryError unless `name` is None (the id is used) or 1-200 printable characters."""
+    if name is not None and (
+        not isinstance(name, str) or not name.strip() or len(name) > MAX_DEVICE_NAME or not name.isprintable()
+    ):
+        raise RegistryError(f"device name must be 1-{MAX_DEVICE_NAME} printable characters, not blank")
+
+
+def check_metadata(metadata: Any) -> dict[str, Any]:
+    """`metadata` as a dict, or RegistryError unless it is a JSON object of at most 16 KiB."""
+    if not isinstance(metadata, dict):
+        raise RegistryError(f"device metadata must be a JSON object, got {type(metadata).__name__}")
+    try:
+        size = len(orjson.dumps(metadata))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise RegistryError(f"device metadata is not JSON: {exc}") from None
+    if size > MAX_METADATA_BYTES:
+        raise RegistryError(f"device metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are kept")
+    return metadata
 
 
 def hash_secret(secret: str) -> str:
@@ -146,7 +214,9 @@ def create_device(
     name: str | None = None,
     device_type: str | None = None,
     *,
+    metadata: dict[str, Any] | None = None,
     broker: Dynsec | None = None,
+    at_broker: bool = True,
 ) -> tuple[Device, str]:
     """Register a device; returns it with its device key (shown once, stored hashed).
 
@@ -154,27 +224,40 @@ def create_device(
     password = the key, publish to its own topic only). If the broker cannot be reached the device
     still exists and the failure is logged: its key then works over HTTP only, until
     `rotate_device_key` (or `sensormine device sync-broker --rotate-missing`) issues one the broker knows.
+    With `at_broker=False` the caller provisions it with `broker_provision` once its own transaction
+    has committed (the API does, so that a rolled-back request leaves nothing at the broker).
+    A duplicate raises `DuplicateDevice`, an unknown tenant `UnknownTenant` (both RegistryError).
     """
-    if not DEVICE_ID_RE.match(device_id):
-        raise RegistryError(f"device id {device_id!r} must be 1-128 of A-Z, a-z, 0-9, '_' and '-'")
+    check_device_id(device_id)
+    check_device_type(device_type)
+    check_device_name(name)
+    metadata = check_metadata(metadata if metadata is not None else {})
     key = _new_device_key()
     try:
         with conn.transaction():
-            conn.execute(
-                "INSERT INTO devices (tenant_id, id, name, device_type, key_hash) VALUES (%s, %s, %s, %s, %s)",
-                (tenant_id, device_id, name or device_id, device_type, hash_secret(key)),
-            )
+            row = conn.execute(
+                "INSERT INTO devices (tenant_id, id, name, device_type, key_hash, metadata) "
+                f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_DEVICE_COLUMNS}",
+                (tenant_id, device_id, name or device_id, device_type, hash_secret(key), Jsonb(metadata)),
+            ).fetchone()
     except psycopg.errors.UniqueViolation:
-        raise RegistryError(f"device {device_id!r} already exists in tenant {tenant_id!r}") from None
+        raise DuplicateDevice(f"device {device_id!r} already exists in tenant {tenant_id!r}") from None
     except psycopg.errors.ForeignKeyViolation:
-        raise RegistryError(f"tenant {tenant_id!r} does not exist") from None
-    _at_broker(
+        raise UnknownTenant(f"tenant {tenant_id!r} does not exist") from None
+    if at_broker:
+        broker_provision(tenant_id, device_id, key, broker)
+    assert row is not None
+    return Device(*row), key
+
+
+def broker_provision(tenant_id: str, device_id: str, key: str, broker: Dynsec | None = None) -> BrokerUpdate:
+    """Provision a registered device at the MQTT broker with `key`; a failure is logged, not raised."""
+    return _at_broker(
         f"device {tenant_id}/{device_id} created",
         lambda b: b.provision_device(tenant_id, device_id, key),
         broker,
         f"its key is not valid for MQTT until `sensormine device rotate-key {tenant_id} {device_id}` issues a new one",
     )
-    return Device(tenant_id, device_id, name or device_id, device_type), key
 
 
 def rotate_device_key(conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None) -> str:
@@ -190,18 +273,19 @@ def rotate_device_key(conn: psycopg.Connection, tenant_id: str, device_id: str, 
             (hash_secret(key), tenant_id, device_id),
         )
         if cur.rowcount != 1:
-            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+            raise UnknownDevice(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
         (broker or Dynsec()).rotate_key(tenant_id, device_id, key)
     return key
 
 
 def revoke_device_key(
-    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None
+    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None, at_broker: bool = True
 ) -> BrokerUpdate:
     """Revoke a device's key: refused by HTTP ingest and (disabled) by the broker until `rotate_device_key`.
 
     The registry change stands even when the broker cannot be reached (logged; `sync-broker`
-    disables the device there later).
+    disables the device there later). With `at_broker=False` the caller runs `broker_revoke` after
+    its transaction commits (SKIPPED is returned here).
     """
     with conn.transaction():
         cur = conn.execute(
@@ -209,7 +293,12 @@ def revoke_device_key(
             (REVOKED_KEY_PREFIX + secrets.token_hex(16), tenant_id, device_id),
         )
         if cur.rowcount != 1:
-            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+            raise UnknownDevice(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+    return broker_revoke(tenant_id, device_id, broker) if at_broker else BrokerUpdate.SKIPPED
+
+
+def broker_revoke(tenant_id: str, device_id: str, broker: Dynsec | None = None) -> BrokerUpdate:
+    """Disable a revoked device at the MQTT broker; a failure is logged, not raised."""
     return _at_broker(
         f"key of device {tenant_id}/{device_id} revoked",
         lambda b: b.revoke_device(tenant_id, device_id),
@@ -219,13 +308,22 @@ def revoke_device_key(
 
 
 def delete_device(
-    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None
+    conn: psycopg.Connection, tenant_id: str, device_id: str, *, broker: Dynsec | None = None, at_broker: bool = True
 ) -> BrokerUpdate:
-    """Delete a device (its profile and status go with it) and its broker client and role."""
+    """Delete a device (its profile and status go with it) and its broker client and role.
+
+    Its telemetry stays. With `at_broker=False` the caller runs `broker_delete` after its
+    transaction commits (SKIPPED is returned here).
+    """
     with conn.transaction():
         cur = conn.execute("DELETE FROM devices WHERE tenant_id = %s AND id = %s", (tenant_id, device_id))
         if cur.rowcount != 1:
-            raise RegistryError(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+            raise UnknownDevice(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+    return broker_delete(tenant_id, device_id, broker) if at_broker else BrokerUpdate.SKIPPED
+
+
+def broker_delete(tenant_id: str, device_id: str, broker: Dynsec | None = None) -> BrokerUpdate:
+    """Remove a deleted device's client and role from the MQTT broker; a failure is logged, not raised."""
     return _at_broker(
         f"device {tenant_id}/{device_id} deleted",
         lambda b: b.delete_device(tenant_id, device_id),
@@ -305,6 +403,175 @@ def list_devices(conn: psycopg.Connection, tenant_ids: list[str]) -> list[Device
         (tenant_ids,),
     ).fetchall()
     return [Device(*r) for r in rows]
+
+
+def get_device(conn: psycopg.Connection, tenant_id: str, device_id: str) -> Device | None:
+    """One device of a tenant, or None."""
+    row = conn.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE tenant_id = %s AND id = %s", (tenant_id, device_id)
+    ).fetchone()
+    return Device(*row) if row else None
+
+
+def page_devices(
+    conn: psycopg.Connection,
+    tenant_ids: Iterable[str],
+    *,
+    device_type: str | None = None,
+    after: tuple[str, str] | None = None,
+    limit: int = 100,
+) -> list[Device]:
+    """Up to `limit` devices of the given tenants in (tenant, id) order, after the key `after`; of one type if given."""
+    tenant_list = sorted(set(tenant_ids))
+    a_tenant, a_id = after if after else (None, None)
+    rows = conn.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE tenant_id = ANY(%(t)s) "
+        "AND (%(type)s::text IS NULL OR device_type = %(type)s) "
+        "AND (%(at)s::text IS NULL OR (tenant_id, id) > (%(at)s, %(aid)s)) "
+        "ORDER BY tenant_id, id LIMIT %(limit)s",
+        {"t": tenant_list, "type": device_type, "at": a_tenant, "aid": a_id, "limit": limit},
+    ).fetchall()
+    return [Device(*r) for r in rows]
+
+
+_UNSET: Any = object()
+
+
+def update_device(
+    conn: psycopg.Connection,
+    tenant_id: str,
+    device_id: str,
+    *,
+    name: str | None = _UNSET,
+    device_type: str | None = _UNSET,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[Device, Device]:
+    """Change a device's name, type (None clears it) or metadata; returns (before, after).
+
+    `metadata` is merged into the stored object: its keys replace the stored ones, and a key whose
+    value is None is removed (JSON merge patch, RFC 7396, one level deep). The key is not touched.
+    A new type takes effect for schema validation when the consumer next reloads (within 30 s).
+    """
+    if name is not _UNSET:
+        if name is None:
+            raise RegistryError("device name cannot be null; omit it to keep the current one")
+        check_device_name(name)
+    if device_type is not _UNSET:
+        check_device_type(device_type)
+    if metadata is not None:
+        check_metadata(metadata)
+    with conn.transaction():
+        row = conn.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE tenant_id = %s AND id = %s FOR UPDATE",
+            (tenant_id, device_id),
+        ).fetchone()
+        if row is None:
+            raise UnknownDevice(f"device {device_id!r} does not exist in tenant {tenant_id!r}")
+        before = Device(*row)
+        merged = dict(before.metadata)
+        for key, value in (metadata or {}).items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        check_metadata(merged)
+        row = conn.execute(
+            "UPDATE devices SET name = %s, device_type = %s, metadata = %s WHERE tenant_id = %s AND id = %s "
+            f"RETURNING {_DEVICE_COLUMNS}",
+            (
+                before.name if name is _UNSET else name,
+                before.device_type if device_type is _UNSET else device_type,
+                Jsonb(merged),
+                tenant_id,
+                device_id,
+            ),
+        ).fetchone()
+    assert row is not None
+    return before, Device(*row)
+
+
+MAX_IMPORT_ROWS = 1000
+IMPORT_COLUMNS = ("id", "name", "device_type", "metadata")
+
+
+@dataclass
+class DeviceRow:
+    """One device row of an import file; `error` says why it cannot be registered (None when it can)."""
+
+    line: int  # line of the file where the row ends (the header is line 1)
+    device_id: str
+    name: str | None = None
+    device_type: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def parse_device_csv(raw: bytes, max_rows: int = MAX_IMPORT_ROWS) -> list[DeviceRow]:
+    """The rows of a device import file: CSV (UTF-8) with a header naming `id` and optionally `name`,
+    `device_type`, `metadata` (a JSON object, quoted as a CSV field), in any order.
+
+    Each row is judged on its own (`DeviceRow.error`): a bad id, name, type or metadata, or an id
+    repeated in the file. A file that is unusable as a whole (not UTF-8 text, no header, an unknown
+    or missing column, more than `max_rows` rows) raises RegistryError. Blank lines are skipped.
+    """
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"the file is not UTF-8 text (byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next((r for r in reader if any(c.strip() for c in r)), None)
+        if header is None:
+            raise RegistryError("the file is empty: its first line must name the columns, e.g. id,name,device_type")
+        columns = [c.strip().lower() for c in header]
+        unknown = [c for c in columns if c not in IMPORT_COLUMNS]
+        if unknown or "id" not in columns or len(set(columns)) != len(columns):
+            raise RegistryError(
+                "the header must name the columns id[,name][,device_type][,metadata] once each, got "
+                + ",".join(columns)
+            )
+        rows: list[DeviceRow] = []
+        seen: dict[str, int] = {}
+        for fields in reader:
+            if not any(c.strip() for c in fields):
+                continue
+            if len(rows) >= max_rows:
+                raise RegistryError(f"more than {max_rows} devices in one import: split the file")
+            rows.append(_device_row(reader.line_num, columns, fields, seen))
+    except csv.Error as exc:
+        raise RegistryError(f"the file is not valid CSV at line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def _device_row(line: int, columns: list[str], fields: list[str], seen: dict[str, int]) -> DeviceRow:
+    values = dict(zip(columns, (f.strip() for f in fields), strict=False))
+    row = DeviceRow(line, values.get("id", ""))
+    if len(fields) != len(columns):
+        row.error = (
+            f"{len(fields)} fields where the header names {len(columns)}; "
+            'quote fields holding commas (metadata JSON as "{""site"": ""north""}")'
+        )
+        return row
+    row.name = values.get("name") or None
+    row.device_type = values.get("device_type") or None
+    try:
+        check_device_id(row.device_id)
+        check_device_name(row.name)
+        check_device_type(row.device_type)
+        if values.get("metadata"):
+            try:
+                metadata = orjson.loads(values["metadata"])
+            except orjson.JSONDecodeError as exc:
+                raise RegistryError(f"metadata is not JSON: {exc}") from None
+            row.metadata = check_metadata(metadata)
+    except RegistryError as exc:
+        row.error = str(exc)
+        return row
+    if row.device_id in seen:
+        row.error = f"device id {row.device_id!r} is also on line {seen[row.device_id]} of the file"
+    else:
+        seen[row.device_id] = line
+    return row
 
 
 def create_api_key(

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -28,7 +29,8 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from psycopg.types.json import Jsonb
 
-from sensormine.payload import escape_pointer
+from sensormine.payload import PayloadError, escape_pointer, parse_reading_item
+from sensormine.payload import payload_items as sample_items
 from sensormine.reading import US_PER_DAY, Reading, us_to_datetime
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,40 @@ def compatibility_problems(old: Mapping[str, Any], new: Mapping[str, Any]) -> li
 # -- registry -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SchemaVersion:
+    """One stored version of a tenant's device type schema."""
+
+    tenant_id: str
+    device_type: str
+    version: int
+    definition: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered version; `problems` lists the breaks a forced registration accepted (empty otherwise)."""
+
+    version: SchemaVersion
+    problems: list[str]
+
+
+class SchemaInUse(SchemaError):
+    """A device type's schemas cannot be deleted while devices of that type exist."""
+
+    def __init__(self, tenant_id: str, device_type: str, devices: int, examples: list[str]) -> None:
+        super().__init__(
+            f"{devices} device(s) of tenant {tenant_id!r} have type {device_type!r} (e.g. {', '.join(examples)}): "
+            "change their device_type (PATCH /api/devices/{id}) or delete them before deleting the schemas"
+        )
+        self.devices = devices
+        self.examples = examples
+
+
+_VERSION_COLUMNS = "tenant_id, device_type, version, definition, created_at"
+
+
 def register_schema(
     conn: psycopg.Connection, tenant_id: str, device_type: str, definition: Any, *, force: bool = False
 ) -> int:
@@ -209,6 +245,13 @@ def register_schema(
     compatible with the latest version (see `compatibility_problems`): IncompatibleSchema otherwise.
     Concurrent registrations of the same type get consecutive versions.
     """
+    return register_schema_version(conn, tenant_id, device_type, definition, force=force).version.version
+
+
+def register_schema_version(
+    conn: psycopg.Connection, tenant_id: str, device_type: str, definition: Any, *, force: bool = False
+) -> Registered:
+    """`register_schema`, returning the stored version and the breaks a forced registration accepted."""
     if not isinstance(device_type, str) or not device_type.strip() or len(device_type) > 128:
         raise SchemaError("device type must be a non-empty name of at most 128 characters")
     check_definition(definition)
@@ -221,7 +264,7 @@ def register_schema(
                 raise IncompatibleSchema(device_type, latest[0], problems)
             row = conn.execute(
                 "INSERT INTO device_schemas (tenant_id, device_type, version, definition) "
-                "VALUES (%(tenant)s, %(type)s, %(version)s, %(definition)s) RETURNING version",
+                f"VALUES (%(tenant)s, %(type)s, %(version)s, %(definition)s) RETURNING {_VERSION_COLUMNS}",
                 {
                     "tenant": tenant_id,
                     "type": device_type,
@@ -232,9 +275,96 @@ def register_schema(
     except psycopg.errors.ForeignKeyViolation:
         raise SchemaError(f"tenant {tenant_id!r} does not exist") from None
     assert row is not None
+    stored = SchemaVersion(row[0], row[1], int(row[2]), row[3], row[4])
     if problems:
-        log.warning("forced incompatible schema %s/%s v%d: %s", tenant_id, device_type, row[0], "; ".join(problems))
-    return int(row[0])
+        log.warning(
+            "forced incompatible schema %s/%s v%d: %s", tenant_id, device_type, stored.version, "; ".join(problems)
+        )
+    return Registered(stored, problems)
+
+
+def check_compatibility(
+    conn: psycopg.Connection, tenant_id: str, device_type: str, definition: Any
+) -> tuple[int | None, list[str]]:
+    """(latest version or None, problems) of registering `definition` now; SchemaError when it is no valid schema.
+
+    Nothing is stored: this is the check `register_schema` makes, for a candidate.
+    """
+    check_definition(definition)
+    latest = latest_schema(conn, tenant_id, device_type)
+    if latest is None:
+        return None, []
+    return latest[0], compatibility_problems(latest[1], definition)
+
+
+def get_schema(
+    conn: psycopg.Connection, tenant_id: str, device_type: str, version: int | None = None
+) -> SchemaVersion | None:
+    """One version of a tenant's device type schema (the latest when `version` is None), or None."""
+    row = conn.execute(
+        f"SELECT {_VERSION_COLUMNS} FROM device_schemas WHERE tenant_id = %s AND device_type = %s "
+        "AND (%s::int IS NULL OR version = %s) ORDER BY version DESC LIMIT 1",
+        (tenant_id, device_type, version, version),
+    ).fetchone()
+    return SchemaVersion(row[0], row[1], int(row[2]), row[3], row[4]) if row else None
+
+
+def page_schema_versions(
+    conn: psycopg.Connection, tenant_id: str, device_type: str, *, after: int | None = None, limit: int = 100
+) -> list[SchemaVersion]:
+    """Up to `limit` versions of a device type's schema in ascending order, after version `after`."""
+    rows = conn.execute(
+        f"SELECT {_VERSION_COLUMNS} FROM device_schemas WHERE tenant_id = %s AND device_type = %s "
+        "AND version > %s ORDER BY version LIMIT %s",
+        (tenant_id, device_type, after or 0, limit),
+    ).fetchall()
+    return [SchemaVersion(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
+
+
+@dataclass(frozen=True)
+class DeviceTypeSchemas:
+    """A device type of a tenant that has schemas: its latest version and how many devices follow it."""
+
+    tenant_id: str
+    device_type: str
+    latest_version: int
+    versions: int
+    updated_at: datetime  # when the latest version was registered
+    devices: int
+
+
+def page_device_types(
+    conn: psycopg.Connection, tenant_id: str, *, after: str | None = None, limit: int = 100
+) -> list[DeviceTypeSchemas]:
+    """Up to `limit` device types of a tenant that have schemas, by name, after the name `after`."""
+    rows = conn.execute(
+        "SELECT s.tenant_id, s.device_type, max(s.version), count(*), max(s.created_at), "
+        "  (SELECT count(*) FROM devices d WHERE d.tenant_id = s.tenant_id AND d.device_type = s.device_type) "
+        "FROM device_schemas s WHERE s.tenant_id = %s AND (%s::text IS NULL OR s.device_type > %s) "
+        "GROUP BY s.tenant_id, s.device_type ORDER BY s.device_type LIMIT %s",
+        (tenant_id, after, after, limit),
+    ).fetchall()
+    return [DeviceTypeSchemas(r[0], r[1], int(r[2]), int(r[3]), r[4], int(r[5])) for r in rows]
+
+
+def delete_schemas(conn: psycopg.Connection, tenant_id: str, device_type: str) -> int:
+    """Delete every version of a device type's schema; returns how many. SchemaInUse while devices have the type.
+
+    Versions are never rewritten, so a single version cannot be deleted: to undo a version, register
+    its predecessor's definition again as a new one. After a deletion, registering starts at version 1.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SCHEMA_LOCK, f"{tenant_id}/{device_type}"))
+        users = conn.execute(
+            "SELECT id, count(*) OVER () FROM devices WHERE tenant_id = %s AND device_type = %s ORDER BY id LIMIT 5",
+            (tenant_id, device_type),
+        ).fetchall()
+        if users:
+            raise SchemaInUse(tenant_id, device_type, int(users[0][1]), [u[0] for u in users])
+        cur = conn.execute(
+            "DELETE FROM device_schemas WHERE tenant_id = %s AND device_type = %s", (tenant_id, device_type)
+        )
+    return cur.rowcount
 
 
 def latest_schema(conn: psycopg.Connection, tenant_id: str, device_type: str) -> tuple[int, dict[str, Any]] | None:
@@ -575,6 +705,19 @@ class CompiledSchema:
             return SchemaViolation(self.device_type, self.version, pointer, message, item["ts"])
         return None
 
+    def explain(self, item: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Every way `item` breaks the schema, as (JSON pointer into the item, message), by pointer; [] if none."""
+        if self.validator is None:
+            return [("/", f"unusable schema: {self.error}")]
+        found = []
+        for error in self.validator.iter_errors(item):
+            pointer = "/" + "/".join(escape_pointer(str(p)) for p in error.absolute_path)
+            message = error.message
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[:MAX_MESSAGE_CHARS] + "..."
+            found.append((pointer, message))
+        return sorted(found)
+
     def check_points(self, points: Iterable[Point]) -> SchemaViolation | None:
         """Validate an envelope's points, rebuilt into payload items (see `payload_items`)."""
         return self.check_items(payload_items(points))
@@ -582,6 +725,46 @@ class CompiledSchema:
     def check_readings(self, readings: Iterable[Reading]) -> SchemaViolation | None:
         """Validate normalised readings of one device."""
         return self.check_points((r.metric, r.ts, r.value, r.quality) for r in readings)
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """Why a sample payload would be rejected on ingest."""
+
+    index: int | None  # the item, when the sample is an array
+    pointer: str  # JSON pointer into the sample as sent
+    message: str
+    stage: str  # "payload": the ingest parser refuses it; "schema": it breaks the schema
+
+
+def validate_sample(schema: CompiledSchema, sample: Any, max_errors: int = 100) -> tuple[int, list[SampleError]]:
+    """(items, errors) of a sample device payload (an item `{"ts", "values", "quality"?}` or an array of them).
+
+    Judged as ingest judges it: each item is parsed by the device payload parser (`sensormine.payload`),
+    then the normalised item the consumer rebuilds (ISO-8601 UTC `ts`, float values, quality name) is
+    validated against `schema` with its jsonschema validator. Unlike the consumer, which stops at the
+    first failure, every error of every item is listed (up to `max_errors`).
+    """
+    try:
+        items, base = sample_items(sample)
+    except PayloadError as exc:
+        return 0, [SampleError(None, "/", exc.reason, "payload")]
+    errors: list[SampleError] = []
+    for i, item in enumerate(items):
+        if len(errors) >= max_errors:
+            break
+        prefix = base.format(i) if base else ""
+        index = i if base else None
+        try:
+            readings = parse_reading_item(item, prefix, "", "", 0)
+        except PayloadError as exc:
+            errors.append(SampleError(index, exc.pointer or prefix or "/", exc.reason, "payload"))
+            continue
+        for normalised in payload_items((r.metric, r.ts, r.value, r.quality) for r in readings):
+            for pointer, message in schema.explain(normalised):
+                where = prefix + pointer if pointer != "/" else prefix or "/"
+                errors.append(SampleError(index, where, message, "schema"))
+    return len(items), errors[:max_errors]
 
 
 class SchemaDirectory:

@@ -1,0 +1,245 @@
+"""The isolation matrix: every API route, with every role, aimed at a parent, a sibling and a child tenant.
+
+The caller always belongs to `child` (under `parent`, beside `sibling`, above `grandchild`):
+
+- aimed at `parent` or `sibling`, nothing may succeed: 404 (the tenant or object is "not found"),
+  or 403 when the role lacks the permission anyway; and afterwards their rows are exactly as before;
+- aimed at `grandchild` (its own sub-tenant), a route succeeds exactly when the role holds the
+  route's permission (2xx), and is refused with 403 otherwise.
+
+The route list comes from the app's OpenAPI document, so a new route without a case here fails
+`test_every_route_is_in_the_matrix`; its required permission comes from the same document.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from sensormine.auth import ROLE_PERMISSIONS, Role, create_user
+from sensormine.hotstore import HotStoreWriter
+from sensormine.profiles import set_profile
+from sensormine.registry import create_api_key
+from sensormine.schemas import register_schema
+from sensormine.settings import Settings
+from serving.main import create_app
+from tests.factories import make_tenant, readings
+
+pytestmark = pytest.mark.integration
+
+TENANTS = ("parent", "child", "sibling", "grandchild")
+DENIED = ("parent", "sibling")
+DAY = {"start": "2026-11-26T00:00:00Z", "end": "2026-11-27T00:00:00Z"}
+SCHEMA = {
+    "type": "object",
+    "properties": {"values": {"type": "object", "properties": {"temperature": {"type": "number"}}}},
+}
+MODBUS = {"protocol": "modbus", "host": "127.0.0.1", "points": [{"metric": "p", "address": 0, "data_type": "float32"}]}
+# Routes outside the tenant matrix: no caller (log in, refresh), a device key (ingest), the caller itself.
+OUTSIDE = {
+    ("POST", "/api/auth/token"),
+    ("POST", "/api/auth/refresh"),
+    ("POST", "/api/auth/logout"),
+    ("GET", "/api/auth/me"),
+    ("POST", "/api/ingest"),
+}
+# Routes open to every caller for their own record, needing a permission for anyone else's.
+SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
+# Lists without a tenant parameter: they answer 200 with only what the caller may see.
+LISTS = {("GET", "/api/tenants")}
+
+Body = Callable[[str, str], dict[str, Any]]  # (target tenant, unique suffix) -> request keyword arguments
+BODIES: dict[tuple[str, str], Body] = {
+    ("POST", "/api/query"): lambda t, u: {
+        "json": {"devices": [f"{t}-d1"], "tenant_id": t, "bucket": "1h", "aggs": ["avg"], **DAY}
+    },
+    ("POST", "/api/dlq/replay"): lambda t, u: {"json": {"tenant_id": t, "dry_run": True}},
+    ("POST", "/api/devices"): lambda t, u: {"json": {"id": f"new-{u}", "device_type": "press"}},
+    ("PUT", "/api/devices/{device_id}/profile"): lambda t, u: {"json": MODBUS},
+    ("POST", "/api/devices/import"): lambda t, u: {
+        "content": f"id,name,device_type\nimp-{u},Imported,press\n",
+        "headers": {"Content-Type": "text/csv"},
+    },
+    ("PATCH", "/api/devices/{device_id}"): lambda t, u: {"json": {"name": f"renamed-{u}"}},
+    ("POST", "/api/schemas/{device_type}"): lambda t, u: {"json": {"definition": SCHEMA}},
+    ("POST", "/api/schemas/{device_type}/compatibility"): lambda t, u: {"json": {"definition": SCHEMA}},
+    ("POST", "/api/schemas/{device_type}/validate"): lambda t, u: {
+        "json": {"payload": {"ts": "2026-11-26T00:00:00Z", "values": {"temperature": 1}}}
+    },
+    ("POST", "/api/tenants"): lambda t, u: {"json": {"id": f"new-{u}", "parent_id": t}},
+    ("PATCH", "/api/tenants/{tenant_id}"): lambda t, u: {"json": {"name": f"renamed-{u}"}},
+    ("PUT", "/api/tenants/{tenant_id}/branding"): lambda t, u: {"json": {"primary_color": "#112233"}},
+    ("PUT", "/api/tenants/{tenant_id}/features"): lambda t, u: {"json": {"sql_access": False}},
+    ("POST", "/api/users"): lambda t, u: {
+        "json": {"email": f"new-{u}@{t}.example", "password": "a-long-password", "role": "viewer", "tenant_id": t}
+    },
+    ("PATCH", "/api/users/{user_id}"): lambda t, u: {"json": {"name": f"renamed-{u}"}},
+    ("POST", "/api/keys"): lambda t, u: {"json": {"name": "k", "role": "viewer", "scopes": ["read"], "tenant_id": t}},
+}
+# Destructive routes run last, in this order, so the others find their objects.
+LAST = [
+    ("DELETE", "/api/devices/{device_id}/profile"),
+    ("POST", "/api/devices/{device_id}/rotate-key"),
+    ("POST", "/api/devices/{device_id}/revoke-key"),
+    ("DELETE", "/api/devices/{device_id}"),
+    ("DELETE", "/api/schemas/{device_type}"),
+    ("DELETE", "/api/keys/{key_id}"),
+    ("DELETE", "/api/users/{user_id}"),
+]
+# Path values that differ from the defaults for one route: a schema no device uses can be deleted.
+OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {("DELETE", "/api/schemas/{device_type}"): {"device_type": "spare"}}
+CALLERS = ["tenant_admin", "operator", "viewer", "device", "user:tenant_admin"]
+
+
+def _operations(app: Any) -> list[tuple[str, str, set[str], dict[str, dict]]]:
+    """(method, path, permissions, parameters by name) of every /api operation, destructive ones last."""
+    ops = []
+    for path, methods in app.openapi()["paths"].items():
+        for method, op in methods.items():
+            if not path.startswith("/api/") or (method.upper(), path) in OUTSIDE:
+                continue
+            perms = {s for req in op.get("security", []) for scopes in req.values() for s in scopes}
+            params = {p["name"]: p for p in op.get("parameters", []) if p["in"] in ("path", "query")}
+            ops.append((method.upper(), path, perms, params))
+    order = {k: i for i, k in enumerate(LAST)}
+    return sorted(ops, key=lambda o: order.get((o[0], o[1]), -1))
+
+
+def test_every_route_is_in_the_matrix(settings: Settings) -> None:
+    """A new route needs its body here (when it has one) and a place among the destructive ones."""
+    app = create_app(settings)
+    spec = app.openapi()["paths"]
+    missing = [
+        (m.upper(), p)
+        for p, methods in spec.items()
+        for m, op in methods.items()
+        if p.startswith("/api/")
+        and (m.upper(), p) not in OUTSIDE
+        and "requestBody" in op
+        and (m.upper(), p) not in BODIES
+    ]
+    assert not missing, f"add request bodies for {missing}"
+    assert all((m, p) in {(o[0], o[1]) for o in _operations(app)} for m, p in LAST)
+
+
+@pytest.fixture
+def world(conn: psycopg.Connection) -> dict[str, Any]:
+    """Four tenants, each with two devices, points, two schemas, a profile, a viewer user and a spare API key."""
+    make_tenant(conn, "parent", ["parent-d1", "parent-d2"], plan="pro")
+    make_tenant(conn, "child", ["child-d1", "child-d2"], parent_id="parent")
+    make_tenant(conn, "sibling", ["sibling-d1", "sibling-d2"], parent_id="parent")
+    make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child")
+    users, keys = {}, {}
+    for t in TENANTS:
+        HotStoreWriter(conn).write(readings(t, f"{t}-d1", 3))
+        register_schema(conn, t, "press", SCHEMA)
+        register_schema(conn, t, "spare", SCHEMA)
+        set_profile(conn, t, f"{t}-d1", MODBUS)
+        users[t] = create_user(conn, t, f"viewer@{t}.example", "a-long-password", "viewer").id
+        keys[t] = create_api_key(conn, t, "spare", role="viewer").split("_")[1]
+    callers = {r: create_api_key(conn, "child", r, role=r) for r in CALLERS if not r.startswith("user:")}
+    create_user(conn, "child", "admin@child.example", "a-long-password", "tenant_admin")
+    conn.commit()
+    return {"users": users, "keys": keys, "callers": callers}
+
+
+def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, list]:
+    """Every row an outsider could change, of `tenants`."""
+    queries = {
+        "tenants": "SELECT id, name, plan, settings, features, branding FROM tenants WHERE id = ANY(%s)",
+        "devices": "SELECT tenant_id, id, name, device_type, key_hash FROM devices WHERE tenant_id = ANY(%s)",
+        "users": "SELECT id, name, role, disabled_at, token_version FROM users WHERE tenant_id = ANY(%s)",
+        "keys": "SELECT id, revoked_at FROM api_keys WHERE tenant_id = ANY(%s)",
+        "schemas": "SELECT tenant_id, device_type, version FROM device_schemas WHERE tenant_id = ANY(%s)",
+        "profiles": "SELECT tenant_id, device_id FROM device_profiles WHERE tenant_id = ANY(%s)",
+        "children": "SELECT id FROM tenants WHERE parent_id = ANY(%s)",
+    }
+    out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
+    conn.commit()
+    return out
+
+
+def _request(method: str, path: str, params: dict[str, dict], target: str, world: dict[str, Any]) -> dict[str, Any]:
+    values = {
+        "tenant_id": target,
+        "device_id": f"{target}-d1",
+        "device_type": "press",
+        "version": 1,
+        "user_id": world["users"][target],
+        "key_id": world["keys"][target],
+        "bucket": "1h",
+        **DAY,
+        **OVERRIDES.get((method, path), {}),
+    }
+    url = path
+    query: dict[str, Any] = {}
+    for name, p in params.items():
+        if p["in"] == "path":
+            url = url.replace("{" + name + "}", str(values[name]))
+        elif name == "tenant_id" or (p.get("required") and name in values):
+            query[name] = values[name]
+    kwargs = BODIES.get((method, path), lambda t, u: {})(target, uuid.uuid4().hex[:8])
+    return {"method": method, "url": url, "params": query, **kwargs}
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_isolation_matrix(settings: Settings, conn: psycopg.Connection, world: dict[str, Any], caller: str) -> None:
+    before = _snapshot(conn, DENIED)
+    failures: list[str] = []
+    with TestClient(create_app(settings)) as client:
+        if caller.startswith("user:"):
+            token = client.post(
+                "/api/auth/token", data={"username": "admin@child.example", "password": "a-long-password"}
+            ).json()["access_token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            role = Role(caller.split(":", 1)[1])
+        else:
+            auth = {"X-API-Key": world["callers"][caller]}
+            role = Role(caller)
+        held = ROLE_PERMISSIONS[role]
+        ops = _operations(client.app)
+        assert len(ops) >= 50, "the matrix lost its routes"
+        for target, (method, path, perms, params) in itertools.product((*DENIED, "grandchild"), ops):
+            if target == "grandchild" and (method, path) in [o for o in LAST]:
+                continue  # destructive routes run once, below, after everything else
+            failures += _check(client, auth, held, method, path, perms, params, target, world)
+        for method, path, perms, params in ops:
+            if (method, path) in LAST:
+                failures += _check(client, auth, held, method, path, perms, params, "grandchild", world)
+    assert not failures, "\n".join(failures)
+    assert _snapshot(conn, DENIED) == before, "a caller from `child` changed its parent's or sibling's rows"
+
+
+def _check(
+    client: TestClient,
+    auth: dict[str, str],
+    held: frozenset[str],
+    method: str,
+    path: str,
+    perms: set[str],
+    params: dict[str, dict],
+    target: str,
+    world: dict[str, Any],
+) -> list[str]:
+    req = _request(method, path, params, target, world)
+    req["headers"] = {**auth, **req.get("headers", {})}
+    resp = client.request(**req)
+    needed = perms or ({SELF_OR[(method, path)]} if (method, path) in SELF_OR else set())
+    allowed = needed <= held
+    where = f"{method} {path} -> {target}: {resp.status_code} {resp.text[:200]}"
+    if resp.status_code >= 500:
+        return [f"server error: {where}"]
+    if not allowed:
+        return [] if resp.status_code == 403 else [f"expected 403 (lacks {needed - held}): {where}"]
+    if target in DENIED:
+        if (method, path) in LISTS:
+            ids = {item["id"] for item in resp.json()["items"]} if resp.is_success else {target}
+            return [] if target not in ids else [f"list leaks {target}: {where}"]
+        return [] if resp.status_code == 404 else [f"expected 404 for {target}: {where}"]
+    return [] if resp.is_success else [f"expected success in its own sub-tenant: {where}"]
