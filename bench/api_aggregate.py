@@ -1,0 +1,145 @@
+"""Aggregate API benchmark: 24 h of one device in 1-minute buckets, from the rollups and from the hot store.
+
+Run with `uv run python -m bench.api_aggregate [--points 1000000] [--repeat 50]` after
+`sensormine services up` (and sourcing its env). On a scratch database and a temporary lake:
+one tenant, one device, one metric, `--points` readings spread evenly over one UTC day, then
+`GET /api/query/aggregate?bucket=1m&agg=avg,min,max,count` for the whole day, `--repeat` times
+through FastAPI's TestClient (the whole app: auth, planner, JSON), in three states of the day:
+
+1. hot only (not compacted yet): PostgreSQL aggregates the day's rows;
+2. compacted and rolled up, hot rows still there (the normal state within the hot retention):
+   the planner reads telemetry_1m, and scans the day's hot rows for late ones;
+3. compacted and rolled up, hot partition dropped (after hot retention): telemetry_1m only.
+
+Prints p50 / p95 per state (target: p50 < 50 ms in the rolled-up states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import psycopg
+from fastapi.testclient import TestClient
+
+from bench.common import checkpoint, say, scratch_database
+from lake.rollups import ROLLUP_1H, ROLLUP_1M, write_rollup
+from lake.telemetry import compact_day
+from sensormine.db import ensure_partitions, partition_name
+from sensormine.registry import create_api_key, create_device, create_tenant
+from sensormine.settings import Settings
+from serving.main import create_app
+
+TENANT, DEVICE, METRIC = "bench", "press-1", "temperature"
+DAY = date(2026, 1, 15)
+
+
+def load_day(url: str, points: int) -> None:
+    """`points` readings of one series, evenly spaced over DAY."""
+    step_us = 86_400_000_000 // points
+    with psycopg.connect(url) as conn:
+        ensure_partitions(conn, [DAY])
+        conn.execute(
+            "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value, quality, ingest_ts) "
+            "SELECT %s, %s, %s, %s::timestamptz + make_interval(secs => i * %s::bigint / 1e6), "
+            "20 + 5 * sin(i / 1000.0) + random(), 0, now() FROM generate_series(0, %s - 1) i",
+            (TENANT, DEVICE, METRIC, DAY.isoformat(), step_us, points),
+        )
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE telemetry")
+
+
+def timings(client: TestClient, key: str, repeat: int) -> tuple[list[float], dict]:
+    """Milliseconds of `repeat` identical requests (after one warm-up), and the last answer."""
+    params = {
+        "device_id": DEVICE,
+        "metric": METRIC,
+        "start": datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC).isoformat(),
+        "end": datetime(DAY.year, DAY.month, DAY.day + 1, tzinfo=UTC).isoformat(),
+        "bucket": "1m",
+        "agg": ["avg", "min", "max", "count"],
+    }
+    headers = {"X-API-Key": key}
+    body = client.get("/api/query/aggregate", params=params, headers=headers).json()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        resp = client.get("/api/query/aggregate", params=params, headers=headers)
+        out.append((time.perf_counter() - t0) * 1000)
+        if resp.status_code != 200:
+            raise RuntimeError(resp.text)
+    return out, body
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values`, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, load, time the three states, print the figures."""
+    parser = argparse.ArgumentParser(prog="python -m bench.api_aggregate", description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=1_000_000, help="readings in the day")
+    parser.add_argument("--repeat", type=int, default=50, help="timed requests per state")
+    args = parser.parse_args(argv)
+    base = os.environ.get("SENSORMINE_DATABASE_URL")
+    if not base:
+        raise SystemExit("SENSORMINE_DATABASE_URL is not set: run `uv run sensormine services up` and source its env")
+    work = Path(tempfile.mkdtemp(prefix="bench-api-aggregate-"))
+    results: dict[str, list[float]] = {}
+    try:
+        with scratch_database(base, "bench_api_agg") as url:
+            settings = Settings(database_url=url, lake_uri=str(work / "lake"), state_dir=work)
+            with psycopg.connect(url) as conn:
+                create_tenant(conn, TENANT, plan="enterprise")  # the free plan's rate limit would throttle the bench
+                create_device(conn, TENANT, DEVICE)
+                key = create_api_key(conn, TENANT, "bench")
+                conn.commit()
+            say(f"loading {args.points:,} readings into one device-day ...")
+            load_day(url, args.points)
+            checkpoint(url)
+            with TestClient(create_app(settings)) as client:
+                say("hot only ...")
+                results["hot store only (PostgreSQL date_bin)"], body = timings(client, key, args.repeat)
+                total = sum(b["count"] for b in body["series"][0]["buckets"])
+                assert total == args.points, total
+                say("compacting and rolling up ...")
+                with psycopg.connect(url) as conn:
+                    compact_day(conn, settings, TENANT, DAY)
+                write_rollup(settings, ROLLUP_1M, TENANT, DAY)
+                write_rollup(settings, ROLLUP_1H, TENANT, DAY)
+                label = "rolled up, hot rows kept (late-row scan)"
+                results[label], body = timings(client, key, args.repeat)
+                assert body["plan"]["rollup_days"] == {"telemetry_1m": [DAY.isoformat()]}, body["plan"]
+                assert sum(b["count"] for b in body["series"][0]["buckets"]) == args.points
+                with psycopg.connect(url) as conn, conn.transaction():
+                    conn.execute(f"ALTER TABLE telemetry DETACH PARTITION {partition_name(DAY)}")
+                    conn.execute(f"DROP TABLE {partition_name(DAY)}")
+                label = "rolled up, hot day dropped"
+                results[label], body = timings(client, key, args.repeat)
+                assert sum(b["count"] for b in body["series"][0]["buckets"]) == args.points
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"Aggregate API benchmark, {os.cpu_count()} cores: {args.points:,} readings of one device in one day, "
+        f"GET /api/query/aggregate 24 h in 1-minute buckets (1440 buckets; avg, min, max, count) through "
+        f"TestClient, {args.repeat} requests per state after one warm-up\n\n"
+        f"{'state':<48}{'p50 ms':>10}{'p95 ms':>10}\n{'-' * 68}"
+    )
+    for label, values in results.items():
+        print(f"{label:<48}{statistics.median(values):>10.1f}{pct(values, 0.95):>10.1f}")
+    hot = statistics.median(results["hot store only (PostgreSQL date_bin)"])
+    for label in ("rolled up, hot rows kept (late-row scan)", "rolled up, hot day dropped"):
+        print(f"speed-up of '{label}' over hot only: {hot / statistics.median(results[label]):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
