@@ -6,6 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -64,6 +65,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return problem_response(request, 422, "request parameters are invalid", "Unprocessable Content", errors=errors)
+
+    @app.exception_handler(psycopg.DataError)
+    async def _data(request: Request, exc: Exception) -> JSONResponse:
+        # A value the database cannot hold (NUL characters, numbers out of range): the request's fault.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return problem_response(request, 422, f"a value in the request cannot be stored: {reason}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
