@@ -9,8 +9,10 @@ from partial aggregates that are combined per (device, metric, bucket):
   `lake_compactions.row_count`) and the day has no late hot rows; from the raw lake table otherwise
   (and for the unaligned edges of the range);
 - days the lake does not hold are aggregated by PostgreSQL (date_bin on the Unix epoch);
-- late rows of compacted days (not visible in the compaction's hot snapshot) are read raw, and
-  those the lake already holds are dropped, so a point (tenant, device, metric, ts) counts once.
+- late rows of compacted days (written by a transaction not visible in the compaction's hot
+  snapshot) are read raw, and those the lake already holds are dropped, so a point (tenant, device,
+  metric, ts) counts once; only days the late-write log `hot_write_log` marks are scanned for them
+  (sensormine.hotquery, docs/query.md "Late rows").
 
 Buckets are aligned to the Unix epoch in UTC. No FastAPI here: serving/routes/query.py wraps it.
 """
@@ -33,6 +35,7 @@ from lake.rollups import ROLLUP_1H, ROLLUP_1M, Rollup
 from lake.storage import open_table
 from lake.telemetry import read_telemetry, row_filter, telemetry_dataset
 from sensormine.db import tenant_scope
+from sensormine.hotquery import CompactedDay, compacted_days, late_condition
 from sensormine.reading import datetime_to_us
 from sensormine.settings import Settings
 
@@ -182,6 +185,8 @@ class AggregateResult:
     raw_lake_days: list[date] = field(default_factory=list)
     hot_spans: list[tuple[datetime, datetime]] = field(default_factory=list)
     late_rows: int = 0
+    late_days: list[date] = field(default_factory=list)
+    """Compacted days whose hot rows were scanned for late rows (those hot_write_log marks as late)."""
 
     @property
     def plan(self) -> dict[str, object]:
@@ -191,6 +196,7 @@ class AggregateResult:
             "raw_lake_days": [d.isoformat() for d in self.raw_lake_days],
             "hot_ranges": [[a.isoformat(), b.isoformat()] for a, b in self.hot_spans],
             "late_rows": self.late_rows,
+            "late_days": [d.isoformat() for d in self.late_days],
         }
 
 
@@ -356,22 +362,14 @@ def fill_gaps(frame: pl.DataFrame, query: AggregateQuery) -> pl.DataFrame:
 # --- sources --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Compaction:
-    """A compacted tenant-day: the hot snapshot its compaction read and the rows the lake holds."""
-
-    snapshot: str | None
-    row_count: int
+Compaction = CompactedDay
+"""A compacted tenant-day: the hot snapshot its compaction read, the rows the lake holds, and whether
+hot_write_log says the hot store may have rows of it the lake lacks (see sensormine.hotquery)."""
 
 
 def compactions(conn: psycopg.Connection, tenant_id: str, first: date, last: date) -> dict[date, Compaction]:
-    """The tenant's compacted days in [first, last]."""
-    rows = conn.execute(
-        "SELECT day, hot_snapshot::text, row_count FROM lake_compactions "
-        "WHERE tenant_id = %s AND day BETWEEN %s AND %s",
-        (tenant_id, first, last),
-    ).fetchall()
-    return {d: Compaction(s, int(n)) for d, s, n in rows}
+    """The tenant's compacted days in [first, last], with their late-write state."""
+    return compacted_days(conn, tenant_id, first, last)
 
 
 def _days(start_us: int, end_us: int) -> list[date]:
@@ -430,27 +428,20 @@ _LATE_ROWS = (
 
 
 def _late_sql(query: AggregateQuery, days: Sequence[date], compacted: dict[date, Compaction]) -> sql.Composed:
-    """Rows of compacted days not visible in their compaction's snapshot, one UNION ALL branch per day.
+    """Possibly late rows of late compacted days, one UNION ALL branch per day.
 
-    The snapshot is a literal, not a parameter: PostgreSQL then folds everything but the per-row xmin
-    arithmetic of the (inlined) sensormine_in_snapshot at plan time, three times faster per row than
-    joining the snapshots in.
+    Only days with a hot_write_log row not visible in their compaction's snapshot get here; of those,
+    the rows at or after the oldest such transaction (`late_condition`, a literal folded at plan time).
     """
     metric = " AND metric = ANY(%(metrics)s)" if query.metrics is not None else ""
     branches = []
     for d in days:
-        snap = compacted[d].snapshot
-        visible = (
-            sql.SQL(" AND NOT sensormine_in_snapshot(xmin, {}::pg_snapshot)").format(sql.Literal(snap))
-            if snap is not None
-            else sql.SQL("")  # compacted before snapshots were recorded: every hot row may be late
-        )
         branches.append(
             sql.SQL(_LATE_ROWS).format(
                 lo=sql.Literal(_us_dt(max(query.start_us, _day_us(d)))),
                 hi=sql.Literal(_us_dt(min(query.end_us, _day_us(d) + DAY_US))),
                 metric=sql.SQL(metric),
-                visible=visible,
+                visible=sql.SQL(" AND ") + late_condition(compacted[d]),
             )
         )
     return sql.SQL(" UNION ALL ").join(branches)
@@ -459,6 +450,13 @@ def _late_sql(query: AggregateQuery, days: Sequence[date], compacted: dict[date,
 def _points_frame(rows: list[tuple[object, ...]]) -> pl.DataFrame:
     return pl.DataFrame(
         rows, schema={"device_id": pl.String, "metric": pl.String, "ts": pl.Int64, "value": pl.Float64}, orient="row"
+    )
+
+
+def late_scan_days(query: AggregateQuery, compacted: dict[date, Compaction]) -> list[date]:
+    """The compacted days of the query's range whose hot rows must be scanned for late rows."""
+    return sorted(
+        d for d, c in compacted.items() if c.late and query.start_us < _day_us(d) + DAY_US and _day_us(d) < query.end_us
     )
 
 
@@ -478,7 +476,8 @@ def hot_sources(
     }
     if query.metrics is not None:
         params["metrics"] = list(query.metrics)
-    days = sorted(d for d in compacted if query.start_us < _day_us(d) + DAY_US and _day_us(d) < query.end_us)
+    # Compacted days without a surviving hot_write_log row are not scanned at all.
+    days = late_scan_days(query, compacted)
     partials, late = empty_partials(), _points_frame([])
     with tenant_scope(conn, visible):
         if hot_spans:
@@ -567,7 +566,11 @@ def aggregate(
     hot_days = [d for d in days if d not in compacted]
     hot_spans = _spans(hot_days, query.start_us, query.end_us)
     hot_partials, late = hot_sources(conn, visible, query, compacted, hot_spans)
-    result = AggregateResult(frame=pl.DataFrame(), hot_spans=[(_us_dt(a), _us_dt(b)) for a, b in hot_spans])
+    result = AggregateResult(
+        frame=pl.DataFrame(),
+        hot_spans=[(_us_dt(a), _us_dt(b)) for a, b in hot_spans],
+        late_days=late_scan_days(query, compacted),
+    )
     parts = [hot_partials]
 
     late_days = {(EPOCH + timedelta(microseconds=int(t))).date() for t in late["ts"].unique().to_list()}

@@ -120,6 +120,8 @@ def apply_hot_retention(conn: psycopg.Connection, today: date, dry_run: bool = F
                 if not reasons:
                     conn.execute(sql.SQL("ALTER TABLE telemetry DETACH PARTITION {}").format(name))
                     conn.execute(sql.SQL("DROP TABLE {}").format(name))
+                    # No hot rows of the day are left to be late; writers wait on the lock, so none is lost.
+                    conn.execute("DELETE FROM hot_write_log WHERE day = %s", (day,))
         if reasons:
             decisions.append(HotDayDecision(day, False, rows, "; ".join(reasons)))
         else:
@@ -160,5 +162,7 @@ def apply_lake_retention(
         if not dry_run:
             # The tiered query reads compacted days from the lake: forget the days the lake no longer has.
             conn.execute("DELETE FROM lake_compactions WHERE tenant_id = %s AND day < %s", (tenant_id, cutoff))
+            # Days the lake no longer holds are read from the hot store whole: their late-write marks are moot.
+            conn.execute("DELETE FROM hot_write_log WHERE tenant_id = %s AND day < %s", (tenant_id, cutoff))
             conn.commit()
     return results

@@ -243,6 +243,13 @@ def compact_day(conn: psycopg.Connection, settings: Settings, tenant_id: str, da
             "compacted_at = now(), clustered_at = NULL",
             (tenant_id, day, tally.rows, version, watermark, snapshot),
         )
+        # The writes this snapshot sees are in the lake now; the log rows left mark possible late rows
+        # (written by transactions the snapshot does not see), for readers (docs/query.md "Late rows").
+        conn.execute(
+            "DELETE FROM hot_write_log WHERE tenant_id = %s AND day = %s "
+            "AND pg_visible_in_snapshot(txid, %s::pg_snapshot)",
+            (tenant_id, day, snapshot),
+        )
     return CompactionResult(rows=tally.rows, table_version=version, hot_watermark=watermark)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import psycopg
@@ -21,8 +21,14 @@ class TieredResult:
 
     points: pa.Table
     lake_days: list[date] = field(default_factory=list)
+    late_days: list[date] = field(default_factory=list)
+    """Compacted days whose hot rows were scanned because they may have late rows (hot_write_log)."""
     hot_rows: int = 0
     lake_rows: int = 0
+
+
+def _utc_date(dt: datetime) -> date:
+    return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)).date()
 
 
 def query_points(
@@ -38,11 +44,16 @@ def query_points(
     """Raw points of one tenant's devices in [start, end), each counted once whichever tier holds it."""
     if tenant_id not in visible:
         raise PermissionError(f"tenant {tenant_id!r} is not visible to this caller")
-    first, last = start.date(), (end - timedelta(microseconds=1)).date()
+    first, last = _utc_date(start), _utc_date(end - timedelta(microseconds=1))
     compacted = compacted_days(conn, tenant_id, first, last)
     conn.commit()
     hot = hot_points(conn, visible, tenant_id, device_ids, metrics, start, end, compacted)
-    result = TieredResult(points=hot, lake_days=sorted(compacted), hot_rows=hot.num_rows)
+    result = TieredResult(
+        points=hot,
+        lake_days=sorted(compacted),
+        late_days=sorted(d for d, c in compacted.items() if c.late),
+        hot_rows=hot.num_rows,
+    )
     if not compacted:
         return result
     lake = (
