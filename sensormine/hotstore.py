@@ -10,6 +10,7 @@ from datetime import date
 import psycopg
 
 from sensormine.db import ensure_partitions, epoch_day_to_date, existing_partition_days
+from sensormine.latest import SeriesPoint, newest_per_series, notify_latest
 from sensormine.reading import Reading, day_of, us_to_datetime
 
 COLUMNS = ("tenant_id", "device_id", "metric", "ts", "value", "quality", "ingest_ts")
@@ -90,6 +91,26 @@ class CopyBatch:
         """The UTC day numbers the rows fall in (one partition each)."""
         return {day for day, _, _ in self._devices}
 
+    @property
+    def tenant_days(self) -> set[tuple[str, int]]:
+        """The (tenant, UTC day number) pairs the rows fall in (one late-write log row each)."""
+        return {(tenant_id, day) for day, tenant_id, _ in self._devices}
+
+    def newest(self) -> list[SeriesPoint]:
+        """The newest reading of each series in the batch, as (tenant, device, metric, ts µs, value, quality)."""
+        best: dict[tuple[str, str, str], tuple[int, float, int]] = {}
+        for (_, tenant_id, device_id), buckets in self._devices.items():
+            for metric, tails in buckets.items():
+                top = max(tails)
+                if top[0] >= 0x80:  # a timestamp before 2000 (negative): bytes do not sort by time
+                    top = max(tails, key=lambda t: ROW_TAIL.unpack(t)[0])
+                ts, _, value, _, quality, _, _ = ROW_TAIL.unpack(top)
+                key = (tenant_id, device_id, metric)
+                have = best.get(key)
+                if have is None or ts + PG_EPOCH_US > have[0]:
+                    best[key] = (ts + PG_EPOCH_US, value, quality)
+        return [(*k, *v) for k, v in best.items()]
+
     def chunks(self) -> Iterator[bytes]:
         """The whole binary COPY stream (header, rows in key order, trailer), in pieces of about 1 MiB."""
         parts: list[bytes] = [COPY_HEADER]
@@ -141,7 +162,11 @@ class HotStoreWriter:
     def write(self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
         """Insert `readings` and record `offsets` in one transaction; rows already present are skipped."""
         return self._write(
-            len(readings), {day_of(r.ts) for r in readings}, lambda table: self._copy(readings, table), offsets
+            len(readings),
+            {(r.tenant_id, day_of(r.ts)) for r in readings},
+            lambda table: self._copy(readings, table),
+            offsets,
+            lambda: newest_per_series((r.tenant_id, r.device_id, r.metric, r.ts, r.value, r.quality) for r in readings),
         )
 
     def write_batch(self, batch: CopyBatch, offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
@@ -150,14 +175,19 @@ class HotStoreWriter:
             # CopyBatch encodes text as UTF-8; the server reads COPY text in the client encoding.
             raise RuntimeError(f"binary COPY batches need client_encoding UTF8, not {self.conn.info.encoding}")
         return self._write(
-            batch.rows, batch.day_numbers, lambda table: self._copy_stream(batch.chunks(), table), offsets
+            batch.rows, batch.tenant_days, lambda table: self._copy_stream(batch.chunks(), table), offsets, batch.newest
         )
 
     def _write(
-        self, n_rows: int, day_numbers: set[int], copy: Callable[[str], None], offsets: Sequence[KafkaOffset]
+        self,
+        n_rows: int,
+        tenant_days: set[tuple[str, int]],
+        copy: Callable[[str], None],
+        offsets: Sequence[KafkaOffset],
+        newest: Callable[[], list[SeriesPoint]],
     ) -> WriteResult:
         result = WriteResult()
-        days = {epoch_day_to_date(d) for d in day_numbers}
+        days = {epoch_day_to_date(d) for d in {d for _, d in tenant_days}}
         with self.conn.transaction():
             if not days <= self._known_days:
                 result.partitions_created = ensure_partitions(self.conn, days - self._known_days)
@@ -169,6 +199,9 @@ class HotStoreWriter:
                 except psycopg.errors.UniqueViolation:
                     result.inserted = self._insert_dedupe(copy)
                     result.duplicates = n_rows - result.inserted
+                if result.inserted:
+                    self._log_writes(tenant_days)
+                    notify_latest(self.conn, newest())  # delivered to API processes at commit
             if offsets:
                 self._store_offsets(offsets)
         # Only now: a failed batch rolls its CREATE TABLE back, and a retry must create the partition again.
@@ -199,6 +232,18 @@ class HotStoreWriter:
             "ON CONFLICT DO NOTHING"
         )
         return cur.rowcount
+
+    def _log_writes(self, tenant_days: set[tuple[str, int]]) -> None:
+        """One hot_write_log row per (tenant, day) written, with this transaction's id (docs/query.md "Late rows").
+
+        In the rows' transaction, so the log row exists exactly when the rows do; one statement per batch.
+        """
+        pairs = sorted(tenant_days)
+        self.conn.execute(
+            "INSERT INTO hot_write_log (tenant_id, day) SELECT * FROM unnest(%s::text[], %s::date[]) "
+            "ON CONFLICT DO NOTHING",
+            ([t for t, _ in pairs], [epoch_day_to_date(d) for _, d in pairs]),
+        )
 
     def _store_offsets(self, offsets: Sequence[KafkaOffset]) -> None:
         with self.conn.cursor() as cur:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="Enforce per-plan rate limits and monthly quotas on the API (and meter API calls); "
         "off only for benchmarks that measure the routes themselves.",
     )
+    latest_push: bool = Field(
+        True,
+        description="API processes keep the newest point of each series in memory, pushed by the hot-store "
+        "writers through PostgreSQL notifications (GET /api/query/latest answers from it).",
+    )
     jwt_access_ttl_s: int = Field(900, description="Lifetime of an access token.")
     jwt_refresh_ttl_s: int = Field(7 * 86_400, description="Lifetime of a refresh token.")
     auth_cache_ttl_s: float = Field(

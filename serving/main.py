@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from sensormine.auth import jwt_secret
 from sensormine.db import connect, make_pool, migrate
+from sensormine.latest import LatestCache, LatestListener
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache
 from serving.limits import start_limits, stop_limits
@@ -28,9 +29,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             migrate(conn)
         app.state.pool = make_pool(settings)
         start_limits(app, settings)
+        listener = None
+        if settings.latest_push:
+            app.state.latest_cache = LatestCache()
+            listener = LatestListener(lambda: connect(settings), app.state.latest_cache)
+            listener.start()
         try:
             yield
         finally:
+            if listener is not None:
+                listener.close()
             stop_limits(app)  # a last flush of API-call counts
             gate = getattr(app.state, "ingest_gate", None)
             if gate is not None:
@@ -47,9 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.credentials = CredentialCache(settings.auth_cache_ttl_s)
     install_problem_handlers(app)
     install_metrics(app)
+    app.include_router(query.router)  # first: the hottest routes match soonest
     app.include_router(health.router)
     app.include_router(auth.router)
-    app.include_router(query.router)
     app.include_router(ingest.router)
     app.include_router(dlq.router)
     app.include_router(devices.router)
