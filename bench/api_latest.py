@@ -84,9 +84,9 @@ async def _connection(
             for line in head.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
-            await reader.readexactly(length)
+            body = await reader.readexactly(length)
             if status != b"200":
-                raise RuntimeError(f"HTTP {status.decode()} from {host}:{port}")
+                raise RuntimeError(f"HTTP {status.decode()} from {host}:{port}: {body[:300].decode(errors='replace')}")
             end = time.perf_counter()
             if now >= warm_until:
                 lat.append(end - now)

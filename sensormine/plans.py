@@ -52,8 +52,8 @@ PLANS: dict[str, Plan] = {
             None,
             hot_retention_days=30,
             lake_retention_days=None,
-            rate_per_s=1_000,
-            burst=2_000,
+            rate_per_s=10_000,
+            burst=20_000,
         ),
     )
 }

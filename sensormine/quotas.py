@@ -107,6 +107,7 @@ class BucketResult:
     allowed: bool
     remaining: int  # whole tokens left after this take
     retry_after_ms: int  # 0 when allowed; else the wait until a token is available
+    granted: int = 1  # tokens taken (up to the number asked for; 0 when refused)
 
 
 @dataclass(frozen=True)
@@ -140,17 +141,26 @@ def _parse_counts(payload: str) -> dict[tuple[str, str, str], int]:
 class QuotaBackend(Protocol):
     """Where buckets and counters live: Redis (shared by every API process) or process memory."""
 
-    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> BucketResult:
-        """Refill `bucket` by the time elapsed, then take one token if there is one."""
+    def take_token(self, bucket: str, rate_per_s: float, burst: int, n: int = 1) -> BucketResult:
+        """Refill `bucket` by the time elapsed, then take up to `n` tokens (at least one, or none)."""
         ...
 
     def count_call(
-        self, quota_tenant: str, month: str, member: str, limit: int | None, seed: int | None, ttl_s: int
+        self,
+        quota_tenant: str,
+        month: str,
+        member: str,
+        limit: int | None,
+        seed: int | None,
+        ttl_s: int,
+        n: int = 1,
+        force: bool = False,
     ) -> CountResult | None:
-        """Count one call against the month's quota and in the unflushed counter `member`.
+        """Count `n` calls against the month's quota and in the unflushed counter `member`.
 
         None when the month's counter does not exist and no `seed` was given (the caller seeds it
-        from the usage table and asks again); refused, without counting, when `limit` is reached.
+        from the usage table and asks again); refused, without counting, when `limit` is reached,
+        unless `force` (calls already served, counted after the fact).
         """
         ...
 
@@ -182,10 +192,12 @@ class QuotaBackend(Protocol):
 # --- Redis ------------------------------------------------------------------------------------
 
 # Token bucket. KEYS[1] the bucket hash; ARGV rate per second, burst. Time is Redis's own (TIME),
-# so every API process refills by the same clock. Returns {allowed 0|1, whole tokens left, retry ms}.
+# so every API process refills by the same clock. ARGV[3] how many tokens are wanted: at least one,
+# at most that many are taken. Returns {tokens taken (0: refused), whole tokens left, retry ms}.
 _BUCKET_LUA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3]) or 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -201,8 +213,8 @@ tokens = math.min(burst, tokens + elapsed * rate / 1000000)
 local allowed = 0
 local retry_ms = 0
 if tokens >= 0.999999 then
-  tokens = math.max(0, tokens - 1)
-  allowed = 1
+  allowed = math.max(1, math.min(want, math.floor(tokens + 0.000001)))
+  tokens = math.max(0, tokens - allowed)
 else
   retry_ms = math.ceil((1 - tokens) * 1000 / rate)
 end
@@ -212,7 +224,8 @@ return {allowed, math.floor(tokens), retry_ms}
 """
 
 # Monthly count. KEYS[1] the month counter, KEYS[2] the unflushed counter, KEYS[3] the dirty set.
-# ARGV limit (-1: none), seed ('' : none), dirty member, month counter TTL (s).
+# ARGV limit (-1: none), seed ('' : none), dirty member, month counter TTL (s), calls to count, force
+# ('1': count even beyond the limit: calls already served).
 # Returns {-1, 0} (needs a seed), {0, used} (refused, not counted) or {1, used}.
 _COUNT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -221,9 +234,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local used = tonumber(redis.call('GET', KEYS[1]))
 local limit = tonumber(ARGV[1])
-if limit >= 0 and used >= limit then return {0, used} end
-used = redis.call('INCR', KEYS[1])
-redis.call('INCR', KEYS[2])
+local n = tonumber(ARGV[5]) or 1
+if ARGV[6] ~= '1' and limit >= 0 and used >= limit then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], n)
+redis.call('INCRBY', KEYS[2], n)
 redis.call('SADD', KEYS[3], ARGV[3])
 return {1, used}
 """
@@ -265,16 +279,24 @@ class RedisBackend:
         """Key of a quota tenant's monthly API-call counter."""
         return f"{self.prefix}quota:{API_CALLS}:{quota_tenant}:{month}"
 
-    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> BucketResult:
-        allowed, remaining, retry_ms = self._bucket(keys=[f"{self.prefix}bucket:{bucket}"], args=[rate_per_s, burst])
-        return BucketResult(bool(allowed), int(remaining), int(retry_ms))
+    def take_token(self, bucket: str, rate_per_s: float, burst: int, n: int = 1) -> BucketResult:
+        granted, remaining, retry_ms = self._bucket(keys=[f"{self.prefix}bucket:{bucket}"], args=[rate_per_s, burst, n])
+        return BucketResult(bool(granted), int(remaining), int(retry_ms), int(granted))
 
     def count_call(
-        self, quota_tenant: str, month: str, member: str, limit: int | None, seed: int | None, ttl_s: int
+        self,
+        quota_tenant: str,
+        month: str,
+        member: str,
+        limit: int | None,
+        seed: int | None,
+        ttl_s: int,
+        n: int = 1,
+        force: bool = False,
     ) -> CountResult | None:
         status, used = self._count(
             keys=[self.month_key(quota_tenant, month), self._unflushed + member, self._dirty],
-            args=[-1 if limit is None else limit, "" if seed is None else seed, member, ttl_s],
+            args=[-1 if limit is None else limit, "" if seed is None else seed, member, ttl_s, n, int(force)],
         )
         return None if int(status) < 0 else CountResult(bool(status), int(used))
 
@@ -322,7 +344,7 @@ class MemoryBackend:
     _pending: dict[str, str] = field(default_factory=dict)
     _marks: dict[str, float] = field(default_factory=dict)
 
-    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> BucketResult:
+    def take_token(self, bucket: str, rate_per_s: float, burst: int, n: int = 1) -> BucketResult:
         with self._lock:
             now = self.clock()
             b = self._buckets.get(bucket)
@@ -331,12 +353,21 @@ class MemoryBackend:
             b.tokens = min(float(burst), b.tokens + max(0.0, now - b.at) * rate_per_s)
             b.at = now
             if b.tokens >= 1 - TOKEN_EPSILON:  # time arithmetic in floats: 0.9999999 tokens is one token
-                b.tokens = max(0.0, b.tokens - 1)
-                return BucketResult(True, math.floor(b.tokens), 0)
-            return BucketResult(False, math.floor(b.tokens), math.ceil((1 - b.tokens) * 1000 / rate_per_s))
+                granted = max(1, min(n, math.floor(b.tokens + TOKEN_EPSILON)))
+                b.tokens = max(0.0, b.tokens - granted)
+                return BucketResult(True, math.floor(b.tokens), 0, granted)
+            return BucketResult(False, math.floor(b.tokens), math.ceil((1 - b.tokens) * 1000 / rate_per_s), 0)
 
     def count_call(
-        self, quota_tenant: str, month: str, member: str, limit: int | None, seed: int | None, ttl_s: int
+        self,
+        quota_tenant: str,
+        month: str,
+        member: str,
+        limit: int | None,
+        seed: int | None,
+        ttl_s: int,
+        n: int = 1,
+        force: bool = False,
     ) -> CountResult | None:
         with self._lock:
             used = self._months.get((quota_tenant, month))
@@ -344,12 +375,12 @@ class MemoryBackend:
                 if seed is None:
                     return None
                 used = seed
-            if limit is not None and used >= limit:
+            if not force and limit is not None and used >= limit:
                 self._months[(quota_tenant, month)] = used
                 return CountResult(False, used)
-            used += 1
+            used += n
             self._months[(quota_tenant, month)] = used
-            self._unflushed[member] = self._unflushed.get(member, 0) + 1
+            self._unflushed[member] = self._unflushed.get(member, 0) + n
             return CountResult(True, used)
 
     def month_count(self, quota_tenant: str, month: str) -> int | None:
@@ -515,6 +546,7 @@ class CallAllowance:
     quota_used: int | None
     quota_reset_s: int  # seconds until the monthly quota resets
     warning: str | None
+    tokens: int = 1  # bucket tokens taken for this call and (leased) later ones
 
 
 def _fmt(n: int) -> str:
@@ -547,7 +579,7 @@ class Quotas:
         """Stop the usage flusher after a last flush."""
         self.flusher.close()
 
-    def check_call(self, quota_tenant: str, tenant_id: str, plan: Plan) -> CallAllowance:
+    def check_call(self, quota_tenant: str, tenant_id: str, plan: Plan, tokens: int = 1) -> CallAllowance:
         """Admit one API call of `tenant_id` (counted against `quota_tenant`'s `plan`), or raise QuotaExceeded.
 
         The token bucket first (a refused call is not counted), then the monthly quota (a call beyond it
@@ -557,7 +589,7 @@ class Quotas:
         now = self.clock()
         reset_s = seconds_until_next_month(now)
         try:
-            bucket = self._take_token(quota_tenant, plan)
+            bucket = self._take_token(quota_tenant, plan, tokens)
             count = self._count(quota_tenant, tenant_id, plan, now)
         except redis.RedisError as exc:
             self._log_backend_error(exc)
@@ -590,12 +622,13 @@ class Quotas:
             count.used,
             reset_s,
             warning,
+            bucket.granted if bucket else tokens,
         )
 
-    def _take_token(self, quota_tenant: str, plan: Plan) -> BucketResult | None:
+    def _take_token(self, quota_tenant: str, plan: Plan, n: int = 1) -> BucketResult | None:
         if plan.rate_per_s is None or plan.burst is None:
             return None
-        result = self.backend.take_token(quota_tenant, plan.rate_per_s, plan.burst)
+        result = self.backend.take_token(quota_tenant, plan.rate_per_s, plan.burst, n)
         if not result.allowed:
             retry_s = max(1, math.ceil(result.retry_after_ms / 1000))
             raise QuotaExceeded(
@@ -609,18 +642,33 @@ class Quotas:
             )
         return result
 
-    def _count(self, quota_tenant: str, tenant_id: str, plan: Plan, now: datetime) -> CountResult:
+    def _count(
+        self, quota_tenant: str, tenant_id: str, plan: Plan, now: datetime, n: int = 1, force: bool = False
+    ) -> CountResult:
         month = month_label(now)
         member = _member(API_CALLS, tenant_id, f"{now.astimezone(UTC):%Y-%m-%d}")
         ttl_s = seconds_until_next_month(now) + MONTH_KEY_GRACE_S
         limit = plan.api_calls_per_month
-        result = self.backend.count_call(quota_tenant, month, member, limit, None, ttl_s)
+        result = self.backend.count_call(quota_tenant, month, member, limit, None, ttl_s, n, force)
         if result is None:  # first call of the month here, or Redis lost its data: start from the usage table
             with self.connect() as conn:
                 seed = usage_in_month(conn, quota_tenant, API_CALLS, now)
-            result = self.backend.count_call(quota_tenant, month, member, limit, seed, ttl_s)
+            result = self.backend.count_call(quota_tenant, month, member, limit, seed, ttl_s, n, force)
             assert result is not None
         return result
+
+    def count_served(self, quota_tenant: str, tenant_id: str, plan: Plan, n: int) -> int | None:
+        """Count `n` calls already admitted from a lease (even beyond the limit); the month's count, or None
+        when the backend failed."""
+        now = self.clock()
+        try:
+            used = self._count(quota_tenant, tenant_id, plan, now, n, force=True).used
+            if plan.api_calls_per_month is not None:
+                self._maybe_events(quota_tenant, API_CALLS, plan, used, plan.api_calls_per_month, now)
+        except redis.RedisError as exc:
+            self._log_backend_error(exc)
+            return None
+        return used
 
     def _maybe_events(self, quota_tenant: str, metric: str, plan: Plan, used: int, limit: int, now: datetime) -> None:
         if len(self._emitted) > 100_000:  # older months' names pile up in a long-lived process
@@ -721,3 +769,128 @@ def check_device_quota(
                 f"quota.devices:{quota_tenant}:{month}:{threshold}",
             )
     return DeviceQuota(quota_tenant, plan.name, limit, after)
+
+
+# --- leases: fewer round trips for busy tenants -----------------------------------------------
+
+LEASE_TTL_S = 1.0  # leased tokens unused for this long are dropped (never returned: no over-admission)
+LEASE_FLUSH_S = 0.5  # how often calls admitted from leases are counted in the shared monthly counter
+
+
+def lease_size(plan: Plan) -> int:
+    """Bucket tokens one API process takes per round trip: a twentieth of a second's worth of the plan's
+    rate, at most a quarter of its burst; 1 (every call asks the backend, exactly) for slow plans."""
+    if plan.rate_per_s is None or plan.burst is None:
+        return 50
+    return max(1, min(int(plan.rate_per_s // 20), plan.burst // 4))
+
+
+@dataclass
+class _Lease:
+    tokens: int
+    expires: float
+    allowance: CallAllowance
+    used: int | None
+
+
+class CallLeases:
+    """Admits most calls of a busy tenant without a round trip, from tokens leased out of the shared bucket.
+
+    An exact check (`Quotas.check_call`) takes `lease_size(plan)` tokens at once; the next calls of the
+    same quota tenant spend the rest locally within `LEASE_TTL_S`, and are counted in the monthly
+    counter in batches every `LEASE_FLUSH_S`. The rate limit is never exceeded (tokens are taken
+    before they are spent; unspent ones expire), and the monthly quota is checked against the known
+    count plus this process's uncounted calls, so it can be overshot only by calls other processes
+    admitted within one flush interval. Plans slower than 20 requests a second get leases of one
+    token: every call is checked exactly, as without leases.
+    """
+
+    def __init__(self, quotas: Quotas, flush_s: float = LEASE_FLUSH_S, clock: Callable[[], float] = time.monotonic):
+        self.quotas = quotas
+        self.flush_s = flush_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._gates: dict[str, threading.Lock] = {}
+        self._pending: dict[tuple[str, str], tuple[Plan, int]] = {}  # (quota tenant, tenant) -> plan, calls
+        self._pending_total: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="call-leases", daemon=True)
+
+    def try_local(self, quota_tenant: str, tenant_id: str, plan: Plan) -> CallAllowance | None:
+        """Admit a call from this process's lease, or None: ask `admit` (a round trip) instead."""
+        with self._lock:
+            lease = self._leases.get(quota_tenant)
+            if lease is None or lease.tokens < 1 or self.clock() >= lease.expires:
+                return None
+            pending = self._pending_total.get(quota_tenant, 0)
+            used = None if lease.used is None else lease.used + pending + 1
+            limit = plan.api_calls_per_month
+            if limit is not None and (used is None or used > limit):
+                return None  # near or past the limit: the exact path decides
+            lease.tokens -= 1
+            key = (quota_tenant, tenant_id)
+            _, n = self._pending.get(key, (plan, 0))
+            self._pending[key] = (plan, n + 1)
+            self._pending_total[quota_tenant] = pending + 1
+            a = lease.allowance
+            remaining = None if a.rate_remaining is None else a.rate_remaining + lease.tokens
+            return CallAllowance(a.plan, a.rate_limit, remaining, a.quota_limit, used, a.quota_reset_s, a.warning, 0)
+
+    def admit(self, quota_tenant: str, tenant_id: str, plan: Plan) -> CallAllowance:
+        """The exact check (blocking: backend round trips), taking a new lease; raises QuotaExceeded.
+
+        One exact check per quota tenant at a time: concurrent callers wait for it and then spend
+        its lease, instead of each taking a lease of their own.
+        """
+        with self._lock:
+            gate = self._gates.setdefault(quota_tenant, threading.Lock())
+        with gate:
+            local = self.try_local(quota_tenant, tenant_id, plan)
+            if local is not None:
+                return local
+            self._flush_tenant(quota_tenant)  # the exact count must include the calls served from leases
+            allowance = self.quotas.check_call(quota_tenant, tenant_id, plan, tokens=lease_size(plan))
+            with self._lock:
+                self._leases[quota_tenant] = _Lease(
+                    allowance.tokens - 1, self.clock() + LEASE_TTL_S, allowance, allowance.quota_used
+                )
+            return allowance
+
+    def flush(self) -> None:
+        """Count every call admitted from leases so far."""
+        with self._lock:
+            tenants = {qt for qt, _ in self._pending}
+        for quota_tenant in tenants:
+            self._flush_tenant(quota_tenant)
+
+    def _flush_tenant(self, quota_tenant: str) -> None:
+        with self._lock:
+            taken = [(k, v) for k, v in self._pending.items() if k[0] == quota_tenant]
+            for k, _ in taken:
+                del self._pending[k]
+            self._pending_total.pop(quota_tenant, None)
+        for (qt, tenant_id), (plan, n) in taken:
+            used = self.quotas.count_served(qt, tenant_id, plan, n)
+            with self._lock:
+                lease = self._leases.get(qt)
+                if lease is not None and used is not None:
+                    lease.used = max(lease.used or 0, used)
+
+    def start(self) -> None:
+        """Start counting leased calls in the background."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop, after counting what is left."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("could not count calls admitted from leases; retrying")

@@ -18,9 +18,11 @@ from typing import Protocol
 
 import psycopg
 from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from sensormine.plans import PlanError, get_plan
 from sensormine.quotas import (
+    CallLeases,
     DeviceQuota,
     MemoryBackend,
     QuotaBackend,
@@ -76,12 +78,18 @@ def start_limits(app: FastAPI, settings: Settings) -> None:
     quotas = make_quotas(app, settings)
     quotas.start()
     app.state.quotas = quotas
+    app.state.call_leases = CallLeases(quotas)
+    app.state.call_leases.start()
     app.state.enforce_call_limits = enforce_call_limits
 
 
 def stop_limits(app: FastAPI) -> None:
     """Stop metering after writing the last usage counts (call before the pool closes)."""
     app.state.enforce_call_limits = None
+    leases: CallLeases | None = getattr(app.state, "call_leases", None)
+    if leases is not None:
+        leases.close()  # count the calls admitted from leases before the last usage flush
+        app.state.call_leases = None
     quotas: Quotas | None = getattr(app.state, "quotas", None)
     if quotas is not None:
         quotas.close()
@@ -99,7 +107,7 @@ def too_many(exc: QuotaExceeded, headers: dict[str, str] | None = None) -> Probl
     )
 
 
-def enforce_call_limits(request: Request, response: Response, caller: LimitedCaller) -> None:
+async def enforce_call_limits(request: Request, response: Response, caller: LimitedCaller) -> None:
     """Admit one authenticated request: token bucket, then the monthly API-call quota; 429 beyond them.
 
     Platform administrators are never limited. Sets the rate-limit and quota headers on `response`.
@@ -114,7 +122,10 @@ def enforce_call_limits(request: Request, response: Response, caller: LimitedCal
         log.warning("tenant %s has an unknown plan %r; limiting it as free", quota_tenant, caller.plan)
         plan = get_plan("free")
     try:
-        allowance = quotas.check_call(quota_tenant, caller.tenant_id, plan)
+        leases: CallLeases = request.app.state.call_leases
+        allowance = leases.try_local(quota_tenant, caller.tenant_id, plan)
+        if allowance is None:  # no lease left: the exact check, a round trip to the backend
+            allowance = await run_in_threadpool(leases.admit, quota_tenant, caller.tenant_id, plan)
     except QuotaExceeded as exc:
         headers = {}
         if exc.info.get("kind") == "rate" and plan.burst is not None:

@@ -99,7 +99,7 @@ class FakeConn:
 def test_plans_have_rates() -> None:
     assert (PLANS["free"].rate_per_s, PLANS["free"].burst) == (10, 20)
     assert (PLANS["pro"].rate_per_s, PLANS["pro"].burst) == (100, 200)
-    assert PLANS["enterprise"].api_calls_per_month is None and PLANS["enterprise"].burst == 2000
+    assert PLANS["enterprise"].api_calls_per_month is None and PLANS["enterprise"].burst == 20_000
     with pytest.raises(PlanError):
         Plan("odd", 1, 1, 1, 7, 7, rate_per_s=1)
 
