@@ -26,6 +26,8 @@ pytestmark = pytest.mark.integration
 
 # Routes whose generated calls would change the world outside the test's database.
 EXCLUDED = {("POST", "/api/auth/logout")}
+# Device ids the API refuses to register because fixed routes own the path (/api/devices/status, /import).
+RESERVED_DEVICE_IDS = {"status", "import"}
 
 
 @pytest.fixture
@@ -56,6 +58,8 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_no_server_errors_and_responses_match_the_schema(case: schemathesis.Case, admin_key: str) -> None:
     if (case.method.upper(), case.path) in EXCLUDED:
         pytest.skip("changes state shared by the other generated calls")
+    if (case.path_parameters or {}).get("device_id") in RESERVED_DEVICE_IDS:
+        return  # another route's path, not this one's: no device can have that id
     case.call_and_validate(
         headers={"X-API-Key": admin_key},
         checks=[not_a_server_error, response_schema_conformance],
