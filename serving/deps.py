@@ -13,13 +13,14 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import psycopg
 from fastapi import Depends, Request, Response
-from fastapi.security import APIKeyHeader, OAuth2PasswordBearer, SecurityScopes
+from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from sensormine.auth import (
     ALL_PERMISSIONS,
@@ -50,8 +51,45 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 ConnDep = Annotated[psycopg.Connection, Depends(get_conn)]
 
 PERMISSION_HELP = {p: p for p in sorted(ALL_PERMISSIONS)}
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/auth/token", scopes=PERMISSION_HELP, auto_error=False)
-api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (smk_<id>_<secret>)")
+API_KEY_SCHEME = "APIKeyHeader"
+
+
+class Credentials(OAuth2PasswordBearer):
+    """The request's credential: a bearer token, else an API key in the X-API-Key header.
+
+    One security dependency for both (each dependency costs every request its share of FastAPI's
+    solving); OpenAPI documents it as the OAuth2 password flow with the permissions as scopes, and
+    `document_api_keys` adds the API key header as the alternative.
+    """
+
+    async def __call__(self, request: HTTPConnection) -> tuple[str, str] | None:  # type: ignore[override]
+        authorization = request.headers.get("authorization")
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return "bearer", token.strip()
+        key = request.headers.get("x-api-key")
+        return ("key", key) if key else None
+
+
+credentials_scheme = Credentials(tokenUrl="/api/auth/token", scopes=PERMISSION_HELP, auto_error=False)
+
+
+def document_api_keys(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the API key header to an OpenAPI document as the alternative to every OAuth2 requirement."""
+    components = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    components[API_KEY_SCHEME] = {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "An API key (smk_<id>_<secret>); its role and scopes give its permissions",
+    }
+    for methods in schema.get("paths", {}).values():
+        for op in methods.values():
+            security = op.get("security")
+            if security and {API_KEY_SCHEME: []} not in security:
+                security.append({API_KEY_SCHEME: []})
+    return schema
 
 
 @dataclass(frozen=True)
@@ -139,8 +177,7 @@ async def authenticate(
     security_scopes: SecurityScopes,
     request: Request,
     response: Response,
-    token: Annotated[str | None, Depends(oauth2_scheme)],
-    api_key: Annotated[str | None, Depends(api_key_scheme)],
+    credential: Annotated[tuple[str, str] | None, Depends(credentials_scheme)],
 ) -> Caller:
     """The caller, from a bearer access token or an API key; 401 without either, 403 without a permission.
 
@@ -148,25 +185,22 @@ async def authenticate(
     miss (one database round trip) and the rate limiter run there.
     """
     settings: Settings = request.app.state.settings
-    if token:
-        kind, credential = "bearer", token
-    elif api_key:
-        kind, credential = "key", api_key
-    else:
+    if credential is None:
         raise Problem(
             401,
             "log in (POST /api/auth/token) and send 'Authorization: Bearer <token>', "
             f"or send an API key in the {settings.api_key_header} header",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    kind, secret = credential
     cache = credential_cache(request)
-    caller = cache.get(kind, credential)
+    caller = cache.get(kind, secret)
     if caller is None:
         try:
-            caller = await run_in_threadpool(_resolve, request.app.state.pool, settings, kind, credential)
+            caller = await run_in_threadpool(_resolve, request.app.state.pool, settings, kind, secret)
         except AuthError as exc:
             raise Problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-        cache.put(kind, credential, caller)
+        cache.put(kind, secret, caller)
     missing = [s for s in security_scopes.scopes if s not in caller.permissions]
     if missing:
         raise Problem(

@@ -131,15 +131,17 @@ async def enforce_call_limits(request: Request, response: Response, caller: Limi
         if exc.info.get("kind") == "rate" and plan.burst is not None:
             headers = {"X-RateLimit-Limit": str(plan.burst), "X-RateLimit-Remaining": "0"}
         raise too_many(exc, headers) from None
+    # Appended to the raw list: setting them one by one rescans the headers each time (a hot path).
+    raw = response.raw_headers
     if allowance.rate_limit is not None and allowance.rate_remaining is not None:
-        response.headers["X-RateLimit-Limit"] = str(allowance.rate_limit)
-        response.headers["X-RateLimit-Remaining"] = str(allowance.rate_remaining)
+        raw.append((b"x-ratelimit-limit", str(allowance.rate_limit).encode()))
+        raw.append((b"x-ratelimit-remaining", str(allowance.rate_remaining).encode()))
     if allowance.quota_limit is not None and allowance.quota_used is not None:
-        response.headers["X-Quota-Limit"] = str(allowance.quota_limit)
-        response.headers["X-Quota-Remaining"] = str(max(0, allowance.quota_limit - allowance.quota_used))
-        response.headers["X-Quota-Reset"] = str(allowance.quota_reset_s)
+        raw.append((b"x-quota-limit", str(allowance.quota_limit).encode()))
+        raw.append((b"x-quota-remaining", str(max(0, allowance.quota_limit - allowance.quota_used)).encode()))
+        raw.append((b"x-quota-reset", str(allowance.quota_reset_s).encode()))
     if allowance.warning:
-        response.headers["X-Quota-Warning"] = allowance.warning
+        raw.append((b"x-quota-warning", allowance.warning.encode("latin-1", "replace")))
 
 
 def device_quota_guard(conn: psycopg.Connection, tenant_id: str, adding: int = 1) -> DeviceQuota:

@@ -42,6 +42,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,8 +62,15 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+            key = (scope["method"], template, status)
+            series = self._series.get(key)
+            if series is None:  # labels() takes a lock and builds a key: once per series, not per request
+                series = self._series[key] = (
+                    self.metrics.requests.labels(scope["method"], template, str(status)),
+                    self.metrics.latency.labels(scope["method"], template),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - start)
 
 
 def install_metrics(app: FastAPI) -> None:

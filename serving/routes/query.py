@@ -39,6 +39,8 @@ from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
 
 router = APIRouter(prefix="/api/query", tags=["query"])
+# The latest-value route alone, included before every other router: the busiest route matches first.
+latest_router = APIRouter(prefix="/api/query", tags=["query"])
 
 Reader = Annotated[Caller, Security(authenticate, scopes=["telemetry:read"])]
 Format = Literal["json", "csv", "arrow"]
@@ -431,7 +433,7 @@ _LATEST_PARAMS = [
 ]
 
 
-@router.get(
+@latest_router.get(
     "/latest",
     response_model=LatestResponse,
     responses={200: {"content": {CSV: {}, ARROW: {}}}},
