@@ -9,9 +9,10 @@ See docs/device-identity.md ("REST API").
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import psycopg
 from fastapi import APIRouter, Body, Query, Request, Response, Security
@@ -629,18 +630,37 @@ def change_device(
     return DeviceOut.of(after)
 
 
+T = TypeVar("T")
+
+
+def _change_device(
+    conn: psycopg.Connection, caller: Caller, tenant: str, device_id: str, action: str, change: Callable[[], T]
+) -> T:
+    """Apply a registry change to one device under row-level security, audited in the same transaction;
+    a 404 problem for a device the tenant does not have."""
+    try:
+        with caller.scope(conn, write=True):
+            result = change()
+            audit.record(conn, caller, tenant, action, "device", device_id)
+    except UnknownDevice:
+        raise _not_found(device_id, tenant) from None
+    return result
+
+
 @router.delete("/{device_id}", status_code=204)
 def remove_device(
     device_id: str, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> Response:
     """Delete a device: its key, profile and status go, and its MQTT identity; its telemetry stays."""
     tenant = _tenant(caller, tenant_id)
-    try:
-        with caller.scope(conn, write=True):
-            delete_device(conn, tenant, device_id, at_broker=False)
-            audit.record(conn, caller, tenant, "device.delete", "device", device_id)
-    except UnknownDevice:
-        raise _not_found(device_id, tenant) from None
+    _change_device(
+        conn,
+        caller,
+        tenant,
+        device_id,
+        "device.delete",
+        lambda: delete_device(conn, tenant, device_id, at_broker=False),
+    )
     broker_delete(tenant, device_id, _broker(settings))
     return Response(status_code=204)
 
@@ -666,11 +686,14 @@ def rotate_key(
     tenant = _tenant(caller, tenant_id)
     broker = _broker(settings)
     try:
-        with caller.scope(conn, write=True):
-            key = rotate_device_key(conn, tenant, device_id, broker=broker)
-            audit.record(conn, caller, tenant, "device.rotate_key", "device", device_id)
-    except UnknownDevice:
-        raise _not_found(device_id, tenant) from None
+        key = _change_device(
+            conn,
+            caller,
+            tenant,
+            device_id,
+            "device.rotate_key",
+            lambda: rotate_device_key(conn, tenant, device_id, broker=broker),
+        )
     except DynsecError as exc:
         raise Problem(
             503,
@@ -693,11 +716,13 @@ def revoke_key(
 ) -> RevokedOut:
     """Revoke the device's key: HTTP ingest and the broker refuse it until POST .../rotate-key issues a new one."""
     tenant = _tenant(caller, tenant_id)
-    try:
-        with caller.scope(conn, write=True):
-            revoke_device_key(conn, tenant, device_id, at_broker=False)
-            audit.record(conn, caller, tenant, "device.revoke_key", "device", device_id)
-    except UnknownDevice:
-        raise _not_found(device_id, tenant) from None
+    _change_device(
+        conn,
+        caller,
+        tenant,
+        device_id,
+        "device.revoke_key",
+        lambda: revoke_device_key(conn, tenant, device_id, at_broker=False),
+    )
     state = broker_revoke(tenant, device_id, _broker(settings))
     return RevokedOut(tenant_id=tenant, device_id=device_id, broker=state.value)
