@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            gc.unfreeze()  # an app built and stopped inside a longer-lived process (tests) leaves nothing pinned
             if listener is not None:
                 listener.close()
             stop_limits(app)  # a last flush of API-call counts
