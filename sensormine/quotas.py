@@ -625,6 +625,33 @@ class Quotas:
             bucket.granted if bucket else tokens,
         )
 
+    def check_ingest(self, quota_tenant: str, plan: Plan) -> None:
+        """Admit one HTTP ingest request of a quota group, or raise QuotaExceeded (kind `ingest_rate`).
+
+        Its own token bucket at the plan's rate, apart from API calls: devices pushing data never use up
+        the tenant's API rate, and ingest is metered by volume, not counted as API calls. A backend
+        failure admits the request, like any call while Redis is down.
+        """
+        if plan.rate_per_s is None or plan.burst is None:
+            return
+        try:
+            result = self.backend.take_token(f"ingest:{quota_tenant}", plan.rate_per_s, plan.burst)
+        except redis.RedisError as exc:
+            self._log_backend_error(exc)
+            return
+        if not result.allowed:
+            retry_s = max(1, math.ceil(result.retry_after_ms / 1000))
+            raise QuotaExceeded(
+                f"too many ingest requests for tenant {quota_tenant!r}: plan {plan.name} allows "
+                f"{plan.rate_per_s:g} a second (bursts of {plan.burst}); send larger batches less often, "
+                f"or retry after {retry_s} s",
+                retry_s,
+                kind="ingest_rate",
+                plan=plan.name,
+                limit=plan.burst,
+                retry_after_ms=result.retry_after_ms,
+            )
+
     def _take_token(self, quota_tenant: str, plan: Plan, n: int = 1) -> BucketResult | None:
         if plan.rate_per_s is None or plan.burst is None:
             return None

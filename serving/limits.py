@@ -144,6 +144,21 @@ async def enforce_call_limits(request: Request, response: Response, caller: Limi
         raw.append((b"x-quota-warning", allowance.warning.encode("latin-1", "replace")))
 
 
+def ingest_rate_guard(app: FastAPI, quota_tenant: str, plan_name: str | None) -> None:
+    """The per-plan rate of HTTP ingest requests (blocking: run it in the thread pool); a 429 beyond it."""
+    quotas: Quotas | None = getattr(app.state, "quotas", None)
+    if quotas is None:
+        return
+    try:
+        plan = get_plan(plan_name or "free")
+    except PlanError:
+        plan = get_plan("free")
+    try:
+        quotas.check_ingest(quota_tenant, plan)
+    except QuotaExceeded as exc:
+        raise too_many(exc, {"X-RateLimit-Limit": str(plan.burst), "X-RateLimit-Remaining": "0"}) from None
+
+
 def device_quota_guard(conn: psycopg.Connection, tenant_id: str, adding: int = 1) -> DeviceQuota:
     """`check_device_quota` for a route: a refusal becomes a 429 problem with `Retry-After`.
 

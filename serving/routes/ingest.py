@@ -17,6 +17,7 @@ from sensormine.registry import resolve_device_key
 from sensormine.settings import Settings
 from sensormine.status import TrackingSink, tracked
 from serving.deps import SettingsDep
+from serving.limits import ingest_rate_guard
 from serving.problems import Problem
 
 router = APIRouter(prefix="/api", tags=["ingest"])
@@ -99,8 +100,17 @@ def _gate(request: Request, settings: Settings) -> IngestGate:
 
 
 def _device(request: Request, key: str) -> tuple[str, str] | None:
+    """The device holding `key`, once its tenant's ingest rate admits the request (else a 429 problem)."""
     with request.app.state.pool.connection() as conn:
-        return resolve_device_key(conn, key)
+        device = resolve_device_key(conn, key)
+        if device is None:
+            return None
+        row = conn.execute(
+            "SELECT sensormine_quota_tenant(%(t)s), sensormine_effective_plan(%(t)s)", {"t": device[0]}
+        ).fetchone()
+    if row is not None and row[0] is not None:
+        ingest_rate_guard(request.app, row[0], row[1])
+    return device
 
 
 @router.post(
@@ -123,6 +133,7 @@ def _device(request: Request, key: str) -> tuple[str, str] | None:
         400: {"description": "The body is not a JSON or CSV batch (it is in the dead-letter queue)."},
         401: {"description": "Missing or unknown device key."},
         413: {"description": "Body larger than SENSORMINE_HTTP_INGEST_MAX_BYTES."},
+        429: {"description": "The tenant's plan allows no more ingest requests a second (Retry-After)."},
         415: {"description": "Content type other than application/json or text/csv."},
         503: {"description": "Not confirmed durable in time; retry."},
     },

@@ -405,3 +405,31 @@ def test_api_answers_429_with_retry_after_and_warns(settings: Settings, conn: ps
             if started_here:
                 stop_limits(app)
     _forget_redis(make_redis(settings), key_prefix(settings))
+
+
+def test_http_ingest_has_its_own_rate_per_plan(settings: Settings, conn: psycopg.Connection) -> None:
+    from fastapi.testclient import TestClient
+
+    from sensormine.registry import create_device
+    from serving.main import create_app
+
+    create_tenant(conn, "acme")  # free: 10 requests a second in bursts of 20, for ingest as for API calls
+    _, device_key = create_device(conn, "acme", "press")
+    api_key = create_api_key(conn, "acme", "test")
+    conn.commit()
+    body = b'{"ts": "2026-11-26T00:00:00Z", "values": {"t": 1}}'
+    direct = settings.model_copy(update={"kafka_bootstrap": None})
+    with TestClient(create_app(direct)) as client:
+        statuses = []
+        for _ in range(60):  # far faster than 10 a second: the burst runs out
+            resp = client.post("/api/ingest", content=body, headers={"X-Device-Key": device_key})
+            statuses.append(resp.status_code)
+            if resp.status_code == 429:
+                break
+        assert statuses[:20] == [200] * 20 and statuses[-1] == 429, statuses
+        problem = resp.json()
+        assert problem["kind"] == "ingest_rate" and problem["plan"] == "free" and resp.headers["Retry-After"] == "1"
+        assert "send larger batches" in problem["detail"]
+        # Ingest has a bucket of its own: the tenant's API calls still pass, and are not counted against it.
+        assert client.get("/api/auth/me", headers={"X-API-Key": api_key}).status_code == 200
+    _forget_redis(make_redis(settings), key_prefix(settings))
