@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import jwt
 import psycopg
 
-from sensormine.registry import hash_secret
+from sensormine.registry import hash_secret, visible_tenant_ids
 from sensormine.settings import Settings
 
 
@@ -344,14 +344,12 @@ def _identity(
     if tenant_id is None:
         visible = [r[0] for r in conn.execute("SELECT id FROM tenants ORDER BY id").fetchall()]
         return Identity(subject, None, role, permissions, tuple(visible), None, None)
+    visible = visible_tenant_ids(conn, tenant_id)
     row = conn.execute(
-        "WITH RECURSIVE t AS (SELECT id FROM tenants WHERE id = %(t)s "
-        "UNION ALL SELECT c.id FROM tenants c JOIN t ON c.parent_id = t.id) "
-        "SELECT array_agg(id), sensormine_effective_plan(%(t)s), sensormine_quota_tenant(%(t)s) FROM t",
-        {"t": tenant_id},
+        "SELECT sensormine_effective_plan(%(t)s), sensormine_quota_tenant(%(t)s)", {"t": tenant_id}
     ).fetchone()
     assert row is not None
-    return Identity(subject, tenant_id, role, permissions, tuple(row[0] or ()), row[1], row[2])
+    return Identity(subject, tenant_id, role, permissions, tuple(visible), row[0], row[1])
 
 
 def identity_from_token(conn: psycopg.Connection, settings: Settings, token: str) -> Identity:

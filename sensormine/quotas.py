@@ -839,8 +839,8 @@ class CallLeases:
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
         self._gates: dict[str, threading.Lock] = {}
-        self._pending: dict[tuple[str, str], tuple[Plan, int]] = {}  # (quota tenant, tenant) -> plan, calls
-        self._pending_total: dict[str, int] = {}
+        # calls admitted from leases, not counted yet: quota tenant -> tenant -> (plan, calls)
+        self._pending: dict[str, dict[str, tuple[Plan, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="call-leases", daemon=True)
 
@@ -850,16 +850,15 @@ class CallLeases:
             lease = self._leases.get(quota_tenant)
             if lease is None or lease.tokens < 1 or self.clock() >= lease.expires:
                 return None
-            pending = self._pending_total.get(quota_tenant, 0)
+            group = self._pending.setdefault(quota_tenant, {})
+            pending = sum(n for _, n in group.values())
             used = None if lease.used is None else lease.used + pending + 1
             limit = plan.api_calls_per_month
             if limit is not None and (used is None or used > limit):
                 return None  # near or past the limit: the exact path decides
             lease.tokens -= 1
-            key = (quota_tenant, tenant_id)
-            _, n = self._pending.get(key, (plan, 0))
-            self._pending[key] = (plan, n + 1)
-            self._pending_total[quota_tenant] = pending + 1
+            _, n = group.get(tenant_id, (plan, 0))
+            group[tenant_id] = (plan, n + 1)
             a = lease.allowance
             remaining = None if a.rate_remaining is None else a.rate_remaining + lease.tokens
             return CallAllowance(a.plan, a.rate_limit, remaining, a.quota_limit, used, a.quota_reset_s, a.warning, 0)
@@ -887,20 +886,17 @@ class CallLeases:
     def flush(self) -> None:
         """Count every call admitted from leases so far."""
         with self._lock:
-            tenants = {qt for qt, _ in self._pending}
+            tenants = list(self._pending)
         for quota_tenant in tenants:
             self._flush_tenant(quota_tenant)
 
     def _flush_tenant(self, quota_tenant: str) -> None:
         with self._lock:
-            taken = [(k, v) for k, v in self._pending.items() if k[0] == quota_tenant]
-            for k, _ in taken:
-                del self._pending[k]
-            self._pending_total.pop(quota_tenant, None)
-        for (qt, tenant_id), (plan, n) in taken:
-            used = self.quotas.count_served(qt, tenant_id, plan, n)
+            taken = self._pending.pop(quota_tenant, {})
+        for tenant_id, (plan, n) in taken.items():
+            used = self.quotas.count_served(quota_tenant, tenant_id, plan, n)
             with self._lock:
-                lease = self._leases.get(qt)
+                lease = self._leases.get(quota_tenant)
                 if lease is not None and used is not None:
                     lease.used = max(lease.used or 0, used)
 

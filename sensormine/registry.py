@@ -613,12 +613,32 @@ def resolve_api_key(conn: psycopg.Connection, key: str) -> tuple[str, list[str]]
     return row[0], list(row[1])
 
 
-def resolve_device_key(conn: psycopg.Connection, key: str) -> tuple[str, str] | None:
-    """(tenant_id, device_id) of the device holding `key`, or None."""
+@dataclass(frozen=True)
+class KeyHolder:
+    """The device holding a device key, and whose plan (and quota) applies to its tenant."""
+
+    tenant_id: str
+    device_id: str
+    quota_tenant: str
+    plan: str
+
+
+def device_key_holder(conn: psycopg.Connection, key: str) -> KeyHolder | None:
+    """The device holding `key` with its tenant's quota tenant and plan (one statement), or None."""
     if not key.startswith("smd_"):
         return None
-    row = conn.execute("SELECT tenant_id, id FROM devices WHERE key_hash = %s", (hash_secret(key),)).fetchone()
-    return None if row is None else (row[0], row[1])
+    row = conn.execute(
+        "SELECT tenant_id, id, sensormine_quota_tenant(tenant_id), sensormine_effective_plan(tenant_id) "
+        "FROM devices WHERE key_hash = %s",
+        (hash_secret(key),),
+    ).fetchone()
+    return None if row is None else KeyHolder(*row)
+
+
+def resolve_device_key(conn: psycopg.Connection, key: str) -> tuple[str, str] | None:
+    """(tenant_id, device_id) of the device holding `key`, or None."""
+    holder = device_key_holder(conn, key)
+    return None if holder is None else (holder.tenant_id, holder.device_id)
 
 
 def revoke_api_key(conn: psycopg.Connection, key_id: str) -> bool:

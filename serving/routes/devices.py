@@ -90,10 +90,6 @@ RESERVED_DEVICE_IDS = frozenset({"status", "import"})
 MAX_IMPORT_BYTES = 1 << 20
 
 
-def _tenant(caller: Caller, tenant_id: str | None) -> str:
-    return caller.tenant(tenant_id)
-
-
 class DeviceOut(BaseModel):
     """A registered device. Its key is never shown here: only at registration and rotation."""
 
@@ -250,7 +246,7 @@ def register_device(
     The key authenticates HTTP ingest (`X-Device-Key`) and is the device's MQTT password (user
     `{tenant}/{device}`, which may publish only to `sensormine/{tenant}/{device}/telemetry`).
     """
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     try:
         _check_new_id(body.id)
         with caller.scope(conn, write=True):
@@ -297,7 +293,7 @@ def list_devices(
     include_subtenants: Annotated[bool, Query(description="Also the devices of the tenant's sub-tenants")] = False,
 ) -> dict[str, Any]:
     """Devices of a tenant (and, with include_subtenants, of its sub-tenants), by tenant and id, a page at a time."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     after = page.after
     if after is not None and not (
         isinstance(after, list) and len(after) == 2 and all(isinstance(a, str) for a in after)
@@ -318,7 +314,7 @@ def list_status(
     caller: Reader, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> list[DeviceStatusOut]:
     """Status of every device of a tenant: online (heard from within the offline timeout), counters."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     rows = device_statuses(conn, [tenant], settings.device_offline_after_s)
     return [DeviceStatusOut(**vars(s)) for s in rows]
 
@@ -328,7 +324,7 @@ def one_status(
     device_id: str, caller: Reader, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> DeviceStatusOut:
     """Status of one device."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     rows = device_statuses(conn, [tenant], settings.device_offline_after_s, [device_id])
     if not rows:
         raise Problem(404, f"device {device_id!r} not found in tenant {tenant!r}")
@@ -338,7 +334,7 @@ def one_status(
 @router.get("/{device_id}/profile", response_model=ProfileOut)
 def read_profile(device_id: str, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> ProfileOut:
     """The device's OPC UA or Modbus connection profile."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     stored = get_profile(conn, tenant, device_id)
     if stored is None:
         raise Problem(404, f"device {device_id!r} of tenant {tenant!r} has no profile")
@@ -369,7 +365,7 @@ def write_profile(
     tenant_id: TenantParam = None,
 ) -> ProfileOut:
     """Create or replace the profile; the device's daemon applies it without a restart."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     try:
         stored = set_profile(conn, tenant, device_id, profile)
     except ProfileError as exc:
@@ -383,7 +379,7 @@ def write_profile(
 @router.delete("/{device_id}/profile", status_code=204)
 def remove_profile(device_id: str, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
     """Remove the profile; the daemon disconnects from the device."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     if not delete_profile(conn, tenant, device_id):
         raise Problem(404, f"device {device_id!r} of tenant {tenant!r} has no profile")
     return Response(status_code=204)
@@ -436,7 +432,7 @@ async def import_devices(
     in the file, id already registered). The device quota is checked for all the rows at once: if they
     do not fit, nothing is registered (429). At most 1 MiB and 1000 rows per file.
     """
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     raw = await _import_body(request)
     try:
         rows = parse_device_csv(raw)
@@ -588,7 +584,7 @@ def _row_out(row: DeviceRow, key: str | None, states: dict[str, BrokerUpdate] | 
 @router.get("/{device_id}", response_model=DeviceOut)
 def read_device(device_id: str, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> DeviceOut:
     """One device (never its key)."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     with caller.scope(conn):
         device = get_device(conn, tenant, device_id)
     if device is None:
@@ -601,7 +597,7 @@ def change_device(
     device_id: str, body: DevicePatch, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None
 ) -> DeviceOut:
     """Change a device's name, type or metadata (merged; a key set to null is removed). The key is not touched."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     given = body.model_fields_set
     if not given:
         raise Problem(422, "nothing to change: send name, device_type and/or metadata")
@@ -652,7 +648,7 @@ def remove_device(
     device_id: str, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> Response:
     """Delete a device: its key, profile and status go, and its MQTT identity; its telemetry stays."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     _change_device(
         conn,
         caller,
@@ -683,7 +679,7 @@ def rotate_key(
     Also brings a revoked device back. The broker takes the new key before it counts: if it cannot,
     nothing changes (503).
     """
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     broker = _broker(settings)
     try:
         key = _change_device(
@@ -715,7 +711,7 @@ def revoke_key(
     device_id: str, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
 ) -> RevokedOut:
     """Revoke the device's key: HTTP ingest and the broker refuse it until POST .../rotate-key issues a new one."""
-    tenant = _tenant(caller, tenant_id)
+    tenant = caller.tenant(tenant_id)
     _change_device(
         conn,
         caller,

@@ -13,7 +13,7 @@ from sensormine.batch import BatchOutcome, parse_csv_batch, parse_json_batch
 from sensormine.bus import make_sink
 from sensormine.payload import PayloadError
 from sensormine.reading import now_us
-from sensormine.registry import resolve_device_key
+from sensormine.registry import device_key_holder
 from sensormine.settings import Settings
 from sensormine.status import TrackingSink, tracked
 from serving.deps import SettingsDep
@@ -102,15 +102,11 @@ def _gate(request: Request, settings: Settings) -> IngestGate:
 def _device(request: Request, key: str) -> tuple[str, str] | None:
     """The device holding `key`, once its tenant's ingest rate admits the request (else a 429 problem)."""
     with request.app.state.pool.connection() as conn:
-        device = resolve_device_key(conn, key)
-        if device is None:
-            return None
-        row = conn.execute(
-            "SELECT sensormine_quota_tenant(%(t)s), sensormine_effective_plan(%(t)s)", {"t": device[0]}
-        ).fetchone()
-    if row is not None and row[0] is not None:
-        ingest_rate_guard(request.app, row[0], row[1])
-    return device
+        holder = device_key_holder(conn, key)
+    if holder is None:
+        return None
+    ingest_rate_guard(request.app, holder.quota_tenant, holder.plan)
+    return holder.tenant_id, holder.device_id
 
 
 @router.post(

@@ -448,7 +448,7 @@ async def query_latest(request: Request, caller: Reader) -> Response:
     from the database once.
     """
     # The hottest route: its query parameters are read here rather than declared to FastAPI, whose
-    # per-parameter work was a quarter of the route's cost (docs/query.md); OpenAPI documents them.
+    # per-parameter work was a quarter of the route's cost in a profile (docs/query.md); OpenAPI documents them.
     params = request.query_params
     unknown = set(params) - {"device_id", "metric", "tenant_id", "format"}
     if unknown:

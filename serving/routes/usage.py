@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request, Security
 from pydantic import BaseModel, Field
 
 from sensormine.plans import get_plan
-from sensormine.quotas import Quotas, month_label
+from sensormine.quotas import API_CALLS, Quotas, month_label, next_month_start, usage_in_month
+from sensormine.registry import visible_tenant_ids
 from serving.deps import Caller, ConnDep, authenticate
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -64,15 +65,15 @@ class EventOut(BaseModel):
     data: dict[str, Any]
 
 
-def _month(month: str | None) -> tuple[date, date, str]:
+def _month(month: str | None) -> tuple[datetime, str]:
+    """The month's first instant (UTC) and its label."""
     if month is None:
         month = month_label(datetime.now(UTC))
     try:
-        start = date.fromisoformat(month + "-01")
+        first = date.fromisoformat(month + "-01")
     except ValueError:
         raise Problem(422, f"month {month!r} is not YYYY-MM, e.g. 2026-11") from None
-    end = date(start.year + (start.month == 12), start.month % 12 + 1, 1)
-    return start, end, month
+    return datetime(first.year, first.month, 1, tzinfo=UTC), month
 
 
 @router.get("", response_model=UsageOut)
@@ -85,16 +86,10 @@ def usage(
 ) -> UsageOut:
     """API calls and devices against the plan, per day and per sub-tenant."""
     tenant = caller.tenant(tenant_id)
-    start, end, label = _month(month)
+    first, label = _month(month)
+    start, end = first.date(), next_month_start(first).date()
     with caller.scope(conn):
-        subtree = [
-            r[0]
-            for r in conn.execute(
-                "WITH RECURSIVE t AS (SELECT id FROM tenants WHERE id = %s "
-                "UNION ALL SELECT c.id FROM tenants c JOIN t ON c.parent_id = t.id) SELECT id FROM t",
-                (tenant,),
-            ).fetchall()
-        ]
+        subtree = visible_tenant_ids(conn, tenant)
         row = conn.execute("SELECT * FROM sensormine_device_quota_usage(%s)", (tenant,)).fetchone()
         assert row is not None
         quota_tenant, plan_name, group_devices = row
@@ -115,12 +110,7 @@ def usage(
             "ORDER BY day",
             (tenant, start, end),
         ).fetchall()
-        group_calls = conn.execute(
-            "SELECT coalesce(sum(value), 0) FROM usage WHERE metric = 'api_calls' AND day >= %s AND day < %s "
-            "AND tenant_id IN (SELECT sensormine_quota_group(%s))",
-            (start, end, quota_tenant),
-        ).fetchone()
-    used = int(group_calls[0]) if group_calls else 0
+        used = usage_in_month(conn, quota_tenant, API_CALLS, first)
     quotas: Quotas | None = getattr(request.app.state, "quotas", None)
     if quotas is not None and label == month_label(datetime.now(UTC)):
         live = quotas.backend.month_count(quota_tenant, label)
