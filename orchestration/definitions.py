@@ -17,6 +17,7 @@ from assets.telemetry import telemetry_lake, telemetry_partition_key, telemetry_
 from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
 from orchestration.housekeeping import lake_housekeeping_job, lake_housekeeping_schedule
 from orchestration.resources import HotStoreResource, LakeResource
+from sensormine.settings import get_settings
 from sensors.hot_data import hot_data_sensor
 from sensors.quality import failed_quality_checks_sensor
 from sensors.tenants import tenant_partitions_sensor
@@ -74,10 +75,11 @@ def _tenant_day_requests(
 @dg.schedule(
     name="telemetry_lake_hourly_schedule",
     job=telemetry_lake_job,
-    cron_schedule="5 * * * *",
+    cron_schedule=get_settings().lake_compaction_cron,
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Every hour, compact and roll up today's partition of every tenant.",
+    description="Compact and roll up today's partition of every tenant, on SENSORMINE_LAKE_COMPACTION_CRON "
+    "(hourly at :05 by default).",
 )
 def telemetry_lake_hourly_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
     """Today's partition of every tenant."""
@@ -111,4 +113,8 @@ defs = dg.Definitions(
     ],
     sensors=[tenant_partitions_sensor, hot_data_sensor, failed_quality_checks_sensor],
     resources=build_resources(),
+    # Every step of a run in the run's own process: the steps are short I/O (milliseconds to
+    # seconds), while a process per step (the multiprocess default) costs seconds of start-up
+    # each. Runs still run side by side (max_concurrent_runs in dagster.yaml). docs/decisions.md.
+    executor=dg.in_process_executor,
 )

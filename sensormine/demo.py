@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -176,10 +175,9 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
     keys_file.chmod(0o600)
     keys_file.write_text(json.dumps(device_keys, indent=2) + "\n")
     if with_dagster:
-        dagster_home = state_dir / "dagster"
-        dagster_home.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "orchestration" / "dagster.yaml", dagster_home / "dagster.yaml")
-        env["DAGSTER_HOME"] = str(dagster_home)
+        from orchestration.webserver import prepare_dagster_home
+
+        env["DAGSTER_HOME"] = str(prepare_dagster_home(state_dir / "dagster"))
     py = sys.executable
     field_children, field_profiles = _start_field_simulators(py, logs, say)
     with connect(settings) as conn:
@@ -203,18 +201,9 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         "api": [py, "-m", "uvicorn", "serving.main:app", "--factory", "--host", "127.0.0.1", "--port", str(api_port)],
     }
     if with_dagster:
-        commands["dagster"] = [
-            py,
-            "-m",
-            "dagster",
-            "dev",
-            "-m",
-            "orchestration.definitions",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(dagster_port),
-        ]
+        from orchestration.webserver import dagster_dev_command
+
+        commands["dagster"] = dagster_dev_command(dagster_port)
     children: dict[str, subprocess.Popen] = dict(field_children)
     for name, cmd in commands.items():
         say(f"starting {name} (log: {logs / (name + '.log')})")
@@ -239,6 +228,9 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             if with_dagster and not _wait_http(f"http://127.0.0.1:{dagster_port}/server_info", 180):
                 say(f"the Dagster UI did not answer; its log says:\n{_tail(logs / 'dagster.log')}")
                 return 1
+            if with_dagster and not _check_tenant_partitions(f"http://127.0.0.1:{dagster_port}", say):
+                say(f"the demo tenants did not become partitions; the Dagster log says:\n{_tail(logs / 'dagster.log')}")
+                return 1
             field = {
                 "press-motor (OPC UA)": f"{api}/api/query/telemetry?device_id=press-motor&metric=temperature"
                 f"&start={start}&end={end}",
@@ -247,7 +239,8 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             }
             return _check({"motor-1 (MQTT)": example, **field}, keys["acme"], say)
         dagster_line = (
-            f"  Dagster UI     http://127.0.0.1:{dagster_port}  (materialize lake/telemetry for today's partitions)\n"
+            f"  Dagster UI     http://127.0.0.1:{dagster_port}  (the tenants are partitions within a minute;\n"
+            "                 lake/telemetry is compacted hourly, or materialize today's partitions)\n"
             if with_dagster
             else ""
         )
@@ -290,6 +283,27 @@ def _supervise(children: dict[str, subprocess.Popen], logs: Path, say: Say) -> N
             time.sleep(1)
     except KeyboardInterrupt:
         say("stopping")
+
+
+def _check_tenant_partitions(dagster_url: str, say: Say, timeout: float = 120) -> bool:
+    """Whether every demo tenant becomes a `tenant` partition of lake/telemetry (the daemon's sensor adds them)."""
+    import httpx
+
+    from orchestration.webserver import DagsterGraphQLError, DagsterWebserver
+
+    wanted = sorted(DEMO_TENANTS)
+    deadline = time.monotonic() + timeout
+    with DagsterWebserver(dagster_url) as ui:
+        while time.monotonic() < deadline:
+            try:
+                keys = ui.partition_keys(["lake", "telemetry"], "tenant")
+            except (DagsterGraphQLError, httpx.HTTPError, ValueError):
+                keys = []  # the code location may still be loading
+            if set(wanted) <= set(keys):
+                say(f"check passed for the Dagster UI: tenants {', '.join(wanted)} are partitions of lake/telemetry")
+                return True
+            time.sleep(1)
+    return False
 
 
 def _check(urls: dict[str, str], key: str, say: Say, timeout: float = 90) -> int:

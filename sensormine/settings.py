@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         5.0, description="A delivery unconfirmed for this long means the link is down."
     )
     buffer_retry_s: float = Field(1.0, description="How often a buffer probes a link that is down.")
+    lake_compaction_cron: str = Field(
+        "5 * * * *",
+        description="When telemetry_lake_hourly_schedule compacts today's partition of every tenant "
+        "(a cron expression in UTC; hourly at :05 by default).",
+    )
     hot_data_threshold_rows: int = Field(
         1_000_000, description="Rows a hot-store day must gain before hot_data_sensor compacts it early."
     )

@@ -49,8 +49,11 @@ def tenants_in_day(conn: psycopg.Connection, day: date) -> list[str]:
     description="Compacts a day early when the hot store gained more than SENSORMINE_HOT_DATA_THRESHOLD_ROWS "
     "rows (default 1 000 000) in it since the last request, instead of waiting for the hourly schedule.",
 )
-def hot_data_sensor(context: dg.SensorEvaluationContext, hot_store: HotStore) -> dg.SensorResult:
+def hot_data_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Cursor: JSON {day: n_tup_ins at the last request}; a day's first sighting only sets its baseline."""
+    # From the context, as in the assets: Dagster injects a parameter only when its type is a
+    # resource class or dg.ResourceParam, so under the daemon a Protocol-typed one was never passed.
+    hot_store: HotStore = context.resources.hot_store
     seen: dict[str, int] = json.loads(context.cursor) if context.cursor else {}
     limit = get_settings().hot_data_threshold_rows
     known = set(context.instance.get_dynamic_partitions(tenant_partitions.name or ""))

@@ -25,8 +25,11 @@ def parse_cursor(cursor: str | None) -> list[str]:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds a `tenants` partition for every tenant in the registry; never removes one.",
 )
-def tenant_partitions_sensor(context: dg.SensorEvaluationContext, hot_store: HotStore) -> dg.SensorResult:
+def tenant_partitions_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Add the registry's tenants that are not yet `tenants` partitions; cursor = sorted ids seen."""
+    # From the context, as in the assets: Dagster injects a parameter only when its type is a
+    # resource class or dg.ResourceParam, so under the daemon a Protocol-typed one was never passed.
+    hot_store: HotStore = context.resources.hot_store
     with hot_store.connect() as conn:
         registry = {t.id for t in list_tenants(conn)}
     # The instance, not the cursor, is the truth about which partitions exist: a partition

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster
 import psycopg
 import pytest
 
@@ -81,6 +82,13 @@ def conn(settings: Settings) -> Iterator[psycopg.Connection]:
     """A connection to the test's database."""
     with psycopg.connect(settings.database_url) as c:
         yield c
+
+
+@pytest.fixture
+def dagster_instance() -> Iterator[dagster.DagsterInstance]:
+    """A temporary on-disk Dagster instance: sensor and schedule ticks need its reference, as under the daemon."""
+    with dagster.instance_for_test() as instance:
+        yield instance
 
 
 @pytest.fixture(params=["local", "s3"])

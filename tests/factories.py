@@ -96,13 +96,55 @@ def mqtt_publish(settings, messages: list[tuple[str, bytes]], timeout: float = 3
     client.disconnect()
 
 
-def wait_until(check, timeout: float = 30.0) -> bool:
-    """Poll `check` every 50 ms until it holds or `timeout` seconds pass; its last answer."""
+def wait_until(check, timeout: float = 30.0, interval: float = 0.05):
+    """Poll `check` every `interval` seconds until it answers something truthy or `timeout` seconds pass.
+
+    Returns that answer (so a probe can hand back what it found), or the last falsy one.
+    """
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
+        answer = check()
+        if answer:
+            return answer
+        time.sleep(interval)
     return check()
+
+
+def sensor_tick(name: str, instance, cursor: str | None = None):
+    """One tick of a sensor of `orchestration.definitions.defs`, evaluated as the daemon's code server does.
+
+    The sensor comes from the loaded Definitions and gets exactly the resources they bind to its
+    required keys (not the decorated function called with resources handed in by the test), so a
+    sensor that the daemon could not run fails here too. Returns the tick's SensorExecutionData.
+    """
+    import dagster as dg
+
+    from orchestration.definitions import defs
+
+    repo = defs.get_repository_def()
+    sensor = repo.get_sensor_def(name)
+    resources = {k: v for k, v in repo.get_top_level_resources().items() if k in sensor.required_resource_keys}
+    # The daemon hands the code server an instance reference, through which run requests are
+    # checked against the instance's dynamic partitions: so a persistent instance, as there.
+    ref = instance.get_ref()
+    with dg.build_sensor_context(
+        instance=instance, instance_ref=ref, cursor=cursor, repository_def=repo, resources=resources
+    ) as ctx:
+        return sensor.evaluate_tick(ctx)
+
+
+def schedule_tick(name: str, instance, scheduled_execution_time):
+    """One tick of a schedule of `orchestration.definitions.defs` at a given time, as the daemon evaluates it."""
+    import dagster as dg
+
+    from orchestration.definitions import defs
+
+    repo = defs.get_repository_def()
+    schedule = repo.get_schedule_def(name)
+    resources = {k: v for k, v in repo.get_top_level_resources().items() if k in schedule.required_resource_keys}
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=scheduled_execution_time, repository_def=repo, resources=resources
+    ) as ctx:
+        return schedule.evaluate_tick(ctx)

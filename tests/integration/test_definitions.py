@@ -1,9 +1,8 @@
-"""The Dagster entry point loads, and the telemetry asset, tenant sensor and hourly schedule work in-process."""
+"""The Dagster entry point loads; its sensors and schedules tick as the daemon evaluates them; the asset compacts."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -13,14 +12,13 @@ import pytest
 from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
 from lake.telemetry import read_telemetry
-from orchestration.definitions import defs, telemetry_lake_daily_close_schedule, telemetry_lake_hourly_schedule
+from orchestration.definitions import defs
 from orchestration.resources import resources_for
 from sensormine.hotstore import HotStoreWriter
 from sensormine.reading import readings_to_table
 from sensormine.registry import create_tenant
 from sensormine.settings import Settings
-from sensors.tenants import tenant_partitions_sensor
-from tests.factories import DAY, DAY_US, make_tenant, readings
+from tests.factories import DAY, DAY_US, make_tenant, readings, schedule_tick, sensor_tick
 
 pytestmark = pytest.mark.integration
 
@@ -86,77 +84,84 @@ def test_materialize_compacts_one_tenant_day(conn: psycopg.Connection, settings:
     assert conn.execute("SELECT tenant_id, row_count FROM lake_compactions").fetchall() == [("acme", len(rows))]
 
 
-def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(conn: psycopg.Connection, settings: Settings) -> None:
+def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(
+    conn: psycopg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch, dagster_instance: dg.DagsterInstance
+) -> None:
+    # The Definitions' hot_store resource reads its database from the environment at each tick.
+    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
     create_tenant(conn, "globex")
     create_tenant(conn, "acme")
-    instance = dg.DagsterInstance.ephemeral()
-    hot = {"hot_store": resources_for(settings)["hot_store"]}
+    conn.commit()
+    instance = dagster_instance
 
-    with dg.build_sensor_context(instance=instance, resources=hot) as context:
-        first = tenant_partitions_sensor(context)
-    assert isinstance(first, dg.SensorResult)
+    first = sensor_tick("tenant_partitions_sensor", instance)
     [request] = first.dynamic_partitions_requests or []
     assert isinstance(request, dg.AddDynamicPartitionsRequest)
     assert (request.partitions_def_name, list(request.partition_keys)) == ("tenants", ["acme", "globex"])
     assert json.loads(first.cursor or "") == ["acme", "globex"]
-    assert first.run_requests in (None, [])
+    assert not first.run_requests
     instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
     # Nothing new: no request, same cursor.
-    with dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=hot) as context:
-        second = tenant_partitions_sensor(context)
-    assert isinstance(second, dg.SensorResult)
+    second = sensor_tick("tenant_partitions_sensor", instance, first.cursor)
     assert not second.dynamic_partitions_requests
-    assert second.skip_reason is not None
+    assert second.skip_message == "all 2 tenants already have partitions"
     assert second.cursor == first.cursor
 
     # A new tenant, plus one deleted from the instance by hand: both come back, nothing is removed.
     create_tenant(conn, "initech")
+    conn.commit()
     instance.delete_dynamic_partition("tenants", "globex")
-    with dg.build_sensor_context(instance=instance, cursor=second.cursor, resources=hot) as context:
-        third = tenant_partitions_sensor(context)
-    assert isinstance(third, dg.SensorResult)
+    third = sensor_tick("tenant_partitions_sensor", instance, second.cursor)
     [request] = third.dynamic_partitions_requests or []
     assert isinstance(request, dg.AddDynamicPartitionsRequest)
     assert list(request.partition_keys) == ["globex", "initech"]
     assert json.loads(third.cursor or "") == ["acme", "globex", "initech"]
 
 
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    """A temporary on-disk instance (schedule contexts need an instance reference, not an ephemeral one)."""
-    with dg.instance_for_test() as inst:
-        yield inst
+SENSORS = sorted(s.name for s in defs.sensors or [])
+SCHEDULES = sorted(s.name for s in defs.schedules or [])
 
 
-def test_hourly_schedule_requests_today_for_every_tenant(instance: dg.DagsterInstance) -> None:
+@pytest.mark.parametrize("name", SENSORS)
+def test_every_sensor_ticks_as_the_daemon_runs_it(
+    name: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, dagster_instance: dg.DagsterInstance
+) -> None:
+    """Regression: the daemon called sensors without a Protocol-typed resource parameter (a TypeError each tick)."""
+    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    data = sensor_tick(name, dagster_instance)
+    assert not data.run_requests
+    assert data.skip_message or data.dynamic_partitions_requests is not None
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_ticks_as_the_daemon_runs_it(name: str, dagster_instance: dg.DagsterInstance) -> None:
+    dagster_instance.add_dynamic_partitions("tenants", ["acme"])
+    data = schedule_tick(name, dagster_instance, DAY.replace(hour=3, minute=30))
+    assert data.run_requests or data.skip_message
+
+
+def test_hourly_schedule_requests_today_for_every_tenant(dagster_instance: dg.DagsterInstance) -> None:
+    instance = dagster_instance
     instance.add_dynamic_partitions("tenants", ["globex", "acme"])
     noon = DAY.replace(hour=12, minute=0)
 
-    with dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=noon, repository_def=defs.get_repository_def()
-    ) as context:
-        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
+    data = schedule_tick("telemetry_lake_hourly_schedule", instance, noon)
     keys = [r.partition_key for r in data.run_requests or []]
     assert keys == ["2026-11-26|acme", "2026-11-26|globex"]
     assert all(r.job_name in (None, "telemetry_lake_job") for r in data.run_requests or [])
 
     # Just after midnight the hourly tick starts the new day; the daily close takes yesterday.
     after_midnight = datetime(2026, 11, 27, 0, 30, tzinfo=UTC)
-    with dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=after_midnight, repository_def=defs.get_repository_def()
-    ) as context:
-        hourly = telemetry_lake_hourly_schedule.evaluate_tick(context)
-        daily = telemetry_lake_daily_close_schedule.evaluate_tick(context)
+    hourly = schedule_tick("telemetry_lake_hourly_schedule", instance, after_midnight)
+    daily = schedule_tick("telemetry_lake_daily_close_schedule", instance, after_midnight)
     assert [r.partition_key for r in hourly.run_requests or []] == ["2026-11-27|acme", "2026-11-27|globex"]
     yesterday = (after_midnight - timedelta(days=1)).date().isoformat()
     assert [r.partition_key for r in daily.run_requests or []] == [f"{yesterday}|acme", f"{yesterday}|globex"]
 
 
-def test_hourly_schedule_skips_without_tenants(instance: dg.DagsterInstance) -> None:
-    with dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=DAY, repository_def=defs.get_repository_def()
-    ) as context:
-        data = telemetry_lake_hourly_schedule.evaluate_tick(context)
+def test_hourly_schedule_skips_without_tenants(dagster_instance: dg.DagsterInstance) -> None:
+    instance = dagster_instance
+    data = schedule_tick("telemetry_lake_hourly_schedule", instance, DAY)
     assert not data.run_requests
     assert data.skip_message and "no tenant partitions" in data.skip_message

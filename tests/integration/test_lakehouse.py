@@ -14,6 +14,7 @@ import dagster as dg
 import psycopg
 import pyarrow as pa
 import pytest
+from dagster._core.definitions.sensor_definition import SensorExecutionData
 from deltalake import DeltaTable, write_deltalake
 
 from assets.rollups import telemetry_1h, telemetry_1m
@@ -37,7 +38,7 @@ from sensormine.reading import Reading, datetime_to_us, readings_to_table
 from sensormine.registry import create_tenant
 from sensormine.settings import Settings, reset_settings
 from tests.conftest import REPO
-from tests.factories import DAY, make_tenant, readings
+from tests.factories import DAY, make_tenant, readings, sensor_tick
 
 pytestmark = pytest.mark.integration
 
@@ -416,9 +417,10 @@ def test_housekeeping_job_clusters_expires_and_vacuums(conn: psycopg.Connection,
 def test_hot_data_sensor_requests_a_day_after_the_threshold(
     conn: psycopg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sensors.hot_data import hot_data_sensor, insert_counters, tenants_in_day
+    from sensors.hot_data import insert_counters, tenants_in_day
 
     monkeypatch.setenv("SENSORMINE_HOT_DATA_THRESHOLD_ROWS", "500")
+    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
     reset_settings()
     create_tenant(conn, "acme")
     create_tenant(conn, "globex")
@@ -433,9 +435,8 @@ def test_hot_data_sensor_requests_a_day_after_the_threshold(
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("tenants", ["acme", "globex"])
 
-        def tick(cursor: str | None) -> dg.SensorResult:
-            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources_for(settings))
-            return hot_data_sensor(context)
+        def tick(cursor: str | None) -> SensorExecutionData:
+            return sensor_tick("hot_data_sensor", instance, cursor)
 
         first = tick(None)  # sets the baseline: nothing requested
         assert not first.run_requests

@@ -8,6 +8,7 @@ from datetime import timedelta
 import dagster as dg
 import psycopg
 import pytest
+from dagster._core.definitions.sensor_definition import SensorExecutionData
 from deltalake import DeltaTable
 
 from assets.quality import (
@@ -28,7 +29,7 @@ from sensormine.registry import create_device, create_tenant
 from sensormine.schemas import SchemaError, metric_ranges, register_schema
 from sensormine.settings import Settings
 from sensors.quality import RECOMPACTION_TAG, failed_quality_checks_sensor
-from tests.factories import DAY, DAY_US, make_tenant, readings
+from tests.factories import DAY, DAY_US, make_tenant, readings, sensor_tick
 
 pytestmark = pytest.mark.integration
 
@@ -434,10 +435,12 @@ class DamagingHotStore(HotStoreResource):
             yield conn
 
 
-def test_failed_parity_requests_one_recompaction_and_never_loops(conn: psycopg.Connection, settings: Settings) -> None:
+def test_failed_parity_requests_one_recompaction_and_never_loops(
+    conn: psycopg.Connection, settings: Settings, dagster_instance: dg.DagsterInstance
+) -> None:
     make_tenant(conn, "acme", ["d1", "d2"])
     HotStoreWriter(conn).write(day_rows())
-    instance = dg.DagsterInstance.ephemeral()
+    instance = dagster_instance
     instance.add_dynamic_partitions("tenants", ["acme"])
     assets = [telemetry_lake, *telemetry_quality_checks, rollup_stub]
     normal = resources_for(settings)
@@ -452,11 +455,8 @@ def test_failed_parity_requests_one_recompaction_and_never_loops(conn: psycopg.C
             assets, partition_key=PARTITION, resources=res, instance=instance, tags=tags, raise_on_error=False
         )
 
-    def tick(cursor: str | None) -> dg.SensorResult:
-        with dg.build_sensor_context(instance=instance, cursor=cursor) as context:
-            result = failed_quality_checks_sensor(context)
-        assert isinstance(result, dg.SensorResult)
-        return result
+    def tick(cursor: str | None) -> SensorExecutionData:
+        return sensor_tick("failed_quality_checks_sensor", instance, cursor)
 
     first = run(damaging)
     assert not first.success
@@ -497,9 +497,7 @@ def test_failed_parity_requests_one_recompaction_and_never_loops(conn: psycopg.C
     assert not failed_retry.success
     gave_up = tick(after_second.cursor)
     assert not gave_up.run_requests
-    assert (
-        gave_up.skip_reason and gave_up.skip_reason.skip_message == "1 new failed check(s), no re-compaction to request"
-    )
+    assert gave_up.skip_message == "1 new failed check(s), no re-compaction to request"
 
     # A failure already superseded by a passing run is left alone.
     assert not run(damaging).success
