@@ -25,7 +25,7 @@ from expectations.checks import SuiteCheck, build_suite_checks, rows_table
 from expectations.suite import SuiteBatch
 from expectations.telemetry import CHECK_DESCRIPTIONS, telemetry_batch
 from lake.quality import DEFAULT_MAX_AGE, check_freshness, check_parity, parity_diff, partition_table
-from sensormine.schemas import metric_ranges
+from sensormine.schemas.ranges import metric_ranges
 
 PARITY_CHECK_NAME = "hot_lake_parity"
 FRESHNESS_CHECK_NAME = "freshness"

@@ -31,9 +31,11 @@ from fastapi.testclient import TestClient
 from bench.common import checkpoint, say, scratch_database
 from lake.rollups import ROLLUP_1H, ROLLUP_1M, write_rollup
 from lake.telemetry import compact_day
-from sensormine.db import ensure_partitions, partition_name
-from sensormine.registry import create_api_key, create_device, create_tenant
+from sensormine.clients.postgres import ensure_partitions, partition_name
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 
 TENANT, DEVICE, METRIC = "bench", "press-1", "temperature"

@@ -36,8 +36,10 @@ import psycopg
 from fastapi import FastAPI
 
 from bench.common import checkpoint, say, scratch_database
-from sensormine.db import ensure_partitions
-from sensormine.registry import create_api_key, create_device, create_tenant
+from sensormine.clients.postgres import ensure_partitions
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
+from sensormine.tenancy.tenants import create_tenant
 
 TENANT = "bench"
 

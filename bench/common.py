@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from sensormine.db import migrate
+from sensormine.clients.postgres import migrate
 
 
 def say(message: str) -> None:

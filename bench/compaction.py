@@ -32,10 +32,10 @@ from psycopg import sql
 from bench.common import checkpoint, rate, say, scratch_database
 from lake.storage import PARTITION_COLUMNS
 from lake.telemetry import CSV_COLUMN_TYPES, TELEMETRY_SCHEMA, compact_day
-from sensormine.db import ensure_partitions, partition_name
+from sensormine.clients.postgres import ensure_partitions, partition_name
 from sensormine.reading import READING_SCHEMA
-from sensormine.registry import create_tenant
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 
 DAY = date(2026, 3, 2)
 TENANT = "bench"

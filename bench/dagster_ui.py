@@ -37,12 +37,13 @@ from orchestration.webserver import (
     dagster_dev,
     prepare_dagster_home,
 )
-from sensormine.db import ensure_partition_window
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import ensure_partition_window
+from sensormine.devices.registry import create_device
 from sensormine.reading import Reading, datetime_to_us
-from sensormine.registry import create_device, create_tenant
-from sensormine.schemas import register_schema
+from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

@@ -26,12 +26,12 @@ from psycopg import sql
 
 from bench.common import checkpoint, rate, say, scratch_database
 from ingest_daemons.consumer import ConsumerStats, HotStoreConsumer
-from sensormine.bus import KafkaSink
-from sensormine.db import existing_partition_days, partition_name
-from sensormine.hotstore import COLUMNS, stored_offsets
-from sensormine.kafka import ensure_topics, make_admin
+from sensormine.clients.hotstore import COLUMNS, stored_offsets
+from sensormine.clients.kafka import ensure_topics, make_admin
+from sensormine.clients.postgres import existing_partition_days, partition_name
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
+from sensormine.telemetry.sinks import KafkaSink
 
 METRICS = (
     "temperature", "pressure", "humidity", "vibration_rms", "motor_current",

@@ -2,7 +2,7 @@
 
 The issue's promise is "queryable within a second": this measures it. Each sample publishes one
 device payload (two metrics) at QoS 1 and polls, every 2 ms, the hot-store query the API runs
-(`sensormine.hotquery.hot_points`, under row-level security) until both points are there.
+(`query.hot.hot_points`, under row-level security) until both points are there.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import psycopg
 from bench.common import say, scratch_database
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.hotquery import hot_points
-from sensormine.kafka import ensure_topics, make_admin
-from sensormine.mqtt import make_client, telemetry_topic
-from sensormine.registry import create_device, create_tenant
+from query.hot import hot_points
+from sensormine.clients.kafka import ensure_topics, make_admin
+from sensormine.clients.mqtt import make_client, telemetry_topic
+from sensormine.devices.registry import create_device
 from sensormine.settings import Settings, get_settings
+from sensormine.tenancy.tenants import create_tenant
 
 TENANT, DEVICE = "lat", "probe-1"
 

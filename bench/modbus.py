@@ -35,13 +35,14 @@ from bench.common import rate, say, scratch_database
 from ingest_daemons.modbus import ModbusDaemon
 from ingest_daemons.modbus_codec import plan_reads
 from ingest_daemons.simulators.modbus_server import bench_points
-from sensormine.bus import Done, KafkaSink, ReadingSink
-from sensormine.db import connect
-from sensormine.kafka import ensure_topics
-from sensormine.profiles import ModbusProfile, set_profile
+from sensormine.clients.kafka import ensure_topics
+from sensormine.clients.postgres import connect
+from sensormine.devices.profiles import ModbusProfile, set_profile
+from sensormine.devices.registry import create_device
 from sensormine.reading import Reading
-from sensormine.registry import create_device, create_tenant
 from sensormine.settings import Settings, get_settings
+from sensormine.telemetry.sinks import Done, KafkaSink, ReadingSink
+from sensormine.tenancy.tenants import create_tenant
 
 TENANT = "bench"
 

@@ -32,11 +32,12 @@ from paho.mqtt.properties import Properties
 
 from bench.common import rate, say, scratch_database
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.db import connect
-from sensormine.kafka import ensure_topics, make_admin, make_consumer
-from sensormine.mqtt import broker_address, telemetry_topic
-from sensormine.registry import create_device, create_tenant
+from sensormine.clients.kafka import ensure_topics, make_admin, make_consumer
+from sensormine.clients.mqtt import broker_address, telemetry_topic
+from sensormine.clients.postgres import connect
+from sensormine.devices.registry import create_device
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 
 TENANT = "benchmqtt"
 

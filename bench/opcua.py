@@ -33,11 +33,12 @@ from dataclasses import dataclass
 
 from bench.common import rate, say, scratch_database
 from ingest_daemons.opcua import Backoff, OpcUaDaemon, OpcUaOptions, quiet_asyncua_logging
-from sensormine.db import connect
-from sensormine.kafka import ensure_topics, make_admin
-from sensormine.profiles import set_profile
-from sensormine.registry import create_device, create_tenant
+from sensormine.clients.kafka import ensure_topics, make_admin
+from sensormine.clients.postgres import connect
+from sensormine.devices.profiles import set_profile
+from sensormine.devices.registry import create_device
 from sensormine.settings import Settings, get_settings
+from sensormine.tenancy.tenants import create_tenant
 
 TENANT, DEVICE = "bench", "opcua-sim"
 

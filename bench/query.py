@@ -17,7 +17,7 @@ same output so that each ratio compares like with like:
   csv` does after opening the catalog.
 - for reference, the catalog's pyarrow-dataset reader (what an S3 lake uses) on the same files.
 
-Then whole processes: `python -m sensormine.cli sql -c ... --format csv` against a Python process
+Then whole processes: `python -m cli sql -c ... --format csv` against a Python process
 that imports duckdb and runs the bare query. Medians are reported with the ratios.
 """
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         "import sys, duckdb; c = duckdb.connect(); c.execute(\"SET TimeZone = 'UTC'\"); "
         "c.sql(open(sys.argv[1]).read()).write_csv('/dev/stdout')"
     )
-    cli_args = [sys.executable, "-m", "sensormine.cli", "sql", "-c", query, "--format", "csv"]
+    cli_args = [sys.executable, "-m", "cli", "sql", "-c", query, "--format", "csv"]
     bare_args = [sys.executable, "-c", bare_script, bare_sql_file]
     process: dict[str, list[float]] = {"process: sensormine sql -c": [], "process: python + duckdb": []}
     if args.process_runs:

@@ -9,7 +9,7 @@ Four checks, each made of Great Expectations expectations:
 | `values_in_schema_range` | value within the min/max its device schema declares for the metric |
 | `dedupe_key_unique` | (tenant_id, device_id, metric, ts) occurs once |
 
-Ranges come from `sensormine.schemas.metric_ranges`; they are joined onto the frame as
+Ranges come from `sensormine.schemas.ranges.metric_ranges`; they are joined onto the frame as
 `range_min` / `range_max` columns (null where nothing is declared, and such rows are not held to
 a bound), so the failing rows' sample shows each value beside its range.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from expectations.results import SuiteResult
 from expectations.suite import ExpectationSpec, Suite, SuiteBatch, run_suite, to_frame
-from sensormine.schemas import MetricRange
+from sensormine.schemas.ranges import MetricRange
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -33,10 +33,10 @@ from typing import IO, Any, Literal, NamedTuple
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Message
 
-from sensormine.bus import DirectSink, Done, KafkaSink, ReadingSink
-from sensormine.payload import decode_envelope, encode_envelope
 from sensormine.reading import Reading, now_us
 from sensormine.settings import Settings, get_settings
+from sensormine.telemetry.payload import decode_envelope, encode_envelope
+from sensormine.telemetry.sinks import DirectSink, Done, KafkaSink, ReadingSink
 
 log = logging.getLogger("sensormine.ingest.buffer")
 
@@ -1046,7 +1046,7 @@ def make_buffered_sink(
     inner: ReadingSink
     holder: list[BufferedSink] = []  # the Kafka error callback needs the sink built below
     if settings.kafka_bootstrap:
-        from sensormine.kafka import make_producer
+        from sensormine.clients.kafka import make_producer
 
         def on_error(err: KafkaError) -> None:
             if err.fatal():
@@ -1071,7 +1071,7 @@ def make_buffered_sink(
         # Backstop above anything librdkafka may take to report (message, request and socket timeouts).
         backstop = link_timeout_s + 2 * request_ms / 1000 + 10
     else:
-        from sensormine.db import connect
+        from sensormine.clients.postgres import connect
 
         inner = DirectSink(lambda: connect(settings), settings)
         backstop = DEFAULT_DELIVERY_TIMEOUT_S  # DirectSink is synchronous: it never leaves a message pending

@@ -4,7 +4,7 @@ Offsets live in the hot store (`ingest_offsets`), committed in the same transact
 so a crash at any point redelivers exactly what was not yet written: nothing lost, nothing doubled.
 
 Messages of devices whose type has a schema are validated against its latest version
-(`sensormine.schemas.SchemaDirectory`); the others keep the fast path untouched. See docs/schemas.md.
+(`sensormine.schemas.validation.SchemaDirectory`); the others keep the fast path untouched. See docs/schemas.md.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from ingest_daemons.runner import stop_on_signals
-from sensormine.bus import dlq_headers
-from sensormine.db import connect, migrate
-from sensormine.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
-from sensormine.kafka import make_consumer, make_producer
-from sensormine.payload import PayloadError, decode_envelope, decode_envelope_into
+from sensormine.clients.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
+from sensormine.clients.kafka import make_consumer, make_producer
+from sensormine.clients.postgres import connect, migrate
 from sensormine.reading import now_us
-from sensormine.schemas import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
+from sensormine.schemas.validation import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
 from sensormine.settings import Settings, get_settings
-from sensormine.validation import future_limit_us, validate_message
+from sensormine.telemetry.payload import PayloadError, decode_envelope, decode_envelope_into
+from sensormine.telemetry.sinks import dlq_headers
+from sensormine.telemetry.validation import future_limit_us, validate_message
 
 log = logging.getLogger("sensormine.ingest.consumer")
 _JOIN_GRACE_S = 60.0  # a slow group join (busy machine) must not count as an idle stream
@@ -222,7 +222,7 @@ class HotStoreConsumer:
             return None
         # Before rejecting, make sure the verdict is not that of an outdated version.
         newer = any(
-            k == "schema_version" and v is not None and v.isdigit() and int(v) > violation.version
+            k == "schema_version" and v is not None and v.isascii() and v.isdigit() and int(v) > violation.version
             for k, v in _headers(msg)
         )  # fmt: skip
         if self._refresh_schemas(_SCHEMA_NEWER_S if newer else self.schema_recheck_s):

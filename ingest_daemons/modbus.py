@@ -42,12 +42,12 @@ from pymodbus.exceptions import ModbusException
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.modbus_codec import CodecError, ReadRequest, plan_reads, split_request
 from ingest_daemons.runner import report_until, stop_on_signals
-from sensormine.bus import ReadingSink
-from sensormine.db import connect
-from sensormine.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
+from sensormine.clients.postgres import connect
+from sensormine.devices.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
+from sensormine.devices.status import tracked
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, Reading, now_us
 from sensormine.settings import Settings, get_settings
-from sensormine.status import tracked
+from sensormine.telemetry.sinks import ReadingSink
 
 log = logging.getLogger("sensormine.ingest.modbus")
 SOURCE = "modbus"

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sensormine.profiles import ModbusPoint
+from sensormine.devices.profiles import ModbusPoint
 
 MAX_READ_REGISTERS = 125
 """Registers one Read Holding/Input Registers request may ask for (Modbus spec, FC 3 and 4)."""

@@ -12,14 +12,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.runner import report_until, stop_on_signals
-from sensormine.bus import Done, ReadingSink
-from sensormine.db import connect
-from sensormine.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
-from sensormine.payload import PayloadError, parse_device_payload
+from sensormine.clients.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
+from sensormine.clients.postgres import connect
+from sensormine.devices.registry import DeviceDirectory
+from sensormine.devices.status import tracked
 from sensormine.reading import now_us
-from sensormine.registry import DeviceDirectory
 from sensormine.settings import Settings, get_settings
-from sensormine.status import tracked
+from sensormine.telemetry.payload import PayloadError, parse_device_payload
+from sensormine.telemetry.sinks import Done, ReadingSink
 
 log = logging.getLogger("sensormine.ingest.mqtt")
 SOURCE = "mqtt"

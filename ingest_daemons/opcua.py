@@ -1,6 +1,6 @@
 """OPC UA ingest daemon: subscribes to the nodes of every stored OPC UA device profile.
 
-For each profile (`sensormine.profiles.OpcUaProfile`) the daemon keeps one client connection with
+For each profile (`sensormine.devices.profiles.OpcUaProfile`) the daemon keeps one client connection with
 one subscription at the profile's publishing interval and one monitored item per node (its
 sampling interval, and an absolute-deadband `DataChangeFilter` when the node has a deadband). It
 never polls: values arrive as data-change notifications. Each publish response becomes one batch
@@ -49,9 +49,9 @@ from cryptography import x509
 
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.runner import report_until, stop_on_signals
-from sensormine.bus import ReadingSink
-from sensormine.db import connect
-from sensormine.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
+from sensormine.clients.postgres import connect
+from sensormine.devices.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
+from sensormine.devices.status import tracked
 from sensormine.reading import (
     QUALITY_BAD,
     QUALITY_GOOD,
@@ -61,7 +61,7 @@ from sensormine.reading import (
     now_us,
 )
 from sensormine.settings import Settings, get_settings
-from sensormine.status import tracked
+from sensormine.telemetry.sinks import ReadingSink
 
 log = logging.getLogger("sensormine.ingest.opcua")
 SOURCE = "opcua"

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from lake.storage import check_tenant_id
 from lake.telemetry import day_bounds, lock_partition, row_filter, telemetry_dataset
-from sensormine.db import existing_partition_days
+from sensormine.clients.postgres import existing_partition_days
 from sensormine.reading import READING_SCHEMA
 from sensormine.settings import Settings
 

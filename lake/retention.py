@@ -25,9 +25,9 @@ from lake.maintenance import partition_file_counts
 from lake.rollups import ROLLUPS
 from lake.storage import check_tenant_id, open_table
 from lake.telemetry import TABLE_NAME
-from sensormine.db import existing_partition_days, partition_name
-from sensormine.plans import PlanError, get_plan
+from sensormine.clients.postgres import existing_partition_days, partition_name
 from sensormine.settings import Settings
+from sensormine.tenancy.plans import PlanError, get_plan
 
 # Lake tables partitioned by tenant_id/date whose history follows the tenant's plan.
 TENANT_TABLES = (TABLE_NAME, *ROLLUPS)

@@ -12,8 +12,8 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import DeltaError
 
-from sensormine.registry import TENANT_ID_RE
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import TENANT_ID_RE
 
 PARTITION_COLUMNS = ["tenant_id", "date"]
 

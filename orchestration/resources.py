@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
-from sensormine.db import connect
+from sensormine.clients.postgres import connect
 from sensormine.settings import Settings
 
 

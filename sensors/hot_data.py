@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 
 from assets.telemetry import HotStore, telemetry_partition_key, tenant_partitions
-from sensormine.db import existing_partition_days, partition_name
+from sensormine.clients.postgres import existing_partition_days, partition_name
 from sensormine.settings import get_settings
 
 

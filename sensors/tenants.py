@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from assets.telemetry import HotStore, tenant_partitions
-from sensormine.registry import list_tenants
+from sensormine.tenancy.tenants import list_tenants
 
 
 def parse_cursor(cursor: str | None) -> list[str]:

@@ -11,7 +11,6 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -22,15 +21,9 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
-from sensormine.auth import (
-    ALL_PERMISSIONS,
-    AuthError,
-    Identity,
-    Role,
-    identity_from_api_key,
-    identity_from_token,
-)
-from sensormine.db import tenant_scope
+from sensormine.identity.credentials import Identity, identity_from_api_key, identity_from_token
+from sensormine.identity.roles import ALL_PERMISSIONS
+from sensormine.identity.users import AuthError
 from sensormine.settings import Settings
 from serving.problems import Problem
 
@@ -108,19 +101,6 @@ class Caller(Identity):
         if tenant_id not in self.visible:
             raise Problem(404, f"tenant {tenant_id!r} not found")
         return tenant_id
-
-    def can(self, permission: str) -> bool:
-        """Whether the caller holds a permission."""
-        return permission in self.permissions
-
-    @property
-    def is_platform(self) -> bool:
-        """A platform administrator."""
-        return self.role == Role.PLATFORM_ADMIN
-
-    def scope(self, conn: psycopg.Connection, write: bool = False) -> AbstractContextManager[psycopg.Connection]:
-        """A transaction under row-level security limited to the caller's tenants (writer role when `write`)."""
-        return tenant_scope(conn, self.visible, write=write, platform=self.is_platform)
 
 
 class CredentialCache:

@@ -20,19 +20,12 @@ import psycopg
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from sensormine.plans import PlanError, get_plan
-from sensormine.quotas import (
-    CallLeases,
-    DeviceQuota,
-    MemoryBackend,
-    QuotaBackend,
-    QuotaExceeded,
-    Quotas,
-    RedisBackend,
-    check_device_quota,
-)
-from sensormine.redisclient import key_prefix, make_redis
+from sensormine.clients.redis import key_prefix, make_redis
+from sensormine.limits.backends import MemoryBackend, QuotaBackend, RedisBackend
+from sensormine.limits.leases import CallLeases
+from sensormine.limits.quotas import DeviceQuota, QuotaExceeded, Quotas, check_device_quota
 from sensormine.settings import Settings
+from sensormine.tenancy.plans import PlanError, get_plan
 from serving.problems import Problem
 
 log = logging.getLogger(__name__)

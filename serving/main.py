@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from sensormine.auth import jwt_secret
-from sensormine.db import connect, make_pool, migrate
-from sensormine.latest import LatestCache, LatestListener
+from sensormine.clients.latest import LatestCache, LatestListener
+from sensormine.clients.postgres import connect, make_pool, migrate
+from sensormine.identity.tokens import jwt_secret
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache, document_api_keys
 from serving.limits import start_limits, stop_limits
@@ -69,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(ingest.router)
     app.include_router(dlq.router)
-    app.include_router(devices.router)
+    for router in devices.routers:
+        app.include_router(router)
     app.include_router(schemas.router)
     app.include_router(tenants.router)
     app.include_router(users.router)

@@ -43,7 +43,7 @@ def _admin_url(url: str, dbname: str) -> str:
 @pytest.fixture
 def database_url(services: dict[str, str]) -> Iterator[str]:
     """A new, migrated database for one test, dropped afterwards."""
-    from sensormine.db import migrate
+    from sensormine.clients.postgres import migrate
 
     base = services["SENSORMINE_DATABASE_URL"]
     name = f"sm_test_{uuid.uuid4().hex[:10]}"

@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
 from sensormine.reading import Reading, datetime_to_us
-from sensormine.registry import create_api_key, create_device, create_tenant
+from sensormine.tenancy.tenants import create_tenant
 
 DAY = datetime(2026, 11, 26, tzinfo=UTC)
 DAY_US = datetime_to_us(DAY)
@@ -85,7 +87,7 @@ def mqtt_publish(settings, messages: list[tuple[str, bytes]], timeout: float = 3
     Publishes as the launcher's privileged tools client (any `sensormine/#` topic, so also for
     unregistered devices), or anonymously when the broker has no users (embedded amqtt).
     """
-    from sensormine.mqtt import make_client
+    from sensormine.clients.mqtt import make_client
 
     client = make_client("test-pub", settings, settings.mqtt_tools_username, settings.mqtt_tools_password)
     client.loop_start()

@@ -53,7 +53,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from ingest_daemons.modbus_codec import CodecError, encode_point
 from ingest_daemons.simulators.signals import MotorSignal, TankSignal
-from sensormine.profiles import ModbusPoint, ModbusProfile
+from sensormine.devices.profiles import ModbusPoint, ModbusProfile
 
 log = logging.getLogger("sensormine.simulators.modbus")
 

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 
 from ingest_daemons.runner import stop_on_signals
 from ingest_daemons.simulators.signals import MotorSignal, TankSignal
-from sensormine.mqtt import make_client, telemetry_topic
+from sensormine.clients.mqtt import make_client, telemetry_topic
 
 log = logging.getLogger("sensormine.sim.mqtt")
 

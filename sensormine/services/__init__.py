@@ -1,7 +1,7 @@
 """Local service launcher: PostgreSQL, Mosquitto, Redis, Kafka and S3 (moto) on loopback.
 
 Use `sensormine.services.launcher.up/down/status` from Python or `sensormine services ...`
-(`python -m sensormine.services.cli`) from a shell; see docs/services.md.
+(`python -m cli.services`) from a shell; see docs/services.md.
 """
 
 from sensormine.services.errors import ServiceError

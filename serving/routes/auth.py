@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel, Field
 
-from sensormine.auth import AuthError, authenticate_password, end_sessions, issue_tokens, refresh_tokens
-from sensormine.tenancy import effective_config
+from sensormine.identity.tokens import issue_tokens, refresh_tokens
+from sensormine.identity.users import AuthError, authenticate_password, end_sessions
+from sensormine.tenancy.config import effective_config
 from serving.deps import CallerDep, ConnDep, SettingsDep, credential_cache
 from serving.problems import Problem
 

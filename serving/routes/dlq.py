@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Security
 from pydantic import AwareDatetime, BaseModel, Field
 
-from sensormine.dlq import MAX_LIMIT, DeadLetter, DlqError, DlqFilter, ReplayOutcome, list_dead_letters, replay_matching
+from sensormine.dlq.letters import MAX_LIMIT, DeadLetter, DlqError, DlqFilter, list_dead_letters
+from sensormine.dlq.replay import ReplayOutcome, replay_matching
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
 

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from sensormine.batch import BatchOutcome, parse_csv_batch, parse_json_batch
-from sensormine.bus import make_sink
-from sensormine.payload import PayloadError
+from sensormine.devices.registry import device_key_holder
+from sensormine.devices.status import TrackingSink, tracked
 from sensormine.reading import now_us
-from sensormine.registry import device_key_holder
 from sensormine.settings import Settings
-from sensormine.status import TrackingSink, tracked
+from sensormine.telemetry.batch import BatchOutcome, parse_csv_batch, parse_json_batch
+from sensormine.telemetry.payload import PayloadError
+from sensormine.telemetry.sinks import make_sink
 from serving.deps import SettingsDep
 from serving.limits import ingest_rate_guard
 from serving.problems import Problem
@@ -153,7 +153,7 @@ async def ingest(
         raise Problem(401, "the device key is unknown (revoked, or the device was deleted)")
     tenant_id, device_id = device
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.http_ingest_max_bytes:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > settings.http_ingest_max_bytes:
         raise Problem(413, f"body larger than {settings.http_ingest_max_bytes} bytes: split the batch")
     body = await request.body()
     if len(body) > settings.http_ingest_max_bytes:

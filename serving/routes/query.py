@@ -2,7 +2,7 @@
 
 Every route answers JSON (documented by the response models), CSV or an Arrow IPC stream: the
 `format` parameter wins, else the Accept header (text/csv, application/vnd.apache.arrow.stream).
-The planning lives in lake/aggregate.py and lake/tiered.py; this module only parses and formats.
+The planning lives in query/aggregate.py and query/points.py; this module only parses and formats.
 """
 
 from __future__ import annotations
@@ -19,24 +19,15 @@ from fastapi import APIRouter, Body, Query, Request, Response, Security
 from pydantic import AwareDatetime, BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from lake.aggregate import (
-    AggregateQuery,
-    LatestResult,
-    LatestRow,
-    QueryError,
-    aggregate,
-    check_aggs,
-    check_fill,
-    iso_duration,
-    latest,
-    parse_bucket,
-)
-from lake.tiered import query_points
-from sensormine.latest import LatestCache
+from query.aggregate import AggregateQuery, QueryError, aggregate
+from query.latest import LatestResult, LatestRow, latest
+from query.points import query_points
+from sensormine.clients.latest import LatestCache
 from sensormine.reading import EPOCH, datetime_to_us
 from sensormine.settings import Settings
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
+from serving.query_params import check_aggs, check_fill, iso_duration, parse_bucket
 
 router = APIRouter(prefix="/api/query", tags=["query"])
 # The latest-value route alone, included before every other router: the busiest route matches first.
@@ -444,7 +435,7 @@ async def query_latest(request: Request, caller: Reader) -> Response:
     whose hot days were dropped, from the lake.
 
     Named devices are answered from the process's latest-value cache, which the hot-store writers keep
-    current through PostgreSQL notifications (sensormine/latest.py); a device not cached yet is read
+    current through PostgreSQL notifications (sensormine/clients/latest.py); a device not cached yet is read
     from the database once.
     """
     # The hottest route: its query parameters are read here rather than declared to FastAPI, whose

@@ -14,13 +14,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
-from sensormine import audit
-from sensormine.auth import Role
-from sensormine.registry import RegistryError, check_device_type
-from sensormine.schemas import (
-    CompiledSchema,
-    IncompatibleSchema,
-    SchemaError,
+from sensormine.devices.registry import check_device_type
+from sensormine.identity import audit
+from sensormine.identity.roles import Role
+from sensormine.schemas.compat import IncompatibleSchema, SchemaError
+from sensormine.schemas.store import (
     SchemaInUse,
     SchemaVersion,
     check_compatibility,
@@ -29,8 +27,9 @@ from sensormine.schemas import (
     page_device_types,
     page_schema_versions,
     register_schema_version,
-    validate_sample,
 )
+from sensormine.schemas.validation import CompiledSchema, validate_sample
+from sensormine.tenancy.tenants import RegistryError
 from serving.deps import Caller, ConnDep, authenticate
 from serving.pagination import Page, PageDep
 from serving.problems import Problem

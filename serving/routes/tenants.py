@@ -21,14 +21,20 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import APIRouter, Request, Response, Security
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sensormine.audit import record
-from sensormine.db import tenant_scope
-from sensormine.plans import PLANS
-from sensormine.registry import TENANT_ID_RE, RegistryError, create_tenant
-from sensormine.tenancy import PLAN_FEATURES, effective_config
+from sensormine.tenancy.config import PLAN_FEATURES, effective_config
+from sensormine.tenancy.plans import PLANS
+from sensormine.tenancy.tenants import (
+    TENANT_ID_RE,
+    RegistryError,
+    TenantRecord,
+    UnknownTenant,
+    get_tenant_record,
+    page_tenants,
+    parent_of,
+)
+from sensormine.tenancy.usecases import TenantRefused, change_tenant, register_tenant
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate, credential_cache
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -168,18 +174,16 @@ class SectionOut(BaseModel):
 
 # --- helpers -------------------------------------------------------------------------------------------------
 
-_COLS = "id, name, parent_id, plan, settings, features, branding, created_at, updated_at"
 
-
-def _row(row: tuple) -> TenantOut:
-    return TenantOut(**dict(zip(_COLS.split(", "), row, strict=True)))
+def _out(record: TenantRecord) -> TenantOut:
+    return TenantOut(**vars(record))
 
 
 def _fetch(conn: psycopg.Connection, tenant_id: str) -> TenantOut:
-    row = conn.execute(f"SELECT {_COLS} FROM tenants WHERE id = %s", (tenant_id,)).fetchone()
-    if row is None:
+    record = get_tenant_record(conn, tenant_id)
+    if record is None:
         raise Problem(404, f"tenant {tenant_id!r} not found")
-    return _row(row)
+    return _out(record)
 
 
 def _effective(conn: psycopg.Connection, tenant_id: str) -> EffectiveOut:
@@ -221,28 +225,9 @@ def _check_features_allowed(
         raise Problem(403, f"your own tenant does not have the feature(s) {', '.join(lacking)} to pass on")
 
 
-def _merge_sql(column: str, changes: dict[str, Any], sets: list[str], params: list[Any]) -> None:
-    """`column = (column || set keys) - removed keys`."""
-    keep = {k: v for k, v in changes.items() if v is not None}
-    drop = [k for k, v in changes.items() if v is None]
-    sets.append(f"{column} = ({column} || %s) - %s::text[]")
-    params.extend([Jsonb(keep), drop])
-
-
 def _invalidate(request: Request) -> None:
     # The visible tenants of every cached caller may have changed.
     credential_cache(request).clear()
-
-
-def _ensure_topics(settings: Any, tenant_id: str) -> None:
-    if not settings.kafka_bootstrap:
-        return
-    try:
-        from sensormine.kafka import ensure_topics
-
-        ensure_topics([settings.telemetry_topic(tenant_id)], settings=settings)
-    except Exception as exc:  # the tenant exists; its topic is also auto-created on first use
-        log.warning("tenant %s created, but its Kafka topic could not be created: %s", tenant_id, exc)
 
 
 # --- routes --------------------------------------------------------------------------------------------------
@@ -262,44 +247,31 @@ def create(
         caller.tenant(parent_id)
         if body.plan is not None:
             _check_plan(caller, body.plan, top_level=False)
-        parent = effective_config(conn, parent_id)
-        if parent is None:
-            raise Problem(404, f"tenant {parent_id!r} not found")
-        if not caller.is_platform and not parent.features.get("sub_tenants"):
-            raise Problem(
-                403,
-                f"tenant {parent_id!r} may not have sub-tenants: its plan ({parent.plan}) does not include the "
-                "sub_tenants feature; upgrade the plan or ask a platform administrator to enable it",
-            )
         _check_features_allowed(conn, caller, body.id, body.features)
-    conn.commit()
-    branding = body.branding.model_dump(exclude_none=True)
-    # The new tenant joins the caller's subtree; the session must see it to configure and audit it.
-    with tenant_scope(conn, (*caller.visible, body.id), write=True, platform=caller.is_platform):
-        try:
-            create_tenant(conn, body.id, body.name, parent_id, body.plan)
-        except RegistryError as exc:
-            raise Problem(409 if "already exists" in str(exc) else 422, str(exc)) from None
-        except psycopg.errors.InsufficientPrivilege:
-            raise Problem(404, f"tenant {parent_id!r} not found") from None
-        if body.settings or body.features or branding:
-            conn.execute(
-                "UPDATE tenants SET settings = %s, features = %s, branding = %s WHERE id = %s",
-                (Jsonb(body.settings), Jsonb(body.features), Jsonb(branding), body.id),
-            )
-        detail = {
-            "name": body.name or body.id,
-            "parent_id": parent_id,
-            "plan": body.plan if parent_id else body.plan or "free",
-            **({"settings": body.settings} if body.settings else {}),
-            **({"features": body.features} if body.features else {}),
-            **({"branding": branding} if branding else {}),
-        }
-        record(conn, caller, parent_id or body.id, "tenant.create", "tenant", body.id, detail)
-        out = _fetch(conn, body.id)
+    conn.commit()  # the checks' reads end here: the use case opens transactions of its own
+    try:
+        register_tenant(
+            conn,
+            caller,
+            settings,
+            body.id,
+            body.name,
+            parent_id,
+            body.plan,
+            config=body.settings,
+            features=body.features,
+            branding=body.branding.model_dump(exclude_none=True),
+        )
+    except UnknownTenant as exc:
+        raise Problem(404, str(exc)) from None
+    except TenantRefused as exc:
+        raise Problem(403, str(exc)) from None
+    except RegistryError as exc:
+        raise Problem(409 if "already exists" in str(exc) else 422, str(exc)) from None
     _invalidate(request)
-    _ensure_topics(settings, body.id)
     response.headers["Location"] = f"/api/tenants/{body.id}"
+    with caller.scope(conn, also=(body.id,)):
+        out = _fetch(conn, body.id)
     effective = _effective(conn, body.id)
     conn.commit()
     return TenantDetailOut(**out.model_dump(), effective=effective)
@@ -309,11 +281,8 @@ def create(
 def list_all(caller: Reader, conn: ConnDep, page: PageDep) -> dict[str, Any]:
     """Tenants you can see (every tenant for platform administrators), by id."""
     with caller.scope(conn):
-        rows = conn.execute(
-            f"SELECT {_COLS} FROM tenants WHERE (%(after)s::text IS NULL OR id > %(after)s) ORDER BY id LIMIT %(n)s",
-            {"after": page.after, "n": page.limit + 1},
-        ).fetchall()
-    return page.page([_row(r) for r in rows], key=lambda t: t.id)
+        records = page_tenants(conn, page.after, page.limit + 1)
+    return page.page([_out(r) for r in records], key=lambda t: t.id)
 
 
 @router.get("/{tenant_id}", response_model=TenantDetailOut)
@@ -332,57 +301,33 @@ def children(tenant_id: str, caller: Reader, conn: ConnDep, page: PageDep) -> di
     """The direct sub-tenants of a tenant, by id."""
     caller.tenant(tenant_id)
     with caller.scope(conn):
-        rows = conn.execute(
-            f"SELECT {_COLS} FROM tenants WHERE parent_id = %(p)s AND (%(after)s::text IS NULL OR id > %(after)s) "
-            "ORDER BY id LIMIT %(n)s",
-            {"p": tenant_id, "after": page.after, "n": page.limit + 1},
-        ).fetchall()
-    return page.page([_row(r) for r in rows], key=lambda t: t.id)
+        records = page_tenants(conn, page.after, page.limit + 1, parent_id=tenant_id)
+    return page.page([_out(r) for r in records], key=lambda t: t.id)
 
 
 def _update(conn: psycopg.Connection, caller: Caller, tenant_id: str, patch: TenantPatch) -> dict[str, Any]:
     """Apply a patch (permissions checked); the changed fields for the audit log."""
     fields = patch.model_fields_set
-    if "plan" in fields:
-        _check_plan(caller, patch.plan, top_level=_parent_of(conn, tenant_id) is None)
-    if patch.features:
-        _check_features_allowed(conn, caller, tenant_id, patch.features)
-    conn.commit()
-    sets: list[str] = []
-    params: list[Any] = []
-    changed: dict[str, Any] = {}
-    if patch.name is not None:
-        sets.append("name = %s")
-        params.append(patch.name)
-        changed["name"] = patch.name
-    if "plan" in fields:
-        sets.append("plan = %s")
-        params.append(patch.plan)
-        changed["plan"] = patch.plan
-    branding = patch.branding.model_dump(exclude_unset=True) if patch.branding is not None else None
-    for column, values in (("settings", patch.settings), ("features", patch.features), ("branding", branding)):
-        if values:
-            _merge_sql(column, values, sets, params)
-            changed[column] = values
-    if not sets:
-        return changed
-    with caller.scope(conn, write=True):
-        row = conn.execute(
-            f"UPDATE tenants SET {', '.join(sets)}, updated_at = now() WHERE id = %s RETURNING id",
-            (*params, tenant_id),
-        ).fetchone()
-        if row is None:
-            raise Problem(404, f"tenant {tenant_id!r} not found")
-        record(conn, caller, tenant_id, "tenant.update", "tenant", tenant_id, changed)
-    return changed
-
-
-def _parent_of(conn: psycopg.Connection, tenant_id: str) -> str | None:
-    """The parent of a tenant (None for a top-level one); 404 when it does not exist."""
-    row = conn.execute("SELECT parent_id FROM tenants WHERE id = %s", (tenant_id,)).fetchone()
-    if row is None:
-        raise Problem(404, f"tenant {tenant_id!r} not found")
-    return row[0]
+    try:
+        if "plan" in fields:
+            _check_plan(caller, patch.plan, top_level=parent_of(conn, tenant_id) is None)
+        if patch.features:
+            _check_features_allowed(conn, caller, tenant_id, patch.features)
+        conn.commit()
+        branding = patch.branding.model_dump(exclude_unset=True) if patch.branding is not None else None
+        plan = {"plan": patch.plan} if "plan" in fields else {}
+        return change_tenant(
+            conn,
+            caller,
+            tenant_id,
+            name=patch.name,
+            config=patch.settings,
+            features=patch.features,
+            branding=branding,
+            **plan,
+        )
+    except UnknownTenant as exc:
+        raise Problem(404, str(exc)) from None
 
 
 @router.patch("/{tenant_id}", response_model=TenantDetailOut)

@@ -8,9 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Security
 from pydantic import BaseModel, Field
 
-from sensormine.plans import get_plan
-from sensormine.quotas import API_CALLS, Quotas, month_label, next_month_start, usage_in_month
-from sensormine.registry import visible_tenant_ids
+from sensormine.limits.quotas import Quotas
+from sensormine.metering.calendar import month_label
+from sensormine.metering.events import tenant_events
+from sensormine.metering.reports import month_usage
+from sensormine.tenancy.plans import get_plan
 from serving.deps import Caller, ConnDep, authenticate
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -87,46 +89,23 @@ def usage(
     """API calls and devices against the plan, per day and per sub-tenant."""
     tenant = caller.tenant(tenant_id)
     first, label = _month(month)
-    start, end = first.date(), next_month_start(first).date()
     with caller.scope(conn):
-        subtree = visible_tenant_ids(conn, tenant)
-        row = conn.execute("SELECT * FROM sensormine_device_quota_usage(%s)", (tenant,)).fetchone()
-        assert row is not None
-        quota_tenant, plan_name, group_devices = row
-        calls: dict[str, int] = dict(
-            conn.execute(
-                "SELECT tenant_id, sum(value) FROM usage WHERE metric = 'api_calls' AND day >= %s AND day < %s "
-                "AND tenant_id = ANY(%s) GROUP BY tenant_id",
-                (start, end, subtree),
-            ).fetchall()
-        )
-        devices: dict[str, int] = dict(
-            conn.execute(
-                "SELECT tenant_id, count(*) FROM devices WHERE tenant_id = ANY(%s) GROUP BY tenant_id", (subtree,)
-            ).fetchall()
-        )
-        days = conn.execute(
-            "SELECT day, value FROM usage WHERE metric = 'api_calls' AND tenant_id = %s AND day >= %s AND day < %s "
-            "ORDER BY day",
-            (tenant, start, end),
-        ).fetchall()
-        used = usage_in_month(conn, quota_tenant, API_CALLS, first)
+        used_in_month = month_usage(conn, tenant, first)
+    used = used_in_month.group_api_calls
     quotas: Quotas | None = getattr(request.app.state, "quotas", None)
     if quotas is not None and label == month_label(datetime.now(UTC)):
-        live = quotas.backend.month_count(quota_tenant, label)
+        live = quotas.backend.month_count(used_in_month.quota_tenant, label)
         used = max(used, live or 0)  # the live counter includes calls not flushed yet
-    plan = get_plan(plan_name)
+    plan = get_plan(used_in_month.plan)
     return UsageOut(
         tenant_id=tenant,
         month=label,
         plan=plan.name,
-        quota_tenant=quota_tenant,
+        quota_tenant=used_in_month.quota_tenant,
         api_calls=Allowance(used=used, limit=plan.api_calls_per_month),
-        devices=Allowance(used=int(group_devices), limit=plan.max_devices),
-        by_day=[DayCount(day=d, api_calls=int(v)) for d, v in days],
-        by_tenant=[
-            TenantCount(tenant_id=t, api_calls=int(calls.get(t, 0)), devices=int(devices.get(t, 0))) for t in subtree
-        ],
+        devices=Allowance(used=used_in_month.group_devices, limit=plan.max_devices),
+        by_day=[DayCount(day=d, api_calls=n) for d, n in used_in_month.by_day],
+        by_tenant=[TenantCount(tenant_id=t, api_calls=c, devices=d) for t, c, d in used_in_month.by_tenant],
     )
 
 
@@ -137,10 +116,6 @@ def events(caller: Reader, conn: ConnDep, page: PageDep, tenant_id: TenantParam 
     if page.after is not None and not isinstance(page.after, int):
         raise Problem(422, "the cursor is invalid; pass back next_cursor from the previous page unchanged")
     with caller.scope(conn):
-        rows = conn.execute(
-            "SELECT id, at, tenant_id, type, data FROM tenant_events WHERE tenant_id = %s "
-            "AND (%s::bigint IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
-            (tenant, page.after, page.after, page.limit + 1),
-        ).fetchall()
-    items = [EventOut(id=r[0], at=r[1], tenant_id=r[2], type=r[3], data=r[4]) for r in rows]
+        rows = tenant_events(conn, tenant, page.after, page.limit + 1)
+    items = [EventOut(**vars(e)) for e in rows]
     return page.page(items, key=lambda e: e.id)

@@ -15,21 +15,20 @@ import psycopg
 from fastapi import APIRouter, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
-from sensormine.audit import record
-from sensormine.auth import (
+from sensormine.identity.api_keys import ApiKeyRecord, get_api_key, page_api_keys, revoke_api_key
+from sensormine.identity.audit import record
+from sensormine.identity.roles import ROLE_PERMISSIONS, Role, expand_scopes, may_grant
+from sensormine.identity.usecases import KeyRefused, issue_api_key
+from sensormine.identity.users import (
     MIN_PASSWORD_LENGTH,
-    ROLE_PERMISSIONS,
     AuthError,
-    Role,
     User,
     create_user,
-    expand_scopes,
     get_user,
     list_users,
-    may_grant,
     update_user,
 )
-from sensormine.registry import RegistryError, create_api_key, revoke_api_key
+from sensormine.tenancy.tenants import RegistryError
 from serving.deps import Caller, CallerDep, ConnDep, authenticate, credential_cache
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -246,62 +245,36 @@ def disable(user_id: str, caller: UserWriter, conn: ConnDep, request: Request) -
 
 # --- API keys ------------------------------------------------------------------------------------------------
 
-_KEY_COLS = "id, tenant_id, name, role, scopes, created_by, created_at, revoked_at"
 
-
-def _key(row: tuple) -> KeyOut:
-    (key_id, tenant_id, name, role, scopes, created_by, created_at, revoked_at) = row
+def _key(record: ApiKeyRecord) -> KeyOut:
     try:
-        permissions = sorted(ROLE_PERMISSIONS[Role(role)] & expand_scopes(scopes))
+        permissions = sorted(ROLE_PERMISSIONS[Role(record.role)] & expand_scopes(record.scopes))
     except AuthError:
         permissions = []
-    return KeyOut(
-        id=key_id,
-        tenant_id=tenant_id,
-        name=name,
-        role=role,
-        scopes=list(scopes),
-        permissions=permissions,
-        created_by=created_by,
-        created_at=created_at,
-        revoked_at=revoked_at,
-    )
+    return KeyOut(**{**vars(record), "scopes": list(record.scopes)}, permissions=permissions)
 
 
 def _fetch_key(conn: psycopg.Connection, key_id: str) -> KeyOut:
-    row = conn.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = %s", (key_id,)).fetchone()
-    if row is None:
+    record = get_api_key(conn, key_id)
+    if record is None:
         raise Problem(404, f"API key {key_id!r} not found")
-    return _key(row)
+    return _key(record)
 
 
 @router.post("/keys", response_model=KeyCreated, status_code=201)
 def create_key(body: KeyCreate, caller: KeyWriter, conn: ConnDep, response: Response) -> KeyCreated:
     """Issue an API key; its secret is in this response only. It never holds a permission you lack."""
-    if body.role == Role.PLATFORM_ADMIN:
-        raise Problem(422, "API keys belong to a tenant: platform_admin is a role for users only")
-    _refuse(caller, body.role, "create a key for")
     tenant_id = caller.tenant(body.tenant_id)
     try:
-        permissions = ROLE_PERMISSIONS[body.role] & expand_scopes(body.scopes)
-    except AuthError as exc:
+        issued = issue_api_key(conn, caller, tenant_id, body.name, body.role, body.scopes)
+    except KeyRefused as exc:
+        raise Problem(403, str(exc)) from None
+    except (AuthError, RegistryError) as exc:
         raise Problem(422, str(exc)) from None
-    if not permissions:
-        raise Problem(422, f"the scopes {body.scopes} grant a {body.role} nothing")
-    excess = sorted(permissions - caller.permissions)
-    if excess:
-        raise Problem(403, f"a key cannot hold permissions you lack: {', '.join(excess)}; narrow its scopes or role")
-    with caller.scope(conn, write=True):
-        try:
-            secret = create_api_key(conn, tenant_id, body.name, tuple(body.scopes), body.role.value, caller.subject)
-        except RegistryError as exc:
-            raise Problem(422, str(exc)) from None
-        key_id = secret.split("_", 2)[1]
-        detail = {"name": body.name, "role": body.role.value, "scopes": body.scopes}
-        record(conn, caller, tenant_id, "key.create", "api_key", key_id, detail)
-        out = _fetch_key(conn, key_id)
-    response.headers["Location"] = f"/api/keys/{key_id}"
-    return KeyCreated(**out.model_dump(), key=secret)
+    with caller.scope(conn):
+        out = _fetch_key(conn, issued.key_id)
+    response.headers["Location"] = f"/api/keys/{issued.key_id}"
+    return KeyCreated(**out.model_dump(), key=issued.secret)
 
 
 @router.get("/keys", response_model=Page[KeyOut])
@@ -315,13 +288,8 @@ def list_keys(
     """API keys of your tenant and its sub-tenants (or of one of them), by id; never their secrets."""
     tenants = [caller.tenant(tenant_id)] if tenant_id else list(caller.visible)
     with caller.scope(conn):
-        rows = conn.execute(
-            f"SELECT {_KEY_COLS} FROM api_keys WHERE tenant_id = ANY(%(t)s) "
-            "AND (%(revoked)s OR revoked_at IS NULL) AND (%(after)s::text IS NULL OR id > %(after)s) "
-            "ORDER BY id LIMIT %(n)s",
-            {"t": tenants, "revoked": include_revoked, "after": page.after, "n": page.limit + 1},
-        ).fetchall()
-    return page.page([_key(r) for r in rows], key=lambda k: k.id)
+        records = page_api_keys(conn, tenants, page.after, page.limit + 1, include_revoked)
+    return page.page([_key(r) for r in records], key=lambda k: k.id)
 
 
 @router.get("/keys/{key_id}", response_model=KeyOut)

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from sensormine.bus import KafkaSink
-from sensormine.hotstore import stored_offsets
-from sensormine.kafka import ensure_topics
+from sensormine.clients.hotstore import stored_offsets
+from sensormine.clients.kafka import ensure_topics
 from sensormine.settings import Settings
+from sensormine.telemetry.sinks import KafkaSink
 from tests.factories import DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.e2e

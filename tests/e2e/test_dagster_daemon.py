@@ -25,8 +25,8 @@ from orchestration.webserver import (
     dagster_dev,
     prepare_dagster_home,
 )
-from sensormine.db import ensure_partition_window
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import ensure_partition_window
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from tests.conftest import REPO

@@ -26,7 +26,7 @@ def test_demo_serves_simulated_readings(services: dict[str, str]) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "sensormine.cli",
+        "cli",
         "demo",
         "--check",
         "--port",

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.kafka import ensure_topics
-from sensormine.mqtt import telemetry_topic
+from sensormine.clients.kafka import ensure_topics
+from sensormine.clients.mqtt import telemetry_topic
 from sensormine.settings import Settings
 from serving.main import create_app
 from tests.factories import drain_topic, make_tenant, mqtt_publish

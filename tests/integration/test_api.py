@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.settings import Settings
 from serving.main import create_app
 from tests.factories import make_tenant, readings

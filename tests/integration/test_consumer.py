@@ -8,11 +8,11 @@ import psycopg
 import pytest
 
 from ingest_daemons.consumer import HotStoreConsumer
-from sensormine.bus import KafkaSink
-from sensormine.hotstore import stored_offsets
-from sensormine.kafka import ensure_topics
+from sensormine.clients.hotstore import stored_offsets
+from sensormine.clients.kafka import ensure_topics
 from sensormine.reading import now_us
 from sensormine.settings import Settings
+from sensormine.telemetry.sinks import KafkaSink
 from tests.factories import drain_topic, make_tenant, readings
 
 pytestmark = pytest.mark.integration

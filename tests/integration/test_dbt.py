@@ -37,7 +37,7 @@ from lake.storage import table_uri
 from lake.telemetry import compact_day
 from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
 from orchestration.resources import HotStoreResource, LakeResource, resources_for
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import QUALITY_BAD, Reading
 from sensormine.settings import Settings
 from tests.factories import DAY, DAY_US, make_tenant

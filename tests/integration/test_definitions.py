@@ -14,10 +14,10 @@ from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_parti
 from lake.telemetry import read_telemetry
 from orchestration.definitions import defs
 from orchestration.resources import resources_for
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import readings_to_table
-from sensormine.registry import create_tenant
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 from tests.factories import DAY, DAY_US, make_tenant, readings, schedule_tick, sensor_tick
 
 pytestmark = pytest.mark.integration

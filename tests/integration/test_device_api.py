@@ -7,9 +7,10 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.registry import create_api_key, create_device
+from sensormine.devices.registry import create_device
+from sensormine.devices.status import StatusTracker, device_statuses
+from sensormine.identity.api_keys import create_api_key
 from sensormine.settings import Settings
-from sensormine.status import StatusTracker, device_statuses
 from serving.main import create_app
 from tests.factories import make_tenant
 
@@ -81,9 +82,9 @@ def test_profiles_through_the_api(conn: psycopg.Connection, settings: Settings) 
 
 
 def test_tracking_sink_counts_what_daemons_publish(conn: psycopg.Connection, settings: Settings) -> None:
-    from sensormine.bus import DirectSink
-    from sensormine.db import connect
-    from sensormine.status import tracked
+    from sensormine.clients.postgres import connect
+    from sensormine.devices.status import tracked
+    from sensormine.telemetry.sinks import DirectSink
     from tests.factories import readings
 
     make_tenant(conn, "acme", ["plc-1"])

@@ -23,25 +23,25 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 from typer.testing import CliRunner, Result
 
+from cli.main import app
 from ingest_daemons.mqtt import MqttDaemon
 from ingest_daemons.simulators.mqtt_publisher import run as run_simulator
-from sensormine.cli import app
-from sensormine.dynsec import DEVICE_TEXTNAME, Dynsec, DynsecError, device_rolename, device_username
-from sensormine.mqtt import MqttConnectError, make_client, telemetry_topic
-from sensormine.registry import (
+from sensormine.clients.dynsec import DEVICE_TEXTNAME, Dynsec, DynsecError, device_rolename, device_username
+from sensormine.clients.mqtt import MqttConnectError, make_client, telemetry_topic
+from sensormine.devices.registry import (
     BrokerUpdate,
     create_device,
-    create_tenant,
     delete_device,
-    hash_secret,
     resolve_device_key,
     revoke_device_key,
     rotate_device_key,
     sync_broker,
 )
+from sensormine.identity.secrets import hash_secret
 from sensormine.services import launcher
 from sensormine.services.mosquitto import Mosquitto
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import create_tenant
 from tests.factories import mqtt_publish, wait_until
 
 pytestmark = pytest.mark.integration
@@ -282,7 +282,7 @@ def test_sync_broker_catches_up_after_an_outage(
     _, ok_key = create_device(conn, tenant, "ok-1", broker=broker)
     _, tampered_key = create_device(conn, tenant, "tampered-1", broker=broker)
     create_device(conn, tenant, "revoked-1", broker=broker)
-    with caplog.at_level(logging.WARNING, logger="sensormine.registry"):
+    with caplog.at_level(logging.WARNING, logger="sensormine.devices.registry"):
         _, lost_key = create_device(conn, tenant, "lost-1", broker=down)  # the registry does not wait for the broker
         assert revoke_device_key(conn, tenant, "revoked-1", broker=down) is BrokerUpdate.FAILED
     assert "rotate-key" in caplog.text and "sync-broker" in caplog.text

@@ -11,9 +11,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.mqtt import MqttConnectError, make_client
-from sensormine.registry import create_api_key, create_device, create_tenant
+from sensormine.clients.mqtt import MqttConnectError, make_client
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from datetime import date
 import psycopg
 import pytest
 
-from sensormine.db import existing_partition_days, tenant_scope
-from sensormine.hotstore import HotStoreWriter, KafkaOffset, stored_offsets
+from sensormine.clients.hotstore import HotStoreWriter, KafkaOffset, stored_offsets
+from sensormine.clients.postgres import existing_partition_days, tenant_scope
 from tests.factories import DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.kafka import ensure_topics
-from sensormine.payload import decode_envelope
-from sensormine.registry import create_device, create_tenant
+from sensormine.clients.kafka import ensure_topics
+from sensormine.devices.registry import create_device
 from sensormine.settings import Settings
+from sensormine.telemetry.payload import decode_envelope
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 from tests.factories import DAY_US, drain_topic
 
@@ -117,7 +118,7 @@ def test_bad_requests_get_problem_answers(conn: psycopg.Connection, settings: Se
 
 
 def test_in_process_path_validates_against_the_device_schema(conn: psycopg.Connection, settings: Settings) -> None:
-    from sensormine.schemas import register_schema
+    from sensormine.schemas.store import register_schema
 
     create_tenant(conn, "acme")
     key = create_device(conn, "acme", "oven-1", device_type="oven")[1]

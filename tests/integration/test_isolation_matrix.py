@@ -22,11 +22,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.auth import ROLE_PERMISSIONS, Role, create_user
-from sensormine.hotstore import HotStoreWriter
-from sensormine.profiles import set_profile
-from sensormine.registry import create_api_key
-from sensormine.schemas import register_schema
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.devices.profiles import set_profile
+from sensormine.identity.api_keys import create_api_key
+from sensormine.identity.roles import ROLE_PERMISSIONS, Role
+from sensormine.identity.users import create_user
+from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
 from serving.main import create_app
 from tests.factories import make_tenant, readings

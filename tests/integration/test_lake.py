@@ -16,7 +16,7 @@ import lake.storage as lake_storage
 import lake.telemetry as lake_telemetry
 from lake.storage import table_uri
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, read_telemetry
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import READING_SCHEMA, Reading, readings_to_table
 from sensormine.settings import Settings
 from tests.factories import DAY, DAY_US, make_tenant, readings

@@ -8,14 +8,14 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from lake.rollups import ROLLUP_SCHEMA
 from lake.storage import read_partition
 from lake.telemetry import read_telemetry
-from sensormine.cli import app
-from sensormine.db import existing_partition_days
-from sensormine.hotstore import HotStoreWriter
-from sensormine.registry import create_tenant
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import existing_partition_days
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import create_tenant
 from tests.factories import DAY, DAY_US, readings
 
 pytestmark = pytest.mark.integration

@@ -32,11 +32,11 @@ from lake.rollups import ROLLUP_1H, ROLLUP_1M, ROLLUP_SCHEMA, rollup_readings, w
 from lake.storage import LakeError, open_table, read_partition, table_uri
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, ensure_table, read_telemetry
 from orchestration.resources import resources_for
-from sensormine.db import existing_partition_days
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import existing_partition_days
 from sensormine.reading import Reading, datetime_to_us, readings_to_table
-from sensormine.registry import create_tenant
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import create_tenant
 from tests.conftest import REPO
 from tests.factories import DAY, make_tenant, readings, sensor_tick
 
@@ -187,7 +187,7 @@ from datetime import date
 import pyarrow as pa
 import lake.storage as storage
 import lake.telemetry as t
-from sensormine.db import connect
+from sensormine.clients.postgres import connect
 from sensormine.settings import Settings, reset_settings
 real_write = storage.write_deltalake
 def slow_write(table, data, **kwargs):

@@ -10,14 +10,14 @@ from datetime import UTC, date, datetime
 import psycopg
 import pytest
 
-import lake.aggregate as planner
-from lake.aggregate import AggregateQuery, aggregate
+import query.aggregate as planner
 from lake.retention import apply_hot_retention
 from lake.rollups import ROLLUP_1H, ROLLUP_1M, write_rollup
 from lake.telemetry import compact_day
-from lake.tiered import query_points
-from sensormine.hotquery import compacted_days, late_days
-from sensormine.hotstore import HotStoreWriter
+from query.aggregate import AggregateQuery, aggregate
+from query.hot import compacted_days, late_days
+from query.points import query_points
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from tests.factories import make_tenant

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.hotstore import CopyBatch, HotStoreWriter
+from sensormine.clients.hotstore import CopyBatch, HotStoreWriter
 from sensormine.reading import Reading
 from sensormine.settings import Settings
 from serving.main import create_app

@@ -15,8 +15,8 @@ from pymodbus.client import ModbusTcpClient
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.modbus import ModbusDaemon
 from ingest_daemons.simulators.modbus_server import SimulatorThread
-from sensormine.kafka import ensure_topics
-from sensormine.profiles import ModbusPoint, delete_profile, set_profile
+from sensormine.clients.kafka import ensure_topics
+from sensormine.devices.profiles import ModbusPoint, delete_profile, set_profile
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD
 from sensormine.settings import Settings
 from tests.factories import make_tenant, wait_until

@@ -9,10 +9,10 @@ import psycopg
 import pytest
 
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.mqtt import telemetry_topic
-from sensormine.payload import decode_envelope
-from sensormine.registry import create_device
+from sensormine.clients.mqtt import telemetry_topic
+from sensormine.devices.registry import create_device
 from sensormine.settings import Settings
+from sensormine.telemetry.payload import decode_envelope
 from tests.factories import drain_topic, make_tenant, mqtt_publish, wait_until
 
 pytestmark = pytest.mark.integration

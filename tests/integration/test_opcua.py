@@ -25,8 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.opcua import Backoff, OpcUaDaemon, OpcUaOptions
 from ingest_daemons.simulators.opcua_server import DROPOUT_STATUS, SimulatorConfig, SimulatorThread, Written
-from sensormine.kafka import ensure_topics
-from sensormine.profiles import set_profile
+from sensormine.clients.kafka import ensure_topics
+from sensormine.devices.profiles import set_profile
 from sensormine.reading import datetime_to_us
 from sensormine.settings import Settings
 from tests.factories import drain_topic, make_tenant, wait_until

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.settings import Settings
 from serving.main import create_app
 from tests.factories import make_tenant, readings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from sensormine.profiles import ProfileError, ProfileWatcher, delete_profile, get_profile, set_profile
+from sensormine.devices.profiles import ProfileError, ProfileWatcher, delete_profile, get_profile, set_profile
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.integration

@@ -22,12 +22,15 @@ from lake.quality import check_freshness, check_parity, lake_row_count, parity_d
 from lake.storage import table_uri
 from lake.telemetry import compact_day
 from orchestration.resources import HotStoreResource, resources_for
-from sensormine.db import tenant_scope
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import tenant_scope
+from sensormine.devices.registry import create_device
 from sensormine.reading import Reading, now_us, us_to_datetime
-from sensormine.registry import create_device, create_tenant
-from sensormine.schemas import SchemaError, metric_ranges, register_schema
+from sensormine.schemas.compat import SchemaError
+from sensormine.schemas.ranges import metric_ranges
+from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
 from sensors.quality import RECOMPACTION_TAG, failed_quality_checks_sensor
 from tests.factories import DAY, DAY_US, make_tenant, readings, sensor_tick
 

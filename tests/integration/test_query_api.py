@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient
 
 from lake.rollups import ROLLUP_1H, ROLLUP_1M, write_rollup
 from lake.telemetry import compact_day
-from sensormine.db import partition_name
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import partition_name
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from serving.main import create_app

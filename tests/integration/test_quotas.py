@@ -11,21 +11,15 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from sensormine.plans import Plan, get_plan
-from sensormine.quotas import (
-    API_CALLS,
-    FLUSH_BATCH_MEMBERS,
-    QuotaExceeded,
-    Quotas,
-    RedisBackend,
-    UsageFlusher,
-    check_device_quota,
-    month_label,
-    write_batch,
-)
-from sensormine.redisclient import key_prefix, make_redis
-from sensormine.registry import create_api_key, create_tenant
+from sensormine.clients.redis import key_prefix, make_redis
+from sensormine.identity.api_keys import create_api_key
+from sensormine.limits.backends import RedisBackend
+from sensormine.limits.quotas import QuotaExceeded, Quotas, check_device_quota
+from sensormine.metering.calendar import month_label
+from sensormine.metering.ledger import API_CALLS, FLUSH_BATCH_MEMBERS, UsageFlusher, write_batch
 from sensormine.settings import Settings
+from sensormine.tenancy.plans import Plan, get_plan
+from sensormine.tenancy.tenants import create_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -215,7 +209,7 @@ def test_device_quota_counts_the_quota_group(conn: psycopg.Connection) -> None:
 
 
 def test_device_quota_under_a_sub_tenants_row_level_security(conn: psycopg.Connection) -> None:
-    from sensormine.db import tenant_scope
+    from sensormine.clients.postgres import tenant_scope
 
     create_tenant(conn, "acme")
     create_tenant(conn, "plant-1", parent_id="acme")
@@ -410,7 +404,7 @@ def test_api_answers_429_with_retry_after_and_warns(settings: Settings, conn: ps
 def test_http_ingest_has_its_own_rate_per_plan(settings: Settings, conn: psycopg.Connection) -> None:
     from fastapi.testclient import TestClient
 
-    from sensormine.registry import create_device
+    from sensormine.devices.registry import create_device
     from serving.main import create_app
 
     create_tenant(conn, "acme")  # free: 10 requests a second in bursts of 20, for ingest as for API calls

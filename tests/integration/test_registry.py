@@ -5,7 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from sensormine.registry import list_devices, resolve_api_key, revoke_api_key
+from sensormine.devices.registry import list_devices
+from sensormine.identity.api_keys import resolve_api_key, revoke_api_key
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.integration

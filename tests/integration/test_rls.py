@@ -5,10 +5,11 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from sensormine.audit import CliActor, record
-from sensormine.auth import create_user
-from sensormine.db import tenant_scope
-from sensormine.registry import create_api_key, visible_tenant_ids
+from sensormine.clients.postgres import tenant_scope
+from sensormine.identity.api_keys import create_api_key
+from sensormine.identity.audit import CliActor, record
+from sensormine.identity.users import create_user
+from sensormine.tenancy.tenants import visible_tenant_ids
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.integration

@@ -15,19 +15,22 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttIngest
-from sensormine.bus import DirectSink, KafkaSink
-from sensormine.cli import app
-from sensormine.db import connect
-from sensormine.dlq import DlqFilter, list_dead_letters, replay_matching
-from sensormine.hotstore import stored_offsets
-from sensormine.kafka import ensure_topics
-from sensormine.mqtt import telemetry_topic
+from sensormine.clients.hotstore import stored_offsets
+from sensormine.clients.kafka import ensure_topics
+from sensormine.clients.mqtt import telemetry_topic
+from sensormine.clients.postgres import connect
+from sensormine.devices.registry import DeviceDirectory, create_device
+from sensormine.dlq.letters import DlqFilter, list_dead_letters
+from sensormine.dlq.replay import replay_matching
 from sensormine.reading import Reading
-from sensormine.registry import DeviceDirectory, create_device, create_tenant
-from sensormine.schemas import IncompatibleSchema, latest_schema, register_schema
+from sensormine.schemas.compat import IncompatibleSchema
+from sensormine.schemas.store import latest_schema, register_schema
 from sensormine.settings import Settings, reset_settings
+from sensormine.telemetry.sinks import DirectSink, KafkaSink
+from sensormine.tenancy.tenants import create_tenant
 from tests.factories import DAY_US, drain_topic, wait_until
 
 pytestmark = pytest.mark.integration

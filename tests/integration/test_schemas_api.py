@@ -12,10 +12,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.payload import parse_device_payload
-from sensormine.registry import create_api_key, create_device, create_tenant
-from sensormine.schemas import CompiledSchema
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
+from sensormine.schemas.validation import CompiledSchema
 from sensormine.settings import Settings
+from sensormine.telemetry.payload import parse_device_payload
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 
 pytestmark = pytest.mark.integration

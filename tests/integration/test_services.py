@@ -204,7 +204,7 @@ def test_status_reports_running(env: dict[str, str], state_dir: Path) -> None:
 def test_cli_env_and_status(env: dict[str, str], state_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from sensormine.services.cli import app
+    from cli.services import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["env", "--state-dir", str(state_dir)])

@@ -21,14 +21,14 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
+from cli.main import app
 from lake.catalog import lake_tables, open_catalog
 from lake.rollups import ROLLUP_1H, ROLLUP_1M, write_rollup
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, read_telemetry
-from sensormine.cli import app
-from sensormine.hotstore import HotStoreWriter
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import Reading, us_to_datetime
-from sensormine.registry import visible_tenant_ids
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import visible_tenant_ids
 from tests.factories import DAY, DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration
@@ -259,7 +259,7 @@ def test_real_cli_process(lake: Settings) -> None:
     }
     query = "SELECT tenant_id, count(*) AS n, max(ts) AS last FROM telemetry GROUP BY ALL ORDER BY ALL"
     done = subprocess.run(
-        [sys.executable, "-m", "sensormine.cli", "sql", "--tenant", "acme-east", "-c", query, "--format", "csv"],
+        [sys.executable, "-m", "cli", "sql", "--tenant", "acme-east", "-c", query, "--format", "csv"],
         env=env,
         capture_output=True,
         text=True,
@@ -272,7 +272,7 @@ def test_real_cli_process(lake: Settings) -> None:
         ("acme-east-lab", 384, last),
     ]
     failed = subprocess.run(
-        [sys.executable, "-m", "sensormine.cli", "sql", "-c", "SELECT * FROM nowhere"],
+        [sys.executable, "-m", "cli", "sql", "-c", "SELECT * FROM nowhere"],
         env=env,
         capture_output=True,
         text=True,

@@ -19,12 +19,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ingest_daemons.buffer import BufferedSink
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttDaemon
-from sensormine.kafka import ensure_topics
-from sensormine.mqtt import make_client, telemetry_topic
-from sensormine.payload import decode_envelope
+from sensormine.clients.kafka import ensure_topics
+from sensormine.clients.mqtt import make_client, telemetry_topic
 from sensormine.services.base import Record
 from sensormine.services.kafka import Kafka
 from sensormine.settings import Settings
+from sensormine.telemetry.payload import decode_envelope
 from tests.factories import DAY_US, make_tenant
 
 pytestmark = pytest.mark.integration

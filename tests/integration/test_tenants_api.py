@@ -9,10 +9,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.auth import create_user
-from sensormine.registry import create_api_key, create_tenant
+from sensormine.identity.api_keys import create_api_key
+from sensormine.identity.users import create_user
 from sensormine.settings import Settings
-from sensormine.tenancy import effective_config
+from sensormine.tenancy.config import effective_config
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 
 pytestmark = pytest.mark.integration

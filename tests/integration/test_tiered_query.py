@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from lake.telemetry import compact_day
-from lake.tiered import query_points
-from sensormine.hotstore import HotStoreWriter
+from query.points import query_points
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.settings import Settings
 from tests.factories import DAY_US, make_tenant, readings
 

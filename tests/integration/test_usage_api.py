@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.quotas import record_tenant_event
+from sensormine.metering.events import record_tenant_event
 from sensormine.settings import Settings
 from serving.main import create_app
 from tests.factories import make_tenant

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from sensormine.auth import authenticate_password, create_user
-from sensormine.cli_users import app as user_cli
-from sensormine.registry import create_tenant
+from cli.users import app as user_cli
+from sensormine.identity.users import authenticate_password, create_user
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 
 pytestmark = pytest.mark.integration

@@ -10,20 +10,18 @@ import duckdb
 import polars as pl
 import pytest
 
-from lake.aggregate import (
+from lake.rollups import ROLLUP_1M, rollup_readings
+from query.aggregate import (
     AggregateQuery,
     QueryError,
-    check_aggs,
     combine_partials,
     fill_gaps,
     finalize,
-    iso_duration,
-    parse_bucket,
     raw_partials,
     rollup_partials,
 )
-from lake.rollups import ROLLUP_1M, rollup_readings
 from sensormine.reading import Reading, readings_to_table
+from serving.query_params import check_aggs, iso_duration, parse_bucket
 from tests.factories import DAY_US
 
 AGGS = ("avg", "min", "max", "sum", "count", "first", "last", "stddev")

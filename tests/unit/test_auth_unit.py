@@ -7,18 +7,9 @@ import time
 import jwt
 import pytest
 
-from sensormine.auth import (
-    DEV_JWT_SECRET,
-    ROLE_PERMISSIONS,
-    AuthError,
-    Role,
-    decode_token,
-    expand_scopes,
-    hash_password,
-    jwt_secret,
-    may_grant,
-    verify_password,
-)
+from sensormine.identity.roles import ROLE_PERMISSIONS, Role, expand_scopes, may_grant
+from sensormine.identity.tokens import DEV_JWT_SECRET, decode_token, jwt_secret
+from sensormine.identity.users import AuthError, hash_password, verify_password
 from sensormine.settings import Settings
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from sensormine.batch import MAX_BATCH_READINGS, parse_csv_batch, parse_json_batch
-from sensormine.payload import PayloadError
+from sensormine.telemetry.batch import MAX_BATCH_READINGS, parse_csv_batch, parse_json_batch
+from sensormine.telemetry.payload import PayloadError
 from tests.factories import DAY_US
 
 T0 = "2026-11-26T00:00:00Z"
@@ -82,6 +82,12 @@ def test_csv_that_is_not_a_batch_is_refused_whole(body: bytes, message: str) -> 
 def test_a_row_with_the_wrong_number_of_fields_is_one_reject() -> None:
     out = parse_csv_batch(f"ts,temp\n{T0},1,2\n{T0},3\n".encode(), "acme", "d1", 7)
     assert out.accepted_items == 1 and out.rejects[0].error.reason.startswith("row has 3 fields")
+
+
+def test_a_superscript_digit_timestamp_is_a_reject_not_a_crash() -> None:
+    """Regression (found by the fuzz test): '²'.isdigit() is true, but int('²') raises."""
+    out = parse_csv_batch(f"ts,temp\n\u00b2,1\n{T0},3\n".encode(), "acme", "d1", 7)
+    assert out.accepted_items == 1 and out.rejects[0].error.pointer == "/0/ts"
 
 
 def test_batches_have_a_reading_limit() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from ingest_daemons.buffer import BufferedSink, BufferInUse, _ReportingKafkaSink
-from sensormine.bus import Done
 from sensormine.reading import Reading
 from sensormine.settings import Settings
+from sensormine.telemetry.sinks import Done
 from tests.conftest import REPO
 
 T0 = 1_795_000_000_000_000  # a fixed instant (µs)
@@ -421,7 +421,7 @@ def test_kafka_failures_reach_the_buffer_without_waiting_for_the_backstop(path: 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from sensormine.kafka import make_producer
+    from sensormine.clients.kafka import make_producer
 
     settings = Settings(env="unit", kafka_bootstrap=f"127.0.0.1:{port}")
     producer = make_producer(settings, **{"message.timeout.ms": 300, "log_level": 0})

@@ -22,7 +22,7 @@ from expectations.telemetry import (
     validate_telemetry_partition,
 )
 from sensormine.reading import Reading, readings_to_table
-from sensormine.schemas import schema_ranges
+from sensormine.schemas.ranges import schema_ranges
 from tests.factories import DAY, DAY_US, readings
 
 D = DAY.date()

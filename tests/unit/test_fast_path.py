@@ -12,11 +12,11 @@ from psycopg import adapt, postgres, pq
 from psycopg._copy_base import BinaryFormatter
 
 from ingest_daemons.consumer import BatchWriterThread, PreparedBatch
-from sensormine.hotstore import _COPY_TYPES, COPY_HEADER, COPY_TRAILER, CopyBatch, KafkaOffset
-from sensormine.payload import decode_envelope, decode_envelope_into, encode_envelope
+from sensormine.clients.hotstore import _COPY_TYPES, COPY_HEADER, COPY_TRAILER, CopyBatch, KafkaOffset
 from sensormine.reading import US_PER_DAY, Reading, day_of, us_to_datetime
 from sensormine.settings import Settings
-from sensormine.validation import future_limit_us
+from sensormine.telemetry.payload import decode_envelope, decode_envelope_into, encode_envelope
+from sensormine.telemetry.validation import future_limit_us
 
 T0 = 1_795_687_200_000_000  # 2026-11-26T10:00:00Z
 MIDNIGHT = (T0 // US_PER_DAY + 1) * US_PER_DAY

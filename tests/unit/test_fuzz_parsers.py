@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest_daemons.mqtt import MqttIngest
-from sensormine.batch import parse_csv_batch, parse_json_batch
-from sensormine.payload import METRIC_RE, PayloadError
 from sensormine.reading import Reading
+from sensormine.telemetry.batch import parse_csv_batch, parse_json_batch
+from sensormine.telemetry.payload import METRIC_RE, PayloadError
 
 TOPIC = "sensormine/acme/d1/telemetry"
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,11 +6,13 @@ import json
 
 import pytest
 
-from sensormine.hotstore import CopyBatch
-from sensormine.latest import MAX_PAYLOAD, LatestCache, newest_per_series, payloads
-from sensormine.plans import get_plan
-from sensormine.quotas import CallLeases, MemoryBackend, QuotaExceeded, Quotas, lease_size
+from sensormine.clients.hotstore import CopyBatch
+from sensormine.clients.latest import MAX_PAYLOAD, LatestCache, newest_per_series, payloads
+from sensormine.limits.backends import MemoryBackend
+from sensormine.limits.leases import CallLeases, lease_size
+from sensormine.limits.quotas import QuotaExceeded, Quotas
 from sensormine.reading import Reading
+from sensormine.tenancy.plans import get_plan
 
 
 def test_newer_points_win_in_any_order() -> None:
@@ -73,7 +75,7 @@ def _quotas(backend: MemoryBackend) -> Quotas:
 def _month() -> str:
     from datetime import UTC, datetime
 
-    from sensormine.quotas import month_label
+    from sensormine.metering.calendar import month_label
 
     return month_label(datetime.now(UTC))
 

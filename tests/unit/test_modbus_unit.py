@@ -21,7 +21,7 @@ from ingest_daemons.modbus_codec import (
     split_request,
 )
 from ingest_daemons.simulators.modbus_server import STATIC_VALUES, register_map
-from sensormine.profiles import ModbusPoint, ModbusProfile, StoredProfile
+from sensormine.devices.profiles import ModbusPoint, ModbusProfile, StoredProfile
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, Reading
 
 ORDERS = [("big", "big"), ("little", "big"), ("big", "little"), ("little", "little")]

@@ -23,7 +23,7 @@ from ingest_daemons.opcua import (
     timestamp_us,
     to_point,
 )
-from sensormine.profiles import OpcUaProfile, StoredProfile
+from sensormine.devices.profiles import OpcUaProfile, StoredProfile
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN, Reading, datetime_to_us
 
 TS = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=UTC)

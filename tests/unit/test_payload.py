@@ -7,8 +7,14 @@ import math
 import orjson
 import pytest
 
-from sensormine.payload import PayloadError, decode_envelope, encode_envelope, parse_device_payload, parse_timestamp
 from sensormine.reading import QUALITY_BAD, Reading, datetime_to_us, us_to_datetime
+from sensormine.telemetry.payload import (
+    PayloadError,
+    decode_envelope,
+    encode_envelope,
+    parse_device_payload,
+    parse_timestamp,
+)
 
 T0 = "2026-11-26T10:00:00Z"
 T0_US = 1_795_687_200_000_000

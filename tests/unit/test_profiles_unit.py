@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sensormine.profiles import ModbusPoint, ModbusProfile, OpcUaProfile, ProfileError, parse_profile
+from sensormine.devices.profiles import ModbusPoint, ModbusProfile, OpcUaProfile, ProfileError, parse_profile
 
 OPCUA = {
     "protocol": "opcua",

@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
-from sensormine.plans import PLANS, Plan, PlanError
-from sensormine.quotas import (
-    API_CALLS,
-    MemoryBackend,
-    QuotaExceeded,
-    Quotas,
-    UsageFlusher,
-    month_label,
-    next_month_start,
-    seconds_until_next_month,
-)
+from sensormine.limits.backends import MemoryBackend
+from sensormine.limits.quotas import QuotaExceeded, Quotas
+from sensormine.metering.calendar import month_label, next_month_start, seconds_until_next_month
+from sensormine.metering.ledger import API_CALLS, UsageFlusher
+from sensormine.tenancy.plans import PLANS, Plan, PlanError
 
 NOW = datetime(2026, 11, 30, 23, 59, 0, tzinfo=UTC)
 TINY = Plan("tiny", 10, 1, 10, hot_retention_days=7, lake_retention_days=90)
@@ -194,7 +188,7 @@ def test_flush_exactly_once_with_a_failed_write_and_a_lost_ack() -> None:
     lost_ack = backend.take_batch(100)
     assert lost_ack is not None
     with db.connect() as conn:
-        from sensormine.quotas import write_batch
+        from sensormine.metering.ledger import write_batch
 
         assert write_batch(conn, lost_ack)  # written, but the process died before acknowledging it
     flusher = UsageFlusher(backend, db.connect)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from datetime import date
 
-from sensormine.db import epoch_day_to_date, partition_name
-from sensormine.mqtt import parse_telemetry_topic, telemetry_topic
+from sensormine.clients.mqtt import parse_telemetry_topic, telemetry_topic
+from sensormine.clients.postgres import epoch_day_to_date, partition_name
 from sensormine.reading import US_PER_DAY, Reading, day_of
 from sensormine.settings import Settings
-from sensormine.validation import validate_message
+from sensormine.telemetry.validation import validate_message
 
 
 def test_mqtt_topic_round_trip() -> None:

@@ -10,16 +10,8 @@ from hypothesis import strategies as st
 from jsonschema.validators import validator_for
 
 from sensormine.reading import us_to_datetime
-from sensormine.schemas import (
-    CompiledSchema,
-    SchemaError,
-    _iso,
-    check_definition,
-    compatibility_problems,
-    exact_payload_items,
-    fast_checker,
-    payload_items,
-)
+from sensormine.schemas.compat import SchemaError, check_definition, compatibility_problems
+from sensormine.schemas.validation import CompiledSchema, _iso, exact_payload_items, fast_checker, payload_items
 
 TS = 1_795_687_200_000_000  # 2026-11-26T10:00:00Z
 

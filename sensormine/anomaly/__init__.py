@@ -1,0 +1,1 @@
+"""ONNX anomaly models and scoring (the alerts-and-ML issue); empty until it lands."""

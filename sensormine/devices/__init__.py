@@ -1,0 +1,1 @@
+"""Devices: the registry (ids, keys, broker provisioning), CSV import, connection profiles and status."""

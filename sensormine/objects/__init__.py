@@ -1,0 +1,1 @@
+"""Industrial objects on S3: video, CAD, lidar (the twins/objects/search issue); empty until it lands."""

@@ -1,0 +1,1 @@
+"""Device schemas: compatibility rules, versioned storage, metric ranges and fast payload validation."""

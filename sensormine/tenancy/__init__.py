@@ -1,0 +1,1 @@
+"""Tenants and sub-tenants: the registry of tenants, plans, and the cascading configuration."""

@@ -1,0 +1,1 @@
+"""Digital twins (the twins/objects/search issue); empty until it lands."""
