@@ -16,6 +16,7 @@ lint: bootstrap
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	$(UV) run mypy
+	$(UV) run lint-imports
 
 services-up: bootstrap  ## start PostgreSQL, Mosquitto, Redis, Kafka and moto S3 on loopback
 	$(UV) run sensormine services up --state-dir $(STATE) >/dev/null

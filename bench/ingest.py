@@ -29,9 +29,9 @@ from ingest_daemons.consumer import ConsumerStats, HotStoreConsumer
 from sensormine.clients.hotstore import COLUMNS, stored_offsets
 from sensormine.clients.kafka import ensure_topics, make_admin
 from sensormine.clients.postgres import existing_partition_days, partition_name
+from sensormine.ingest.sinks import KafkaSink
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
-from sensormine.telemetry.sinks import KafkaSink
 
 METRICS = (
     "temperature", "pressure", "humidity", "vibration_rms", "motor_current",

@@ -39,9 +39,9 @@ from sensormine.clients.kafka import ensure_topics
 from sensormine.clients.postgres import connect
 from sensormine.devices.profiles import ModbusProfile, set_profile
 from sensormine.devices.registry import create_device
+from sensormine.ingest.sinks import Done, KafkaSink, ReadingSink
 from sensormine.reading import Reading
 from sensormine.settings import Settings, get_settings
-from sensormine.telemetry.sinks import Done, KafkaSink, ReadingSink
 from sensormine.tenancy.tenants import create_tenant
 
 TENANT = "bench"

@@ -12,8 +12,9 @@ import psycopg
 import typer
 
 from cli.common import fail
+from sensormine.audit.log import record
 from sensormine.clients.postgres import connect, migrate
-from sensormine.identity.audit import CliActor, record
+from sensormine.identity.credentials import operator_identity
 from sensormine.identity.roles import Role
 from sensormine.identity.users import MIN_PASSWORD_LENGTH, AuthError, create_user, update_user
 
@@ -59,7 +60,7 @@ def create(
             with conn.transaction():
                 user = create_user(conn, tenant, email, secret, role, name)
                 detail = {"email": user.email, "name": user.name, "role": user.role.value, "tenant_id": tenant}
-                record(conn, CliActor(), tenant, "user.create", "user", user.id, detail)
+                record(conn, operator_identity(conn), tenant, "user.create", "user", user.id, detail)
         except AuthError as exc:
             fail(str(exc))
     typer.echo(f"user {user.email} ({user.role}) created with id {user.id}" + (f" in {tenant}" if tenant else ""))
@@ -101,7 +102,7 @@ def disable(
         user = update_user(conn, user_id, disabled=not enable)
         assert user is not None
         action = "user.update" if enable else "user.disable"
-        record(conn, CliActor(), user.tenant_id, action, "user", user_id, {"disabled": not enable})
+        record(conn, operator_identity(conn), user.tenant_id, action, "user", user_id, {"disabled": not enable})
     typer.echo(f"user {email} {'enabled' if enable else 'disabled'}")
 
 
@@ -115,7 +116,15 @@ def set_password(email: Annotated[str, typer.Argument(help="The user's email.")]
                 user_id = _user_id(conn, email)
                 user = update_user(conn, user_id, password=secret)
                 assert user is not None
-                record(conn, CliActor(), user.tenant_id, "user.update", "user", user_id, {"password_changed": True})
+                record(
+                    conn,
+                    operator_identity(conn),
+                    user.tenant_id,
+                    "user.update",
+                    "user",
+                    user_id,
+                    {"password_changed": True},
+                )
         except AuthError as exc:
             fail(str(exc))
     typer.echo(f"password of {email} changed; their sessions ended")

@@ -33,10 +33,10 @@ from typing import IO, Any, Literal, NamedTuple
 import psycopg
 from confluent_kafka import KafkaError, KafkaException, Message
 
+from sensormine.ingest.sinks import DirectSink, Done, KafkaSink, ReadingSink
 from sensormine.reading import Reading, now_us
 from sensormine.settings import Settings, get_settings
 from sensormine.telemetry.payload import decode_envelope, encode_envelope
-from sensormine.telemetry.sinks import DirectSink, Done, KafkaSink, ReadingSink
 
 log = logging.getLogger("sensormine.ingest.buffer")
 

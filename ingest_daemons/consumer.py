@@ -24,11 +24,11 @@ from ingest_daemons.runner import stop_on_signals
 from sensormine.clients.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
 from sensormine.clients.kafka import make_consumer, make_producer
 from sensormine.clients.postgres import connect, migrate
+from sensormine.ingest.sinks import dlq_headers
 from sensormine.reading import now_us
 from sensormine.schemas.validation import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
 from sensormine.settings import Settings, get_settings
 from sensormine.telemetry.payload import PayloadError, decode_envelope, decode_envelope_into
-from sensormine.telemetry.sinks import dlq_headers
 from sensormine.telemetry.validation import future_limit_us, validate_message
 
 log = logging.getLogger("sensormine.ingest.consumer")

@@ -45,9 +45,9 @@ from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.clients.postgres import connect
 from sensormine.devices.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.devices.status import tracked
+from sensormine.ingest.sinks import ReadingSink
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, Reading, now_us
 from sensormine.settings import Settings, get_settings
-from sensormine.telemetry.sinks import ReadingSink
 
 log = logging.getLogger("sensormine.ingest.modbus")
 SOURCE = "modbus"

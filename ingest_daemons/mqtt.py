@@ -16,10 +16,10 @@ from sensormine.clients.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, 
 from sensormine.clients.postgres import connect
 from sensormine.devices.registry import DeviceDirectory
 from sensormine.devices.status import tracked
+from sensormine.ingest.sinks import Done, ReadingSink
 from sensormine.reading import now_us
 from sensormine.settings import Settings, get_settings
 from sensormine.telemetry.payload import PayloadError, parse_device_payload
-from sensormine.telemetry.sinks import Done, ReadingSink
 
 log = logging.getLogger("sensormine.ingest.mqtt")
 SOURCE = "mqtt"

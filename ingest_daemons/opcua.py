@@ -52,6 +52,7 @@ from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.clients.postgres import connect
 from sensormine.devices.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.devices.status import tracked
+from sensormine.ingest.sinks import ReadingSink
 from sensormine.reading import (
     QUALITY_BAD,
     QUALITY_GOOD,
@@ -61,7 +62,6 @@ from sensormine.reading import (
     now_us,
 )
 from sensormine.settings import Settings, get_settings
-from sensormine.telemetry.sinks import ReadingSink
 
 log = logging.getLogger("sensormine.ingest.opcua")
 SOURCE = "opcua"

@@ -9,6 +9,7 @@ from datetime import date
 
 import psycopg
 
+from sensormine.clients._pgcopy import COPY_HEADER, COPY_TRAILER, PG_EPOCH_US, ROW_TAIL, series_prefix
 from sensormine.clients.latest import SeriesPoint, newest_per_series, notify_latest
 from sensormine.clients.postgres import ensure_partitions, epoch_day_to_date, existing_partition_days
 from sensormine.reading import Reading, day_of, us_to_datetime
@@ -17,27 +18,7 @@ COLUMNS = ("tenant_id", "device_id", "metric", "ts", "value", "quality", "ingest
 _COPY_SQL = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "int2", "timestamptz")
 
-# --- PostgreSQL binary COPY, written directly (https://www.postgresql.org/docs/current/sql-copy.html) ---
-
-PG_EPOCH_US = 946_684_800_000_000
-"""2000-01-01 UTC in Unix microseconds: binary timestamps count from there."""
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header-extension length
-COPY_TRAILER = b"\xff\xff"
-ROW_TAIL = struct.Struct(">qidihiq")
-"""The fixed-width end of a row: ts | len, value | len, quality | len, ingest_ts (ts's length is in the prefix)."""
-_LEN = struct.Struct(">i")
 _CHUNK_BYTES = 1 << 20
-
-
-def series_prefix(tenant_id: str, device_id: str, metric: str) -> bytes:
-    """Start of every binary COPY row of one series: field count, the three key texts, and ts's length."""
-    out = bytearray(b"\x00\x07")
-    for text in (tenant_id, device_id, metric):
-        raw = text.encode()
-        out += _LEN.pack(len(raw))
-        out += raw
-    out += b"\x00\x00\x00\x08"
-    return bytes(out)
 
 
 class CopyBatch:
@@ -51,6 +32,12 @@ class CopyBatch:
 
     __slots__ = ("_devices", "rows")
 
+    # For fast-path encoders (telemetry.payload.decode_envelope_into) that append pre-packed rows to
+    # `device(...)` buckets: a row's tail is pack_tail(ts - PG_EPOCH_US, 8, value, 2, quality, 8,
+    # ingest_ts - PG_EPOCH_US). The wire format itself stays in the clients package.
+    PG_EPOCH_US = PG_EPOCH_US
+    pack_tail = staticmethod(ROW_TAIL.pack)
+
     def __init__(self) -> None:
         self._devices: dict[tuple[int, str, str], dict[str, list[bytes]]] = {}
         self.rows = 0
@@ -58,7 +45,7 @@ class CopyBatch:
     def device(self, day: int, tenant_id: str, device_id: str) -> dict[str, list[bytes]]:
         """The metric → encoded-row-tails buckets of one device on one UTC day (created on first use).
 
-        Fast-path encoders append `ROW_TAIL` bytes to these lists and then add to `rows`.
+        Fast-path encoders append `pack_tail(...)` bytes to these lists and then add to `rows`.
         """
         key = (day, tenant_id, device_id)
         buckets = self._devices.get(key)

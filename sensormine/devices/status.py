@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from sensormine.ingest.sinks import Done, ReadingSink
 from sensormine.reading import Reading
 from sensormine.settings import Settings
-from sensormine.telemetry.sinks import Done, ReadingSink
 
 log = logging.getLogger(__name__)
 

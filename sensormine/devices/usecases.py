@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import psycopg
 
+from sensormine.audit import log as audit
 from sensormine.clients.dynsec import Dynsec, DynsecError
 from sensormine.devices.csv_import import DeviceRow
 from sensormine.devices.registry import (
@@ -31,8 +32,6 @@ from sensormine.devices.registry import (
     rotate_device_key,
     update_device,
 )
-from sensormine.identity import audit
-from sensormine.identity.credentials import Identity
 from sensormine.limits.quotas import DeviceQuota, check_device_quota
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def check_new_device_id(device_id: str) -> None:
 
 
 def _quota(
-    conn: psycopg.Connection, actor: Identity, tenant_id: str, adding: int, beyond_quota: bool
+    conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, adding: int, beyond_quota: bool
 ) -> DeviceQuota | None:
     """The plan's device quota for `adding` devices (QuotaExceeded beyond it), unless an operator overrides it."""
     if beyond_quota:
@@ -78,7 +77,7 @@ class DeviceRegistration:
 
 def register_device(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     tenant_id: str,
     device_id: str,
     name: str | None = None,
@@ -107,7 +106,7 @@ def register_device(
 
 def _audited(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     tenant_id: str,
     device_id: str,
     action: str,
@@ -123,7 +122,7 @@ def _audited(
 
 def change_device(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     tenant_id: str,
     device_id: str,
     changes: Mapping[str, Any],
@@ -154,7 +153,7 @@ def change_device(
     return after
 
 
-def rotate_key(conn: psycopg.Connection, actor: Identity, tenant_id: str, device_id: str, broker: Dynsec) -> str:
+def rotate_key(conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, device_id: str, broker: Dynsec) -> str:
     """Issue a new device key (returned once); the broker takes it before it counts (DynsecError: nothing changed).
 
     Also brings a revoked device back. Raises UnknownDevice.
@@ -170,7 +169,7 @@ def rotate_key(conn: psycopg.Connection, actor: Identity, tenant_id: str, device
 
 
 def revoke_key(
-    conn: psycopg.Connection, actor: Identity, tenant_id: str, device_id: str, broker: Dynsec | None = None
+    conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, device_id: str, broker: Dynsec | None = None
 ) -> BrokerUpdate:
     """Revoke a device's key (HTTP and MQTT) until a rotation; the device stays. Raises UnknownDevice."""
     _audited(
@@ -185,7 +184,7 @@ def revoke_key(
 
 
 def remove_device(
-    conn: psycopg.Connection, actor: Identity, tenant_id: str, device_id: str, broker: Dynsec | None = None
+    conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, device_id: str, broker: Dynsec | None = None
 ) -> BrokerUpdate:
     """Delete a device with its key, profile and status, and its MQTT identity; its telemetry stays."""
     _audited(
@@ -222,7 +221,7 @@ class DeviceImport:
 
 def import_devices(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     tenant_id: str,
     rows: list[DeviceRow],
     mode: ImportMode = "per_row",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from sensormine.identity import audit
+from sensormine.audit import log as audit
 from sensormine.identity.api_keys import create_api_key
 from sensormine.identity.credentials import Identity
 from sensormine.identity.roles import ROLE_PERMISSIONS, AuthError, Role, expand_scopes, may_grant

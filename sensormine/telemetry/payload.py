@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from sensormine.clients.hotstore import PG_EPOCH_US, ROW_TAIL, CopyBatch
+from sensormine.clients.hotstore import CopyBatch
 from sensormine.reading import QUALITY_BAD, QUALITY_GOOD, QUALITY_UNCERTAIN, US_PER_DAY, Reading, datetime_to_us
 
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -187,7 +187,8 @@ def decode_envelope(raw: bytes) -> list[Reading]:
         raise PayloadError(f"malformed envelope: {exc}") from None
 
 
-_pack_tail = ROW_TAIL.pack
+_pack_tail = CopyBatch.pack_tail
+PG_EPOCH_US = CopyBatch.PG_EPOCH_US
 
 
 def decode_envelope_into(raw: bytes, batch: CopyBatch, ts_limit_us: int) -> int | None:

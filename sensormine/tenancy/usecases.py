@@ -9,9 +9,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from sensormine.audit import log as audit
 from sensormine.clients.kafka import ensure_topics
-from sensormine.identity import audit
-from sensormine.identity.credentials import Identity
 from sensormine.settings import Settings
 from sensormine.tenancy.config import effective_config
 from sensormine.tenancy.plans import PLANS
@@ -31,7 +30,7 @@ def tenant_topics(settings: Settings, tenant_id: str) -> list[str]:
 
 def register_tenant(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     settings: Settings,
     tenant_id: str,
     name: str | None = None,
@@ -110,7 +109,7 @@ def _merge_sql(column: str, changes: Mapping[str, Any], sets: list[str], params:
 
 def change_tenant(
     conn: psycopg.Connection,
-    actor: Identity,
+    actor: audit.Actor,
     tenant_id: str,
     *,
     name: str | None = None,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Security
 from pydantic import BaseModel
 
-from sensormine.identity.audit import query_audit
+from sensormine.audit.log import query_audit
 from sensormine.tenancy.tenants import visible_tenant_ids
 from serving.deps import Caller, ConnDep, authenticate
 from serving.pagination import Page, PageDep

@@ -11,11 +11,11 @@ from starlette.concurrency import run_in_threadpool
 
 from sensormine.devices.registry import device_key_holder
 from sensormine.devices.status import TrackingSink, tracked
+from sensormine.ingest.sinks import make_sink
 from sensormine.reading import now_us
 from sensormine.settings import Settings
 from sensormine.telemetry.batch import BatchOutcome, parse_csv_batch, parse_json_batch
 from sensormine.telemetry.payload import PayloadError
-from sensormine.telemetry.sinks import make_sink
 from serving.deps import SettingsDep
 from serving.limits import ingest_rate_guard
 from serving.problems import Problem

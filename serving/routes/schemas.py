@@ -14,8 +14,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
+from sensormine.audit import log as audit
 from sensormine.devices.registry import check_device_type
-from sensormine.identity import audit
 from sensormine.identity.roles import Role
 from sensormine.schemas.compat import IncompatibleSchema, SchemaError
 from sensormine.schemas.store import (

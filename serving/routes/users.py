@@ -15,8 +15,8 @@ import psycopg
 from fastapi import APIRouter, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
+from sensormine.audit.log import record
 from sensormine.identity.api_keys import ApiKeyRecord, get_api_key, page_api_keys, revoke_api_key
-from sensormine.identity.audit import record
 from sensormine.identity.roles import ROLE_PERMISSIONS, Role, expand_scopes, may_grant
 from sensormine.identity.usecases import KeyRefused, issue_api_key
 from sensormine.identity.users import (

@@ -14,8 +14,8 @@ import pytest
 
 from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics
+from sensormine.ingest.sinks import KafkaSink
 from sensormine.settings import Settings
-from sensormine.telemetry.sinks import KafkaSink
 from tests.factories import DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.e2e

@@ -10,9 +10,9 @@ import pytest
 from ingest_daemons.consumer import HotStoreConsumer
 from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics
+from sensormine.ingest.sinks import KafkaSink
 from sensormine.reading import now_us
 from sensormine.settings import Settings
-from sensormine.telemetry.sinks import KafkaSink
 from tests.factories import drain_topic, make_tenant, readings
 
 pytestmark = pytest.mark.integration

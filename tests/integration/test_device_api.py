@@ -84,7 +84,7 @@ def test_profiles_through_the_api(conn: psycopg.Connection, settings: Settings) 
 def test_tracking_sink_counts_what_daemons_publish(conn: psycopg.Connection, settings: Settings) -> None:
     from sensormine.clients.postgres import connect
     from sensormine.devices.status import tracked
-    from sensormine.telemetry.sinks import DirectSink
+    from sensormine.ingest.sinks import DirectSink
     from tests.factories import readings
 
     make_tenant(conn, "acme", ["plc-1"])

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from sensormine.clients.kafka import ensure_topics
 from sensormine.clients.mqtt import telemetry_topic
 from sensormine.identity.api_keys import create_api_key
+from sensormine.ingest.sinks import KafkaSink
 from sensormine.reading import datetime_to_us
 from sensormine.settings import Settings
 from sensormine.telemetry.payload import decode_envelope
-from sensormine.telemetry.sinks import KafkaSink
 from serving.main import create_app
 from tests.factories import drain_topic, make_tenant
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import psycopg
 import pytest
 
+from sensormine.audit.log import record
 from sensormine.clients.postgres import tenant_scope
 from sensormine.identity.api_keys import create_api_key
-from sensormine.identity.audit import CliActor, record
 from sensormine.identity.users import create_user
 from sensormine.tenancy.tenants import visible_tenant_ids
 from tests.factories import make_tenant
 
 pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class Operator:
+    subject: str = "cli"
+    role: str = "platform_admin"
+
+
+OPERATOR = Operator()
 
 
 def _refused() -> pytest.RaisesContext:
@@ -29,7 +40,7 @@ def tree(conn: psycopg.Connection) -> None:
         create_user(conn, t, f"admin@{t}.example", "a-long-password", "tenant_admin")
         create_api_key(conn, t, "k")
         with conn.transaction():
-            record(conn, CliActor(), t, "tenant.create", "tenant", t)
+            record(conn, OPERATOR, t, "tenant.create", "tenant", t)
     conn.commit()
 
 

@@ -25,11 +25,11 @@ from sensormine.clients.postgres import connect
 from sensormine.devices.registry import DeviceDirectory, create_device
 from sensormine.dlq.letters import DlqFilter, list_dead_letters
 from sensormine.dlq.replay import replay_matching
+from sensormine.ingest.sinks import DirectSink, KafkaSink
 from sensormine.reading import Reading
 from sensormine.schemas.compat import IncompatibleSchema
 from sensormine.schemas.store import latest_schema, register_schema
 from sensormine.settings import Settings, reset_settings
-from sensormine.telemetry.sinks import DirectSink, KafkaSink
 from sensormine.tenancy.tenants import create_tenant
 from tests.factories import DAY_US, drain_topic, wait_until
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from ingest_daemons.buffer import BufferedSink, BufferInUse, _ReportingKafkaSink
+from sensormine.ingest.sinks import Done
 from sensormine.reading import Reading
 from sensormine.settings import Settings
-from sensormine.telemetry.sinks import Done
 from tests.conftest import REPO
 
 T0 = 1_795_000_000_000_000  # a fixed instant (µs)

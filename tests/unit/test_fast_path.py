@@ -12,7 +12,8 @@ from psycopg import adapt, postgres, pq
 from psycopg._copy_base import BinaryFormatter
 
 from ingest_daemons.consumer import BatchWriterThread, PreparedBatch
-from sensormine.clients.hotstore import _COPY_TYPES, COPY_HEADER, COPY_TRAILER, CopyBatch, KafkaOffset
+from sensormine.clients._pgcopy import COPY_HEADER, COPY_TRAILER
+from sensormine.clients.hotstore import _COPY_TYPES, CopyBatch, KafkaOffset
 from sensormine.reading import US_PER_DAY, Reading, day_of, us_to_datetime
 from sensormine.settings import Settings
 from sensormine.telemetry.payload import decode_envelope, decode_envelope_into, encode_envelope

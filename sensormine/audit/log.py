@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -10,22 +12,36 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 
-class Actor(Protocol):
-    """Whoever made a change (an authenticated API caller, or the CLI)."""
+class Author(Protocol):
+    """Who an audit entry names."""
 
     @property
-    def subject(self) -> str: ...
+    def subject(self) -> str:
+        """Who, as recorded in the audit log (user:<id>, key:<id>, cli)."""
+        ...
 
     @property
-    def role(self) -> str: ...
+    def role(self) -> str:
+        """Its role (platform_admin, tenant_admin, operator, viewer, device)."""
+        ...
 
 
-@dataclass(frozen=True)
-class CliActor:
-    """Changes made with the `sensormine` command line on the server."""
+class Actor(Author, Protocol):
+    """Whoever makes a change: an authenticated API caller, or the operator at the command line.
 
-    subject: str = "cli"
-    role: str = "platform_admin"
+    `sensormine.identity.credentials.Identity` is one; use cases take any object with these members.
+    """
+
+    @property
+    def is_platform(self) -> bool:
+        """Whether it acts for the platform (may see and create top-level tenants)."""
+        ...
+
+    def scope(
+        self, conn: psycopg.Connection, write: bool = False, also: Iterable[str] = ()
+    ) -> AbstractContextManager[psycopg.Connection]:
+        """A transaction under row-level security limited to its tenants (and `also`); the writer role if `write`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,7 @@ class AuditEntry:
 
 def record(
     conn: psycopg.Connection,
-    actor: Actor,
+    actor: Author,
     tenant_id: str | None,
     action: str,
     target_type: str,
