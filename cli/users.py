@@ -12,11 +12,11 @@ import psycopg
 import typer
 
 from cli.common import fail
-from sensormine.audit.log import record
 from sensormine.clients.postgres import connect, migrate
 from sensormine.identity.credentials import operator_identity
 from sensormine.identity.roles import Role
-from sensormine.identity.users import MIN_PASSWORD_LENGTH, AuthError, create_user, update_user
+from sensormine.identity.usecases import add_user, change_user
+from sensormine.identity.users import MIN_PASSWORD_LENGTH, AuthError, every_user, user_by_email
 
 app = typer.Typer(
     help="Users who log in to the API (the first platform administrator starts here).", no_args_is_help=True
@@ -57,10 +57,7 @@ def create(
     with connect() as conn:
         migrate(conn)
         try:
-            with conn.transaction():
-                user = create_user(conn, tenant, email, secret, role, name)
-                detail = {"email": user.email, "name": user.name, "role": user.role.value, "tenant_id": tenant}
-                record(conn, operator_identity(conn), tenant, "user.create", "user", user.id, detail)
+            user = add_user(conn, operator_identity(conn), tenant, email, secret, role, name)
         except AuthError as exc:
             fail(str(exc))
     typer.echo(f"user {user.email} ({user.role}) created with id {user.id}" + (f" in {tenant}" if tenant else ""))
@@ -74,21 +71,16 @@ def list_users(
 ) -> None:
     """List users: id, email, role, tenant, and whether disabled."""
     with connect() as conn:
-        rows = conn.execute(
-            "SELECT id, email, role, tenant_id, disabled_at IS NOT NULL FROM users "
-            "WHERE (%(t)s::text IS NULL OR tenant_id = %(t)s) AND (NOT %(p)s OR tenant_id IS NULL) "
-            "ORDER BY tenant_id NULLS FIRST, lower(email)",
-            {"t": tenant, "p": platform},
-        ).fetchall()
-    for user_id, email, role, tenant_id, disabled in rows:
-        typer.echo(f"{user_id}\t{email}\t{role}\t{tenant_id or '-'}" + ("\tdisabled" if disabled else ""))
+        users = every_user(conn, tenant, platform_only=platform)
+    for u in users:
+        typer.echo(f"{u.id}\t{u.email}\t{u.role}\t{u.tenant_id or '-'}" + ("\tdisabled" if u.disabled else ""))
 
 
 def _user_id(conn: psycopg.Connection, email: str) -> str:
-    row = conn.execute("SELECT id FROM users WHERE lower(email) = lower(%s)", (email,)).fetchone()
-    if row is None:
+    user = user_by_email(conn, email)
+    if user is None:
         fail(f"no user with email {email!r}")
-    return str(row[0])
+    return user.id
 
 
 @app.command("disable")
@@ -97,12 +89,11 @@ def disable(
     enable: Annotated[bool, typer.Option("--enable", help="Enable the user again instead.")] = False,
 ) -> None:
     """Disable a user (their tokens stop working, they cannot log in), or enable them again."""
-    with connect() as conn, conn.transaction():
-        user_id = _user_id(conn, email)
-        user = update_user(conn, user_id, disabled=not enable)
-        assert user is not None
-        action = "user.update" if enable else "user.disable"
-        record(conn, operator_identity(conn), user.tenant_id, action, "user", user_id, {"disabled": not enable})
+    with connect() as conn:
+        try:
+            change_user(conn, operator_identity(conn), _user_id(conn, email), disabled=not enable)
+        except AuthError as exc:
+            fail(str(exc))
     typer.echo(f"user {email} {'enabled' if enable else 'disabled'}")
 
 
@@ -112,19 +103,7 @@ def set_password(email: Annotated[str, typer.Argument(help="The user's email.")]
     secret = _password(password)
     with connect() as conn:
         try:
-            with conn.transaction():
-                user_id = _user_id(conn, email)
-                user = update_user(conn, user_id, password=secret)
-                assert user is not None
-                record(
-                    conn,
-                    operator_identity(conn),
-                    user.tenant_id,
-                    "user.update",
-                    "user",
-                    user_id,
-                    {"password_changed": True},
-                )
+            change_user(conn, operator_identity(conn), _user_id(conn, email), password=secret)
         except AuthError as exc:
             fail(str(exc))
     typer.echo(f"password of {email} changed; their sessions ended")

@@ -109,6 +109,22 @@ def list_users(conn: psycopg.Connection, tenant_ids: list[str], after: str | Non
     return [_user(r) for r in rows]
 
 
+def user_by_email(conn: psycopg.Connection, email: str) -> User | None:
+    """The user logging in with `email` (case-insensitive), or None."""
+    row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE lower(email) = lower(%s)", (email,)).fetchone()
+    return _user(row) if row else None
+
+
+def every_user(conn: psycopg.Connection, tenant_id: str | None = None, *, platform_only: bool = False) -> list[User]:
+    """Users (of one tenant when given; only platform administrators with `platform_only`), by tenant and email."""
+    rows = conn.execute(
+        f"SELECT {_USER_COLS} FROM users WHERE (%(t)s::text IS NULL OR tenant_id = %(t)s) "
+        "AND (NOT %(p)s OR tenant_id IS NULL) ORDER BY tenant_id NULLS FIRST, lower(email)",
+        {"t": tenant_id, "p": platform_only},
+    ).fetchall()
+    return [_user(r) for r in rows]
+
+
 def update_user(
     conn: psycopg.Connection,
     user_id: str,

@@ -18,15 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sensormine.audit.log import record
 from sensormine.identity.api_keys import ApiKeyRecord, get_api_key, page_api_keys, revoke_api_key
 from sensormine.identity.roles import ROLE_PERMISSIONS, Role, expand_scopes, may_grant
-from sensormine.identity.usecases import KeyRefused, issue_api_key
+from sensormine.identity.usecases import NotPermitted, UnknownUser, add_user, change_user, issue_api_key
 from sensormine.identity.users import (
     MIN_PASSWORD_LENGTH,
     AuthError,
     User,
-    create_user,
     get_user,
     list_users,
-    update_user,
 )
 from sensormine.tenancy.tenants import RegistryError
 from serving.deps import Caller, CallerDep, ConnDep, authenticate, credential_cache
@@ -147,20 +145,18 @@ def _refuse(caller: Caller, role: Role, what: str) -> None:
 @router.post("/users", response_model=UserOut, status_code=201)
 def create(body: UserCreate, caller: UserWriter, conn: ConnDep, response: Response) -> UserOut:
     """Create a user of your tenant or a sub-tenant, with a role you may grant."""
-    _refuse(caller, body.role, "create")
     if body.role == Role.PLATFORM_ADMIN:
         if body.tenant_id is not None:
             raise Problem(422, "platform administrators belong to no tenant: leave tenant_id out")
         tenant_id = None
     else:
         tenant_id = caller.tenant(body.tenant_id)
-    with caller.scope(conn, write=True):
-        try:
-            user = create_user(conn, tenant_id, body.email, body.password, body.role, body.name)
-        except AuthError as exc:
-            raise _auth_problem(exc) from None
-        detail = {"email": user.email, "name": user.name, "role": user.role.value, "tenant_id": tenant_id}
-        record(conn, caller, tenant_id, "user.create", "user", user.id, detail)
+    try:
+        user = add_user(conn, caller, tenant_id, body.email, body.password, body.role, body.name)
+    except NotPermitted as exc:
+        raise Problem(403, str(exc)) from None
+    except AuthError as exc:
+        raise _auth_problem(exc) from None
     response.headers["Location"] = f"/api/users/{user.id}"
     return _out(user)
 
@@ -186,44 +182,11 @@ def read(user_id: str, caller: CallerDep, conn: ConnDep) -> UserOut:
 @router.patch("/users/{user_id}", response_model=UserOut)
 def update(user_id: str, body: UserPatch, caller: CallerDep, conn: ConnDep, request: Request) -> UserOut:
     """Change a user: your own name and password with any role; anything of a user you outrank with users:write."""
-    myself = user_id == _user_id(caller)
-    if not myself and not caller.can("users:write"):
+    if user_id != _user_id(caller) and not caller.can("users:write"):
         raise Problem(403, f"this {caller.subject.split(':')[0]} (role {caller.role}) lacks the permission users:write")
-    with caller.scope(conn, write=True):
-        target = _visible_user(conn, caller, user_id)
-        if myself:
-            if body.role is not None and body.role != target.role:
-                raise Problem(403, "you cannot change your own role; ask another administrator")
-            if body.disabled:
-                raise Problem(422, "you cannot disable yourself; ask another administrator")
-        else:
-            _refuse(caller, target.role, "change")
-            if body.role is not None:
-                _refuse(caller, body.role, "make someone")
-        try:
-            user = update_user(
-                conn,
-                user_id,
-                name=body.name,
-                role=body.role if body.role != target.role else None,
-                password=body.password,
-                disabled=body.disabled,
-            )
-        except AuthError as exc:
-            raise _auth_problem(exc) from None
-        assert user is not None
-        changed: dict[str, Any] = {}
-        if user.name != target.name:
-            changed["name"] = user.name
-        if user.role != target.role:
-            changed["role"] = {"from": target.role.value, "to": user.role.value}
-        if user.disabled != target.disabled:
-            changed["disabled"] = user.disabled
-        if body.password is not None:
-            changed["password_changed"] = True
-        if changed:
-            action = "user.disable" if changed.get("disabled") is True else "user.update"
-            record(conn, caller, user.tenant_id, action, "user", user.id, changed)
+    user, changed = _change(
+        conn, caller, user_id, name=body.name, role=body.role, password=body.password, disabled=body.disabled
+    )
     if {"role", "disabled", "password_changed"} & set(changed):
         credential_cache(request).clear()
     return _out(user)
@@ -232,15 +195,20 @@ def update(user_id: str, body: UserPatch, caller: CallerDep, conn: ConnDep, requ
 @router.delete("/users/{user_id}", status_code=204)
 def disable(user_id: str, caller: UserWriter, conn: ConnDep, request: Request) -> None:
     """Disable a user: their tokens stop working at once and they cannot log in (PATCH disabled=false undoes it)."""
-    if user_id == _user_id(caller):
-        raise Problem(422, "you cannot disable yourself; ask another administrator")
-    with caller.scope(conn, write=True):
-        target = _visible_user(conn, caller, user_id)
-        _refuse(caller, target.role, "disable")
-        if not target.disabled:
-            update_user(conn, user_id, disabled=True)
-            record(conn, caller, target.tenant_id, "user.disable", "user", user_id, {"email": target.email})
+    _change(conn, caller, user_id, disabled=True)
     credential_cache(request).clear()
+
+
+def _change(conn: psycopg.Connection, caller: Caller, user_id: str, **changes: Any) -> tuple[User, dict[str, Any]]:
+    try:
+        return change_user(conn, caller, user_id, **changes)
+    except UnknownUser as exc:
+        raise Problem(404, str(exc)) from None
+    except NotPermitted as exc:
+        status = 422 if "yourself" in str(exc) else 403
+        raise Problem(status, str(exc)) from None
+    except AuthError as exc:
+        raise _auth_problem(exc) from None
 
 
 # --- API keys ------------------------------------------------------------------------------------------------
@@ -267,7 +235,7 @@ def create_key(body: KeyCreate, caller: KeyWriter, conn: ConnDep, response: Resp
     tenant_id = caller.tenant(body.tenant_id)
     try:
         issued = issue_api_key(conn, caller, tenant_id, body.name, body.role, body.scopes)
-    except KeyRefused as exc:
+    except NotPermitted as exc:
         raise Problem(403, str(exc)) from None
     except (AuthError, RegistryError) as exc:
         raise Problem(422, str(exc)) from None
