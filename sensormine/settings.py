@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     jwt_secret: str | None = Field(
         None,
         description="Signs access and refresh tokens (HS256). Required outside development environments "
-        "(env dev, test, demo, local), where a fixed development secret is used when unset.",
+        "(env dev, test, demo, local), where a random one is generated into {state_dir}/jwt-secret when unset.",
     )
     quota_flush_interval_s: float = Field(
         5.0, description="How often each API process moves API-call counts from Redis to the usage table."

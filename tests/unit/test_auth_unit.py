@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -45,8 +46,17 @@ def test_password_hashes_are_salted_and_verify() -> None:
     assert not verify_password("anything", "not-a-hash")
 
 
+def test_development_generates_a_secret_into_the_state_dir(tmp_path: Path) -> None:
+    """Regression: development environments signed every token with one fixed, public secret."""
+    first = jwt_secret(Settings(env="dev", state_dir=tmp_path))
+    assert first != DEV_JWT_SECRET and len(first) >= 32
+    stored = tmp_path / "jwt-secret"
+    assert stored.read_text().strip() == first and stored.stat().st_mode & 0o777 == 0o600
+    assert jwt_secret(Settings(env="dev", state_dir=tmp_path, jwt_secret=DEV_JWT_SECRET)) == first
+    assert jwt_secret(Settings(env="dev", state_dir=tmp_path / "other")) != first  # another state dir, another one
+
+
 def test_production_refuses_the_default_secret() -> None:
-    assert jwt_secret(Settings(env="dev")) == DEV_JWT_SECRET
     with pytest.raises(AuthError, match="SENSORMINE_JWT_SECRET is unset"):
         jwt_secret(Settings(env="prod"))
     with pytest.raises(AuthError, match="SENSORMINE_JWT_SECRET is unset"):
