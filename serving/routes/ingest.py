@@ -16,6 +16,7 @@ from sensormine.reading import now_us
 from sensormine.settings import Settings
 from sensormine.telemetry.batch import BatchOutcome, parse_csv_batch, parse_json_batch
 from sensormine.telemetry.payload import PayloadError
+from serving.bodies import read_limited
 from serving.deps import SettingsDep
 from serving.limits import ingest_rate_guard
 from serving.problems import Problem
@@ -152,12 +153,8 @@ async def ingest(
     if device is None:
         raise Problem(401, "the device key is unknown (revoked, or the device was deleted)")
     tenant_id, device_id = device
-    declared = request.headers.get("content-length")
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > settings.http_ingest_max_bytes:
-        raise Problem(413, f"body larger than {settings.http_ingest_max_bytes} bytes: split the batch")
-    body = await request.body()
-    if len(body) > settings.http_ingest_max_bytes:
-        raise Problem(413, f"body larger than {settings.http_ingest_max_bytes} bytes: split the batch")
+    limit = settings.http_ingest_max_bytes
+    body = await read_limited(request, limit, f"body larger than {limit} bytes: split the batch")
     media = content_type.split(";", 1)[0].strip().lower()
     parsers = {"application/json": parse_json_batch, "text/csv": parse_csv_batch}
     if media not in parsers:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import psycopg
 import pytest
@@ -25,7 +27,7 @@ def device_key(conn: psycopg.Connection, tenant_id: str, device_id: str) -> str:
     return create_device(conn, tenant_id, device_id)[1]
 
 
-def post(client: TestClient, key: str | None, body: bytes, content_type: str = "application/json"):
+def post(client: TestClient, key: str | None, body: Any, content_type: str = "application/json"):
     headers = {"content-type": content_type}
     if key:
         headers["X-Device-Key"] = key
@@ -109,6 +111,8 @@ def test_bad_requests_get_problem_answers(conn: psycopg.Connection, settings: Se
             (post(client, "smk_api_key_is_not_a_device_key", b"{}"), 401, "unknown"),
             (post(client, key, b"x" * 101), 413, "larger than 100"),
             (post(client, key, b"<xml/>", "application/xml"), 415, "application/xml"),
+            # Chunked, without a Content-Length: refused from the stream (serving/bodies.py).
+            (post(client, key, iter([b"[" + b" " * 60, b" " * 60 + b"]"])), 413, "larger than 100"),
         ]:
             assert resp.status_code == status, resp.text
             assert resp.headers["content-type"] == "application/problem+json"

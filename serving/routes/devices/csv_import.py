@@ -15,6 +15,7 @@ from sensormine.devices.registry import BrokerUpdate, RegistryError
 from sensormine.devices.usecases import DeviceImport, ImportMode, ImportRefused
 from sensormine.limits.quotas import QuotaExceeded
 from sensormine.settings import Settings
+from serving.bodies import read_limited
 from serving.deps import Caller, ConnDep, SettingsDep
 from serving.limits import too_many
 from serving.problems import Problem
@@ -144,17 +145,8 @@ def _row_out(row: DeviceRow, key: str | None, states: dict[str, BrokerUpdate] | 
 
 async def _import_body(request: Request) -> bytes:
     """The CSV bytes of an import request: the body itself, or the first file part of a multipart form."""
-    declared = request.headers.get("content-length")
     too_big = f"the import is larger than {MAX_IMPORT_BYTES} bytes: split the file"
-    if declared and declared.isascii() and declared.isdigit() and int(declared) > MAX_IMPORT_BYTES + 64 * 1024:
-        raise Problem(413, too_big)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_IMPORT_BYTES + 64 * 1024:  # room for multipart framing
-            raise Problem(413, too_big)
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_limited(request, MAX_IMPORT_BYTES + 64 * 1024, too_big)  # room for multipart framing
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media in ("text/csv", "text/plain", "application/csv"):
         data = body
