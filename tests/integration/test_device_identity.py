@@ -6,6 +6,7 @@ and prune it without disturbing anyone else's broker; PostgreSQL comes from the 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import stat
@@ -39,7 +40,7 @@ from sensormine.devices.registry import (
 )
 from sensormine.identity.secrets import hash_secret
 from sensormine.services import launcher
-from sensormine.services.mosquitto import Mosquitto
+from sensormine.services.mosquitto import PBKDF2_ITERATIONS, Mosquitto
 from sensormine.settings import Settings, reset_settings
 from sensormine.tenancy.tenants import create_tenant
 from tests.factories import mqtt_publish, wait_until
@@ -154,6 +155,11 @@ def test_launcher_initialises_dynamic_security(broker_env: dict[str, str], broke
     mosquitto = Mosquitto(broker_dir)
     for secret_file in (mosquitto.dynsec_file, mosquitto.credentials_file):
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    # The service accounts' hashes are strong (was 101 PBKDF2 iterations); they still log in (below).
+    accounts = json.loads(mosquitto.dynsec_file.read_text())["clients"]
+    assert {c["username"]: c["iterations"] for c in accounts} == dict.fromkeys(
+        ("sensormine-admin", "sensormine-ingest", "sensormine-tools"), PBKDF2_ITERATIONS
+    )
     assert "allow_anonymous false" in (mosquitto.dir / "mosquitto.conf").read_text()
     with pytest.raises(MqttConnectError, match="Not authorized"):
         make_client("anonymous", ds.model_copy(update={"mqtt_tools_username": None}))
