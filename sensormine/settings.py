@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEVELOPMENT_ENVS = frozenset({"dev", "test", "demo", "local"})
+"""Environments where secrets may default to random ones generated into the state directory."""
+
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -61,6 +70,11 @@ class Settings(BaseSettings):
         description="Signs access and refresh tokens (HS256). Required outside development environments "
         "(env dev, test, demo, local), where a random one is generated into {state_dir}/jwt-secret when unset.",
     )
+    metrics_token: str | None = Field(
+        None,
+        description="Bearer token Prometheus sends to scrape /metrics. Unset: in development environments a random "
+        "one is generated into {state_dir}/metrics-token; elsewhere /metrics is off (404).",
+    )
     quota_flush_interval_s: float = Field(
         5.0, description="How often each API process moves API-call counts from Redis to the usage table."
     )
@@ -111,6 +125,19 @@ class Settings(BaseSettings):
     )
 
     @property
+    def is_development(self) -> bool:
+        """Whether this is a development environment (dev, test, demo, local)."""
+        return self.env in DEVELOPMENT_ENVS
+
+    def generated_secret(self, name: str, *, what: str, variable: str) -> str:
+        """A random secret kept in `{state_dir}/{name}` (0600), created on first use; development only.
+
+        Every process of the state directory reads the same one; its creation is logged once, naming
+        `variable` as the way to choose one.
+        """
+        return _state_dir_secret((self.state_dir / name).absolute(), what, variable)
+
+    @property
     def lake_root(self) -> str:
         """The lake's root URI: SENSORMINE_LAKE_URI, or a folder in the state directory."""
         if self.lake_uri:
@@ -149,6 +176,26 @@ class Settings(BaseSettings):
         if self.s3_secret_key:
             opts["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_key
         return opts
+
+
+@lru_cache(maxsize=16)
+def _state_dir_secret(path: Path, what: str, variable: str) -> str:
+    """The random secret in `path`, created exclusively (mode 0600) when missing, so concurrent processes agree."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be writing it right now
+            secret = path.read_text().strip()
+            if len(secret) >= 32:
+                return secret
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} does not hold a secret; delete it to have a new one generated") from None
+    secret = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    log.warning("%s is unset: %s with a random secret generated into %s (development only)", variable, what, path)
+    return secret
 
 
 @lru_cache(maxsize=1)

@@ -7,12 +7,16 @@ the number of series stays bounded.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sensormine.settings import Settings
+from serving.problems import Problem
 
 
 class Metrics:
@@ -73,14 +77,44 @@ class MetricsMiddleware:
             series[1].observe(time.perf_counter() - start)
 
 
+METRICS_TOKEN_FILE = "metrics-token"
+
+
+def metrics_token(settings: Settings) -> str | None:
+    """The scrape token: SENSORMINE_METRICS_TOKEN, a generated one in development, else None (metrics off)."""
+    if settings.metrics_token:
+        return settings.metrics_token
+    if settings.is_development:
+        return settings.generated_secret(
+            METRICS_TOKEN_FILE, what="scraping /metrics", variable="SENSORMINE_METRICS_TOKEN"
+        )
+    return None
+
+
+def _authorise_scrape(request: Request) -> None:
+    """/metrics answers only a scraper sending the metrics token as a bearer token."""
+    token = metrics_token(request.app.state.settings)
+    if token is None:
+        raise Problem(404, "metrics are off: set SENSORMINE_METRICS_TOKEN and scrape with it as a bearer token")
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(sent.strip().encode(), token.encode()):
+        raise Problem(
+            401,
+            "send the metrics token as 'Authorization: Bearer <token>' (SENSORMINE_METRICS_TOKEN, or in "
+            f"development {{state_dir}}/{METRICS_TOKEN_FILE})",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 def install_metrics(app: FastAPI) -> None:
-    """Add the middleware and the /metrics route."""
+    """Add the middleware and the /metrics route (bearer token: see `metrics_token`)."""
     metrics = Metrics()
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus(request: Request) -> Response:
+        _authorise_scrape(request)
         pool = getattr(request.app.state, "pool", None)
         if pool is not None:
             stats = pool.get_stats()

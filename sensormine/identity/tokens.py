@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import jwt
 import psycopg
 
 from sensormine.identity.roles import AuthError
 from sensormine.identity.users import User, get_user
-from sensormine.settings import Settings
+from sensormine.settings import DEVELOPMENT_ENVS, Settings
 
 DEV_JWT_SECRET = "sensormine-development-secret-not-for-production"
 """The fixed secret of earlier versions: refused everywhere now (tokens signed with it would be forgeable)."""
-DEVELOPMENT_ENVS = frozenset({"dev", "test", "demo", "local"})
 JWT_ALGORITHM = "HS256"
 SECRET_FILE = "jwt-secret"
-
-log = logging.getLogger(__name__)
 
 
 def jwt_secret(settings: Settings) -> str:
@@ -35,36 +28,12 @@ def jwt_secret(settings: Settings) -> str:
             raise AuthError("SENSORMINE_JWT_SECRET must be at least 32 characters outside development")
         return secret
     if settings.env in DEVELOPMENT_ENVS:
-        return _state_dir_secret((settings.state_dir / SECRET_FILE).absolute())
+        return settings.generated_secret(SECRET_FILE, what="signing tokens", variable="SENSORMINE_JWT_SECRET")
     raise AuthError(
         f"SENSORMINE_JWT_SECRET is unset (or the old development default) while SENSORMINE_ENV={settings.env!r} is "
         f"not one of {', '.join(sorted(DEVELOPMENT_ENVS))}; set it to a random string, e.g. "
         "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`"
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _state_dir_secret(path: Path) -> str:
-    """The random secret in `path`, created (mode 0600, exclusively: concurrent processes agree) when missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):  # another process may be writing it right now
-            secret = path.read_text().strip()
-            if len(secret) >= 32:
-                return secret
-            time.sleep(0.02)
-        raise AuthError(f"{path} does not hold a signing secret; delete it to have a new one generated") from None
-    secret = secrets.token_urlsafe(48)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    log.warning(
-        "SENSORMINE_JWT_SECRET is unset: signing tokens with a random secret generated into %s "
-        "(development only; set SENSORMINE_JWT_SECRET to choose one)",
-        path,
-    )
-    return secret
 
 
 @dataclass(frozen=True)

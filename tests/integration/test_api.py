@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.settings import Settings
 from serving.main import create_app
+from serving.metrics import metrics_token
 from tests.factories import make_tenant, readings
 
 pytestmark = pytest.mark.integration
@@ -41,18 +42,35 @@ def assert_problem(resp, status: int, fragment: str) -> None:
 
 
 def test_probes_and_openapi(settings: Settings) -> None:
-    with TestClient(create_app(settings)) as client:
+    token = "scrape-" + "x" * 40
+    with TestClient(create_app(settings.model_copy(update={"metrics_token": token}))) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/readyz").json() == {"status": "ready"}
         spec = client.get("/openapi.json").json()
         assert "/api/query/telemetry" in spec["paths"]
         assert client.get("/docs").status_code == 200
         client.get("/api/devices/nope/status")  # a 401, counted under its route template
-        metrics = client.get("/metrics")
+        assert client.get("/metrics").status_code == 401  # not without the scrape token
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
         assert 'sensormine_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in metrics.text
         assert 'route="/api/devices/{device_id}/status",status="401"' in metrics.text
         assert "sensormine_db_pool_connections" in metrics.text
+
+
+def test_metrics_token_is_generated_in_development_and_required_elsewhere(settings: Settings) -> None:
+    dev = settings.model_copy(update={"env": "dev"})
+    token = metrics_token(dev)
+    assert token and (settings.state_dir / "metrics-token").read_text().strip() == token
+    with TestClient(create_app(dev)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    prod = settings.model_copy(update={"env": "prod", "jwt_secret": "p" * 40})
+    with TestClient(create_app(prod)) as client:
+        assert client.get("/metrics").status_code == 404
+    with TestClient(create_app(prod.model_copy(update={"metrics_token": "scrape-me"}))) as client:
+        assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
 
 
 def test_parent_reads_children_never_the_reverse(settings: Settings, keys: dict[str, str]) -> None:
