@@ -100,3 +100,54 @@ def test_plans_cascade_to_sub_tenants_without_their_own(conn: psycopg.Connection
     quota = dict(conn.execute("SELECT id, sensormine_quota_tenant(id) FROM tenants").fetchall())
     assert rows == {"parent": "pro", "child": "pro", "grandchild": "pro", "sibling": "enterprise"}
     assert quota == {"parent": "parent", "child": "parent", "grandchild": "parent", "sibling": "sibling"}
+
+
+# Tables that hold no tenant's rows, and why (everything else with tenant data must have a policy).
+NO_TENANT_ROWS = {
+    "schema_migrations": "the applied migrations",
+    "ingest_offsets": "the consumer's Kafka positions, per consumer group (service bookkeeping)",
+    "usage_flushes": "ids of usage batches already added (the ledger's dedupe record; counts live in usage)",
+}
+
+
+def test_every_table_with_tenant_rows_has_row_level_security(conn: psycopg.Connection) -> None:
+    """Regression: dead_letters, dlq_replays and lake_compactions had none (the DLQ filtered in application code)."""
+    tables = conn.execute(
+        "SELECT c.relname, c.relrowsecurity, "
+        "EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' "
+        "AND NOT a.attisdropped), "
+        "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1"
+    ).fetchall()
+    unprotected = [name for name, rls, _, policies in tables if not (rls and policies) and name not in NO_TENANT_ROWS]
+    assert unprotected == [], "tables with tenant data and no row-level security policy"
+    assert all(has_tenant for name, _, has_tenant, _ in tables if name not in {*NO_TENANT_ROWS, "tenants"})
+    # The exempt ones really hold no tenant column (a new one would need a policy, not an exemption).
+    assert not any(has_tenant for name, _, has_tenant, _ in tables if name in NO_TENANT_ROWS)
+
+
+def test_dead_letters_and_compactions_of_other_tenants_are_invisible(conn: psycopg.Connection, tree: None) -> None:
+    for t in ("parent", "child", "sibling", None):
+        conn.execute(
+            "INSERT INTO dead_letters (source, tenant_id, device_id, reason, payload) "
+            "VALUES ('http', %s, 'd', 'r', '')",
+            (t,),
+        )
+    for t in ("parent", "child", "sibling"):
+        conn.execute(
+            "INSERT INTO lake_compactions (tenant_id, day, row_count, table_version) VALUES (%s, '2026-11-26', 1, 1)",
+            (t,),
+        )
+    conn.commit()
+    visible = visible_tenant_ids(conn, "child")
+    with tenant_scope(conn, visible):
+        assert _ids(conn, "SELECT tenant_id FROM dead_letters") == {"child"}
+        assert _ids(conn, "SELECT tenant_id FROM lake_compactions") == {"child"}
+    with tenant_scope(conn, [], platform=True):
+        assert {r[0] for r in conn.execute("SELECT tenant_id FROM dead_letters")} == {
+            "parent",
+            "child",
+            "sibling",
+            None,
+        }
