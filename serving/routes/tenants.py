@@ -106,7 +106,9 @@ class TenantCreate(BaseModel):
     id: str = Field(pattern=TENANT_ID_RE.pattern, description="1-63 of a-z, 0-9 and '-'")
     name: str | None = Field(None, min_length=1, max_length=200)
     parent_id: str | None = Field(
-        None, description="Parent tenant; a tenant administrator's own tenant when omitted, none for the platform"
+        None,
+        description="Parent tenant; omitted: the caller's own tenant (top-level for the platform); "
+        "null: top-level (platform administrators only)",
     )
     plan: str | None = Field(None, description="free, pro or enterprise; a sub-tenant without one inherits")
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -238,7 +240,11 @@ def create(
     body: TenantCreate, caller: Writer, conn: ConnDep, settings: SettingsDep, request: Request, response: Response
 ) -> TenantDetailOut:
     """Create a tenant: top-level (platform administrators, with a plan) or a sub-tenant of one you can see."""
+    # parent_id omitted: the caller's own tenant; given as null: top-level, which only the platform may create.
+    top_level_asked = "parent_id" in body.model_fields_set and body.parent_id is None
     parent_id = body.parent_id if body.parent_id is not None or caller.is_platform else caller.tenant_id
+    if top_level_asked and not caller.is_platform:
+        raise Problem(403, "only platform administrators create top-level tenants (parent_id null)")
     if parent_id is None:
         if not caller.is_platform:
             raise Problem(403, "only platform administrators create top-level tenants")

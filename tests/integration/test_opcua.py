@@ -1,4 +1,7 @@
-"""The OPC UA daemon against the asyncua simulator, through Kafka and the consumer into the hot store.
+"""The OPC UA daemon against the asyncua simulator, into the hot store.
+
+The first three tests go through Kafka and the consumer; the others (statuses, a failing device,
+credentials, certificates) take the in-process path (no Kafka), which shares the validation and write.
 
 The simulator runs deterministically (seeded) and is ticked by the test; its history of writes is
 the ground truth. OPC UA reports changes, not samples: a write that repeats the previous value and

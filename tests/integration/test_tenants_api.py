@@ -184,10 +184,13 @@ def test_sub_tenants_need_the_feature(api: Api) -> None:
     refused = c.post("/api/tenants", json={"id": "tiny-1"}, headers=admin)
     assert refused.status_code == 403 and "sub_tenants" in refused.json()["detail"]
     top = c.post("/api/tenants", json={"id": "other", "parent_id": None}, headers=admin)
-    assert top.status_code == 403 or top.json()["parent_id"] == "tiny"
+    # An explicit null parent asks for a top-level tenant: refused, never silently made a sub-tenant.
+    assert top.status_code == 403 and "only platform administrators" in top.json()["detail"]
     assert c.patch("/api/tenants/tiny", json={"features": {"sub_tenants": True}}, headers=root).status_code == 200
     made = c.post("/api/tenants", json={"id": "tiny-1"}, headers=admin)
     assert made.status_code == 201, made.text
+    again_top = c.post("/api/tenants", json={"id": "other", "parent_id": None}, headers=admin)
+    assert again_top.status_code == 403 and "only platform administrators" in again_top.json()["detail"]
     assert c.post("/api/tenants", json={"id": "tiny-1"}, headers=admin).status_code == 409
     with_plan = c.post("/api/tenants", json={"id": "tiny-2", "plan": "pro"}, headers=admin)
     assert with_plan.status_code == 403
