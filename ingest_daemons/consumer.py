@@ -400,6 +400,7 @@ def run_forever(stop: threading.Event, settings: Settings | None = None, max_bac
             backoff = min(backoff * 2, max_backoff_s)
         finally:
             if consumer is not None:
+                _log_stats(consumer, "stopped: ")  # what this consumer did, for operators and the restart tests
                 _close_quietly(consumer)
 
 
@@ -417,11 +418,15 @@ def main() -> None:
 
 def _report(consumer: HotStoreConsumer, stop: threading.Event) -> None:
     while not stop.wait(10) and consumer.conn is not None and not consumer.conn.closed:
-        s = consumer.stats
-        log.info(
-            "messages=%d readings=%d inserted=%d duplicates=%d rejected=%d",
-            s.messages, s.readings, s.inserted, s.duplicates, s.rejected,
-        )  # fmt: skip
+        _log_stats(consumer, "")
+
+
+def _log_stats(consumer: HotStoreConsumer, prefix: str) -> None:
+    s = consumer.stats
+    log.info(
+        "%smessages=%d readings=%d inserted=%d duplicates=%d rejected=%d",
+        prefix, s.messages, s.readings, s.inserted, s.duplicates, s.rejected,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -16,7 +18,7 @@ from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics
 from sensormine.ingest.sinks import KafkaSink
 from sensormine.settings import Settings
-from tests.factories import DAY_US, make_tenant, readings
+from tests.factories import DAY_US, make_tenant, readings, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +71,15 @@ def publish_stream(settings: Settings, conn: psycopg.Connection, midway: Callabl
     return expected
 
 
+def _stopped_stats(log_text: str) -> list[dict[str, int]]:
+    """The counters each consumer process logged when it stopped (a SIGKILLed one logs none)."""
+    return [
+        {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+        for line in log_text.splitlines()
+        if "stopped: messages=" in line
+    ]
+
+
 def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
     make_tenant(conn, "acme", [f"d{i}" for i in range(8)])
     topic = settings.telemetry_topic("acme")
@@ -76,17 +87,46 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
     log = tmp_path / "consumer.log"
     first = start_consumer(settings, log)
     second: subprocess.Popen | None = None
+    committed_by_first = 0
 
-    def kill_and_restart() -> None:
-        nonlocal second
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
+    locked = threading.Event()
+    failures: list[str] = []
+
+    def kill_inside_a_transaction() -> None:
+        """SIGKILL the consumer while a batch's rows are written but its transaction is still open.
+
+        The consumer COPYs a batch's rows and then stores its offsets in the same transaction; holding
+        a lock on ingest_offsets stops it in between, and the kill lands there.
+        """
+        nonlocal second, committed_by_first
+        url = settings.database_url or ""
+        with psycopg.connect(url) as blocker, psycopg.connect(url, autocommit=True) as watch:
+            blocker.execute("LOCK TABLE ingest_offsets IN ACCESS EXCLUSIVE MODE")
+            locked.set()  # the publisher goes on, so the consumer gets a next batch
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query ILIKE '%ingest_offsets%'"
+            )
+            if not wait_until(lambda: watch.execute(waiting).fetchone()[0] == 1, timeout=60):
+                failures.append("the consumer never reached its offset write")
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+            blocker.rollback()
+            committed_by_first = sum(stored_offsets(watch, settings.consumer_group).values())
         second = start_consumer(settings, log)
 
+    killer = threading.Thread(target=kill_inside_a_transaction)
+
+    def midway() -> None:
+        killer.start()
+        assert locked.wait(30)
+
     try:
-        expected = publish_stream(settings, conn, kill_and_restart)
+        expected = publish_stream(settings, conn, midway)
+        killer.join(90)
+        assert not failures, failures
         final = wait_for_rows(conn, lambda n: n >= expected, timeout=120)
-        time.sleep(1.0)  # give a redelivery, if any, the chance to show up as extra rows
+        assert wait_until(lambda: sum(stored_offsets(conn, settings.consumer_group).values()) == MESSAGES, 60)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -101,6 +141,12 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
     assert distinct == expected
     offsets = stored_offsets(conn, settings.consumer_group)
     assert sum(offsets.values()) == MESSAGES  # resumed from the database's offsets, to the last message
+    # Upstream of the dedupe key: the restarted consumer read exactly the messages the first had not
+    # committed (the killed batch included, its rows rolled back) and met no row already stored.
+    [after_restart] = _stopped_stats(log.read_text())
+    assert 0 < committed_by_first < MESSAGES
+    assert after_restart["messages"] == MESSAGES - committed_by_first
+    assert after_restart["duplicates"] == 0 and after_restart["inserted"] == after_restart["readings"]
 
 
 def test_lost_database_connection_is_survived(settings: Settings, conn: psycopg.Connection, tmp_path) -> None:
