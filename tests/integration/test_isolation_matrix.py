@@ -8,7 +8,9 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
   route's permission (2xx), and is refused with 403 otherwise.
 
 The route list comes from the app's OpenAPI document, so a new route without a case here fails
-`test_every_route_is_in_the_matrix`; its required permission comes from the same document.
+`test_every_route_is_in_the_matrix`. The permission each route needs is written here by hand
+(PERMISSIONS), not taken from the app: a route that declares the wrong one fails
+`test_every_route_declares_the_permission_written_here` and the matrix.
 """
 
 from __future__ import annotations
@@ -49,6 +51,62 @@ OUTSIDE = {
     ("POST", "/api/auth/logout"),
     ("GET", "/api/auth/me"),
     ("POST", "/api/ingest"),
+}
+# What each route needs, by hand (None: no permission; the caller's own record or no caller at all).
+PERMISSIONS: dict[tuple[str, str], str | None] = {
+    ("GET", "/api/query/latest"): "telemetry:read",
+    ("GET", "/api/query/telemetry"): "telemetry:read",
+    ("GET", "/api/query/aggregate"): "telemetry:read",
+    ("POST", "/api/query"): "telemetry:read",
+    ("POST", "/api/auth/token"): None,
+    ("POST", "/api/auth/refresh"): None,
+    ("POST", "/api/auth/logout"): None,
+    ("GET", "/api/auth/me"): None,
+    ("POST", "/api/ingest"): None,  # a device key, not a caller
+    ("GET", "/api/dlq"): "dlq:read",
+    ("POST", "/api/dlq/replay"): "dlq:write",
+    ("GET", "/api/devices/status"): "devices:read",
+    ("GET", "/api/devices/{device_id}/status"): "devices:read",
+    ("GET", "/api/devices/{device_id}/profile"): "devices:read",
+    ("PUT", "/api/devices/{device_id}/profile"): "devices:write",
+    ("DELETE", "/api/devices/{device_id}/profile"): "devices:write",
+    ("POST", "/api/devices/import"): "devices:write",
+    ("POST", "/api/devices"): "devices:write",
+    ("GET", "/api/devices"): "devices:read",
+    ("GET", "/api/devices/{device_id}"): "devices:read",
+    ("PATCH", "/api/devices/{device_id}"): "devices:write",
+    ("DELETE", "/api/devices/{device_id}"): "devices:write",
+    ("POST", "/api/devices/{device_id}/rotate-key"): "devices:write",
+    ("POST", "/api/devices/{device_id}/revoke-key"): "devices:write",
+    ("GET", "/api/schemas"): "schemas:read",
+    ("POST", "/api/schemas/{device_type}"): "schemas:write",
+    ("GET", "/api/schemas/{device_type}"): "schemas:read",
+    ("DELETE", "/api/schemas/{device_type}"): "schemas:write",
+    ("GET", "/api/schemas/{device_type}/versions"): "schemas:read",
+    ("GET", "/api/schemas/{device_type}/versions/{version}"): "schemas:read",
+    ("POST", "/api/schemas/{device_type}/compatibility"): "schemas:read",
+    ("POST", "/api/schemas/{device_type}/validate"): "schemas:read",
+    ("POST", "/api/tenants"): "tenants:write",
+    ("GET", "/api/tenants"): "tenants:read",
+    ("GET", "/api/tenants/{tenant_id}"): "tenants:read",
+    ("PATCH", "/api/tenants/{tenant_id}"): "tenants:write",
+    ("GET", "/api/tenants/{tenant_id}/children"): "tenants:read",
+    ("GET", "/api/tenants/{tenant_id}/branding"): "tenants:read",
+    ("PUT", "/api/tenants/{tenant_id}/branding"): "tenants:write",
+    ("GET", "/api/tenants/{tenant_id}/features"): "tenants:read",
+    ("PUT", "/api/tenants/{tenant_id}/features"): "tenants:write",
+    ("POST", "/api/users"): "users:write",
+    ("GET", "/api/users"): "users:read",
+    ("GET", "/api/users/{user_id}"): None,  # SELF_OR below
+    ("PATCH", "/api/users/{user_id}"): None,  # SELF_OR below
+    ("DELETE", "/api/users/{user_id}"): "users:write",
+    ("POST", "/api/keys"): "keys:write",
+    ("GET", "/api/keys"): "keys:read",
+    ("GET", "/api/keys/{key_id}"): "keys:read",
+    ("DELETE", "/api/keys/{key_id}"): "keys:write",
+    ("GET", "/api/audit"): "audit:read",
+    ("GET", "/api/usage"): "usage:read",
+    ("GET", "/api/usage/events"): "usage:read",
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
 SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
@@ -98,14 +156,19 @@ OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {("DELETE", "/api/schemas/{de
 CALLERS = ["tenant_admin", "operator", "viewer", "device", "user:tenant_admin"]
 
 
+def _declared(op: dict[str, Any]) -> set[str]:
+    return {s for req in op.get("security", []) for scopes in req.values() for s in scopes}
+
+
 def _operations(app: Any) -> list[tuple[str, str, set[str], dict[str, dict]]]:
-    """(method, path, permissions, parameters by name) of every /api operation, destructive ones last."""
+    """(method, path, permissions written here, parameters by name) of every /api operation, destructive ones last."""
     ops = []
     for path, methods in app.openapi()["paths"].items():
         for method, op in methods.items():
             if not path.startswith("/api/") or (method.upper(), path) in OUTSIDE:
                 continue
-            perms = {s for req in op.get("security", []) for scopes in req.values() for s in scopes}
+            needed = PERMISSIONS[(method.upper(), path)]
+            perms = {needed} if needed else set()
             params = {p["name"]: p for p in op.get("parameters", []) if p["in"] in ("path", "query")}
             ops.append((method.upper(), path, perms, params))
     order = {k: i for i, k in enumerate(LAST)}
@@ -127,6 +190,20 @@ def test_every_route_is_in_the_matrix(settings: Settings) -> None:
     ]
     assert not missing, f"add request bodies for {missing}"
     assert all((m, p) in {(o[0], o[1]) for o in _operations(app)} for m, p in LAST)
+
+
+def test_every_route_declares_the_permission_written_here(settings: Settings) -> None:
+    """The app's declarations (OpenAPI security scopes) must equal the table above, route by route."""
+    spec = create_app(settings).openapi()["paths"]
+    declared = {
+        (m.upper(), p): _declared(op)
+        for p, methods in spec.items()
+        for m, op in methods.items()
+        if p.startswith("/api/")
+    }
+    assert set(declared) == set(PERMISSIONS), "routes added or gone: write their permission in PERMISSIONS"
+    wrong = {k: v for k, v in declared.items() if v != ({PERMISSIONS[k]} if PERMISSIONS[k] else set())}
+    assert not wrong, f"routes declaring another permission than written here: {wrong}"
 
 
 @pytest.fixture
@@ -244,3 +321,19 @@ def _check(
             return [] if target not in ids else [f"list leaks {target}: {where}"]
         return [] if resp.status_code == 404 else [f"expected 404 for {target}: {where}"]
     return [] if resp.is_success else [f"expected success in its own sub-tenant: {where}"]
+
+
+def test_every_route_refuses_a_caller_without_credentials(
+    settings: Settings, conn: psycopg.Connection, world: dict[str, Any]
+) -> None:
+    """No credential at all: 401 on every route that needs one, and nothing of any tenant changes."""
+    before = _snapshot(conn, TENANTS)
+    failures = []
+    with TestClient(create_app(settings)) as client:
+        for method, path, _, params in _operations(client.app):
+            for target in TENANTS:
+                resp = client.request(**_request(method, path, params, target, world))
+                if resp.status_code != 401:
+                    failures.append(f"{method} {path} -> {target}: {resp.status_code} {resp.text[:120]}")
+    assert not failures, "\n".join(failures)
+    assert _snapshot(conn, TENANTS) == before
