@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest_daemons.buffer import BufferedSink, BufferInUse, _ReportingKafkaSink
+from ingest_daemons.buffer import BufferedSink, BufferInUse
+from ingest_daemons.buffer.wiring import _ReportingKafkaSink
 from sensormine.ingest.sinks import Done
 from sensormine.reading import Reading
 from sensormine.settings import Settings
