@@ -130,14 +130,14 @@ def daemon_rate(settings: Settings, sink: ReadingSink, seconds: float, warmup_s:
     try:
         time.sleep(warmup_s)
         t = daemon.stats.total()
-        regs0, polls0, published0 = t.registers, t.polls, daemon.stats.published_readings
+        regs0, polls0, published0 = t.registers, t.polls, daemon.stats.sink.published_readings
         t0 = time.perf_counter()
         time.sleep(seconds)
         t = daemon.stats.total()
         regs1, polls1 = t.registers, t.polls
         # Readings count once the sink has them (for Kafka: once flushed, i.e. confirmed by the broker).
         sink.flush(60)
-        published1 = daemon.stats.published_readings
+        published1 = daemon.stats.sink.published_readings
         elapsed = time.perf_counter() - t0
     finally:
         daemon.stop()
@@ -148,7 +148,7 @@ def daemon_rate(settings: Settings, sink: ReadingSink, seconds: float, warmup_s:
         "polls_per_s": rate(polls1 - polls0, seconds),
         "bad": float(total.bad),
         "overruns": float(total.overruns),
-        "sink_waits": float(daemon.stats.sink_waits),
+        "sink_waits": float(daemon.stats.sink.waits),
     }
 
 

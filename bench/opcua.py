@@ -109,9 +109,19 @@ def measure(settings: Settings, items: int, interval_s: float, publishing_ms: fl
         if not daemon.wait_connected(120):
             raise RuntimeError("the daemon did not subscribe")
         time.sleep(3)  # warm-up: initial values, then steady state
-        n0, d0, c0, t0 = daemon.stats().notifications, daemon.worker.durable, time.process_time(), time.monotonic()
+        n0, d0, c0, t0 = (
+            daemon.stats().notifications,
+            daemon.worker.stats.durable,
+            time.process_time(),
+            time.monotonic(),
+        )
         time.sleep(window_s)
-        n1, d1, c1, t1 = daemon.stats().notifications, daemon.worker.durable, time.process_time(), time.monotonic()
+        n1, d1, c1, t1 = (
+            daemon.stats().notifications,
+            daemon.worker.stats.durable,
+            time.process_time(),
+            time.monotonic(),
+        )
         daemon.stop()  # flushes: everything handed over must be acknowledged
         written, sim_s = stop_simulator(proc)
         stats = daemon.stats()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
@@ -41,6 +40,7 @@ from pymodbus.exceptions import ModbusException
 
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.modbus_codec import CodecError, ReadRequest, plan_reads, split_request
+from ingest_daemons.polling import Backoff, SinkStats, SinkWorker
 from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.clients.postgres import connect
 from sensormine.devices.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
@@ -54,8 +54,8 @@ SOURCE = "modbus"
 
 PROFILE_REFRESH_S = 5.0
 """How often stored profiles are re-read."""
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 30.0
+BACKOFF = Backoff(initial_s=0.5, max_s=30.0, jitter=0.0)
+"""Between connection attempts to one device: 0.5 s doubling to 30 s."""
 SINK_QUEUE_BATCHES = 1_000
 """Poll batches that may wait for the sink; past that, pollers wait (their polls overrun) rather than drop data."""
 # Exception codes after which a batched read is split: the batch may span an address the device refuses.
@@ -95,18 +95,14 @@ class DeviceStats:
 
 @dataclass
 class ModbusStats:
-    """Daemon-wide counters; per device in `devices`.
+    """Daemon-wide counters; per device in `devices`, what was handed to the sink in `sink`.
 
-    `sink_waits`: poll batches that found the sink queue full and waited for room (the sink is the
-    bottleneck); `dropped_batches`: batches lost because the sink thread had died.
+    `sink.waits`: poll batches that found the sink queue full and waited for room (the sink is the
+    bottleneck); `sink.dropped`: batches lost because the sink thread had died.
     """
 
     devices: dict[DeviceKey, DeviceStats] = field(default_factory=dict)
-    published_batches: int = 0
-    published_readings: int = 0
-    publish_errors: int = 0
-    sink_waits: int = 0
-    dropped_batches: int = 0
+    sink: SinkStats = field(default_factory=SinkStats)
     profile_errors: int = 0
 
     def total(self) -> DeviceStats:
@@ -125,11 +121,6 @@ class Poll(NamedTuple):
     readings: list[Reading]
     good: int
     skipped: int
-
-
-def backoff_s(failures: int) -> float:
-    """Wait before the next connection attempt after `failures` consecutive failures."""
-    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** max(0, failures - 1))
 
 
 class DevicePoller:
@@ -228,7 +219,7 @@ class DevicePoller:
             log.warning("%s: %s; readings are bad until it answers again", self.name, error)
         self.failures += 1
         self.stats.last_error = error
-        self._next_connect = asyncio.get_running_loop().time() + backoff_s(self.failures)
+        self._next_connect = asyncio.get_running_loop().time() + BACKOFF.delay(self.failures - 1)
 
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> Any:
         fn = getattr(client, _READ_FN[request.table])
@@ -330,25 +321,24 @@ class ModbusDaemon:
         self.sink = sink or tracked(
             make_buffered_sink(self.settings, name=f"modbus-{self.settings.env}"), self.settings
         )
+        self.worker = SinkWorker(self.sink, SOURCE, name="modbus-sink", log=log, maxsize=SINK_QUEUE_BATCHES, idle_s=0.1)
         self.profile_refresh_s = profile_refresh_s
         self.watcher = ProfileWatcher("modbus")
-        self.stats = ModbusStats()
+        self.stats = ModbusStats(sink=self.worker.stats)
         self.pollers: dict[DeviceKey, tuple[DevicePoller, asyncio.Task[None]]] = {}
         self._last_good: dict[DeviceKey, dict[str, float]] = {}
-        self._queue: queue.Queue[tuple[str, str, list[Reading]] | None] = queue.Queue(SINK_QUEUE_BATCHES)
         self._conn: psycopg.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop_thread = threading.Thread(target=self._run_loop, name="modbus-pollers", daemon=True)
-        self._sink_thread = threading.Thread(target=self._drain_to_sink, name="modbus-sink", daemon=True)
 
     # --- lifecycle ---
 
     def start(self, wait_s: float = 30.0) -> ModbusDaemon:
         """Start polling in the background; returns once the profiles have been read."""
-        self._sink_thread.start()
+        self.worker.start()
         self._loop_thread.start()
         if not self._ready.wait(wait_s):
             raise RuntimeError("the Modbus daemon did not start in time")
@@ -361,10 +351,7 @@ class ModbusDaemon:
         if self._loop is not None and self._stop is not None and self._loop_thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._loop_thread.join(30)
-        if self._sink_thread.is_alive():
-            self._queue.put(None)
-            self._sink_thread.join(60)
-        self.sink.flush(30)
+        self.worker.close(60)
         close = getattr(self.sink, "close", None)
         if self._owns_sink and close is not None:
             close()
@@ -446,7 +433,7 @@ class ModbusDaemon:
     def _start_poller(self, stored: StoredProfile) -> None:
         key = (stored.tenant_id, stored.device_id)
         stats = self.stats.devices.setdefault(key, DeviceStats())
-        poller = DevicePoller(stored, self._enqueue, stats, self._last_good.setdefault(key, {}))
+        poller = DevicePoller(stored, self.worker.publish_waiting, stats, self._last_good.setdefault(key, {}))
         task = asyncio.create_task(poller.run(), name=f"modbus {poller.name}")
         task.add_done_callback(self._poller_done)
         self.pollers[key] = (poller, task)
@@ -468,43 +455,6 @@ class ModbusDaemon:
             task.cancel()
             await asyncio.wait({task}, timeout=0.5)
 
-    # --- sink ---
-
-    async def _enqueue(self, tenant_id: str, device_id: str, readings: list[Reading]) -> None:
-        item = (tenant_id, device_id, readings)
-        waited = False
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                if not self._sink_thread.is_alive():  # nobody will ever take it
-                    self.stats.dropped_batches += 1
-                    return
-                if not waited:
-                    waited = True
-                    self.stats.sink_waits += 1
-                await asyncio.sleep(0.005)
-
-    def _drain_to_sink(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                self.sink.poll(0)
-                continue
-            if item is None:
-                return
-            tenant_id, device_id, readings = item
-            try:
-                self.sink.publish(tenant_id, device_id, SOURCE, readings)
-            except Exception:
-                self.stats.publish_errors += 1
-                log.exception("could not hand %d readings of %s/%s to the sink", len(readings), tenant_id, device_id)
-            else:
-                self.stats.published_batches += 1
-                self.stats.published_readings += len(readings)
-
 
 def main() -> None:
     """Run the Modbus daemon until SIGTERM/SIGINT."""
@@ -521,8 +471,8 @@ def main() -> None:
             t.bad,
             t.io_errors,
             t.exceptions,
-            daemon.stats.published_readings,
-            daemon.stats.sink_waits,
+            daemon.stats.sink.published_readings,
+            daemon.stats.sink.waits,
         )
 
     report_until(stop, report)

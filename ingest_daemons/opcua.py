@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import queue
 import random
 import threading
 import time
@@ -48,6 +47,7 @@ from asyncua.crypto import security_policies, uacrypto
 from cryptography import x509
 
 from ingest_daemons.buffer import make_buffered_sink
+from ingest_daemons.polling import Backoff, SinkItem, SinkWorker
 from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.clients.postgres import connect
 from sensormine.devices.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
@@ -165,22 +165,6 @@ def queue_size(publishing_ms: float, sampling_ms: float) -> int:
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff between connection attempts, with jitter so devices do not retry in step."""
-
-    initial_s: float = 1.0
-    max_s: float = 60.0
-    factor: float = 2.0
-    jitter: float = 0.2
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before retry number `attempt` (0 for the first retry)."""
-        base = min(self.max_s, self.initial_s * self.factor ** min(attempt, 64))
-        spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else 1.0
-        return min(self.max_s, base * spread)
-
-
-@dataclass(frozen=True)
 class OpcUaOptions:
     """Knobs of the daemon (the command line sets them; tests shorten them)."""
 
@@ -231,7 +215,7 @@ class _DeviceSubscription(Subscription):
         self._on_publish(publish_result)
 
 
-Emit = Callable[[tuple[Any, ...]], None]
+Emit = Callable[[SinkItem], None]
 
 
 def _connection_key(profile: OpcUaProfile) -> dict[str, Any]:
@@ -542,55 +526,6 @@ class OpcUaStats:
     durable: int = 0  # readings the sink has confirmed (in Kafka, or committed)
 
 
-class _SinkWorker:
-    """Calls the sink on its own thread, in arrival order, and serves its delivery callbacks."""
-
-    def __init__(self, sink: ReadingSink) -> None:
-        self.sink = sink
-        self.queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self.durable = 0
-        self.errors = 0
-        self._thread = threading.Thread(target=self._loop, name="opcua-sink", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, item: tuple[Any, ...]) -> None:
-        self.queue.put(item)
-
-    def _confirmed(self, n: int) -> Callable[[], None]:
-        def done() -> None:
-            self.durable += n
-
-        return done
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                item = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                self.sink.poll(0)
-                continue
-            if item is None:
-                return
-            try:
-                if item[0] == "publish":
-                    _, tenant_id, device_id, readings = item
-                    self.sink.publish(tenant_id, device_id, SOURCE, readings, done=self._confirmed(len(readings)))
-                else:
-                    _, origin, reason, payload, tenant_id, device_id = item
-                    self.sink.reject(SOURCE, origin, reason, payload, tenant_id, device_id)
-            except Exception:  # the sink logs its own failures; the daemon goes on
-                self.errors += 1
-                log.exception("the sink refused a batch")
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Hand over everything queued, then wait until the sink has made it durable."""
-        self.queue.put(None)
-        self._thread.join(timeout)
-        self.sink.flush(timeout)
-
-
 async def cancel_pending() -> None:
     """Cancel every other task of the running loop (what asyncua leaves behind) and wait for them."""
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -622,8 +557,11 @@ class OpcUaDaemon:
         self.options = options or OpcUaOptions()
         # Store-and-forward buffer (while Kafka or the database is unreachable) and device status counts.
         self._owns_sink = sink is None
-        self.worker = _SinkWorker(
-            sink or tracked(make_buffered_sink(self.settings, name=f"opcua-{self.settings.env}"), self.settings)
+        self.worker = SinkWorker(
+            sink or tracked(make_buffered_sink(self.settings, name=f"opcua-{self.settings.env}"), self.settings),
+            SOURCE,
+            name="opcua-sink",
+            log=log,
         )
         self.watcher = ProfileWatcher("opcua")
         self.sessions: dict[tuple[str, str], DeviceSession] = {}
@@ -697,7 +635,7 @@ class OpcUaDaemon:
 
     def stats(self) -> OpcUaStats:
         """Totals over the current devices."""
-        s = OpcUaStats(devices=len(self.sessions), durable=self.worker.durable)
+        s = OpcUaStats(devices=len(self.sessions), durable=self.worker.stats.durable)
         for session in list(self.sessions.values()):
             st = session.status
             s.connected += st.state == "connected"

@@ -144,7 +144,7 @@ def test_simulator_to_hot_store_through_kafka(
         consumer.close()
 
     got = rows(conn, "pump-1")
-    assert len(got) == stats.polls * len(EXPECTED) == daemon.stats.published_readings
+    assert len(got) == stats.polls * len(EXPECTED) == daemon.stats.sink.published_readings
     assert {q for _, _, _, q in got} == {QUALITY_GOOD}
     assert len({ts for _, ts, _, _ in got}) == stats.polls  # one timestamp per poll, shared by its points
     values: dict[str, set[float]] = {}

@@ -8,7 +8,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from ingest_daemons.modbus import DevicePoller, DeviceStats, backoff_s
+from ingest_daemons.modbus import BACKOFF, DevicePoller, DeviceStats
 from ingest_daemons.modbus_codec import (
     MAX_READ_BITS,
     MAX_READ_REGISTERS,
@@ -226,8 +226,8 @@ def test_split_request_reads_each_point_alone() -> None:
 
 
 def test_backoff_doubles_up_to_a_cap() -> None:
-    assert [backoff_s(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
-    assert backoff_s(50) == 30.0
+    assert [BACKOFF.delay(n) for n in range(4)] == [0.5, 1.0, 2.0, 4.0]  # no jitter
+    assert BACKOFF.delay(49) == 30.0
 
 
 def test_simulator_static_values_fit_their_registers() -> None:

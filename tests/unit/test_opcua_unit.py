@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 from asyncua import ua
 
 from ingest_daemons.opcua import (
-    Backoff,
     DeviceSession,
     NotNumeric,
     OpcUaOptions,
@@ -142,17 +140,6 @@ def test_queue_size_covers_two_publishing_intervals() -> None:
     assert queue_size(1000, 10) == 200
     assert queue_size(60_000, 1) == 1000  # at most 1000
     assert queue_size(500, 0) == 100  # "fastest": room for bursts
-
-
-def test_backoff_grows_exponentially_up_to_the_cap() -> None:
-    exact = Backoff(initial_s=1, max_s=30, jitter=0)
-    assert [exact.delay(i) for i in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    assert exact.delay(10_000) == 30
-    jittered = Backoff(initial_s=1, max_s=30, jitter=0.2)
-    rng = random.Random(1)
-    delays = [jittered.delay(3, rng) for _ in range(200)]
-    assert all(6.4 <= d <= 9.6 for d in delays) and len(set(delays)) > 100
-    assert all(jittered.delay(20, rng) <= 30 for _ in range(50))
 
 
 # --- a publish response through a device session, without a network ---

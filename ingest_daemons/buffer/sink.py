@@ -1,55 +1,33 @@
-"""Store-and-forward: a bounded SQLite buffer in front of a ReadingSink, for when its link is down.
+"""`BufferedSink`: the store-and-forward state machine (pass-through, storing, hand-over, draining).
 
-`BufferedSink` wraps the sink a daemon writes to (Kafka, or the in-process hot-store path) and is a
-`ReadingSink` itself. While the inner sink delivers, every message passes straight through and the
-caller's `done` fires on the inner's confirmation; the disk is not touched. When a delivery fails
-(the inner reports it, raises a link error, or stays silent past a backstop timeout), the sink
-switches to storing: that message and every later one are appended to a SQLite database (WAL mode,
-synchronous=FULL, group commit) and `done` fires once they are committed there, so the daemon can
-acknowledge its source. A worker thread drains the database in arrival order through the inner
-sink, deleting rows only once the inner confirms them. Once every buffered row has been handed to
-the inner and confirmed batches show the link works, what still waits for the disk is handed to the
-inner right behind them and the sink is back to pass-through. Nothing newer overtakes buffered data:
-while anything is buffered, new data is buffered (or handed over) behind it. See
-docs/store-and-forward.md for the decisions and their limits.
+What is stored goes to a `Journal` (journal.py); the design is described in the package docstring.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
 import logging
 import os
 import sqlite3
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
 
 import psycopg
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import KafkaException
 
-from sensormine.ingest.sinks import DirectSink, Done, KafkaSink, ReadingSink
-from sensormine.reading import Reading, now_us
-from sensormine.settings import Settings, get_settings
+from ingest_daemons.buffer.journal import READINGS, REJECT, DropPolicy, Journal, Row
+from sensormine.ingest.sinks import Done, ReadingSink
+from sensormine.reading import Reading
 from sensormine.telemetry.payload import decode_envelope, encode_envelope
 
 log = logging.getLogger("sensormine.ingest.buffer")
 
-DropPolicy = Literal["oldest", "newest"]
-
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of buffered messages
 DEFAULT_LINK_TIMEOUT_S = 5.0  # how long Kafka may fail to confirm a message before it is buffered
 DEFAULT_DELIVERY_TIMEOUT_S = 60.0  # backstop for inner sinks that never report a failure
-ROW_OVERHEAD = 64  # bytes counted per buffered message on top of its body and names
-SCHEMA_VERSION = 1
-
-_READINGS = 0
-_REJECT = 1
 
 LINK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes ConnectionError and TimeoutError
@@ -60,10 +38,6 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Exceptions from an inner sink that mean "the link is down, try again later" (anything else is a bug
 or a bad message, and is not buffered)."""
-
-
-class BufferInUse(RuntimeError):
-    """Another process holds the buffer file (two daemons must never drain the same buffer)."""
 
 
 @dataclass
@@ -143,27 +117,12 @@ class _Item:
         return len(self.readings)
 
 
-class _Row(NamedTuple):
-    """One buffered message as stored on disk."""
-
-    seq: int
-    kind: int
-    tenant_id: str | None
-    device_id: str | None
-    source: str
-    origin: str | None
-    reason: str | None
-    readings: int
-    size: int
-    body: bytes
-
-
 class _Batch:
     """Rows forwarded from disk and not yet all confirmed or failed."""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
-        self.rows: dict[int, _Row] = {}
+        self.rows: dict[int, Row] = {}
         self.pending = 0
         self.confirmed: list[int] = []
         self.failed: list[tuple[int, str]] = []
@@ -192,13 +151,6 @@ class _Forwarded:
     def failed(self, reason: str) -> None:
         """The inner sink gave up on this row; it stays on disk for the next attempt."""
         self.sink._forward_resolved(self, reason)
-
-
-# One open BufferedSink per buffer file and process: opening the file again (a daemon restarted in
-# the same process) closes the earlier sink first, as an MQTT broker ends an older session of the
-# same client id. Other processes are kept out by an flock.
-_OPEN: dict[str, weakref.ref[BufferedSink]] = {}
-_OPEN_LOCK = threading.Lock()
 
 
 class BufferedSink:
@@ -270,32 +222,18 @@ class BufferedSink:
         self._stop = False
         self._closed = False
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _take_over(self)
-        self._lock_file = _lock_file(self.path)
-        try:
-            self._db = _open_db(self.path)
-            rows, size, max_seq = self._db.execute(
-                "SELECT count(*), coalesce(sum(size), 0), coalesce(max(seq), 0) FROM buffered"
-            ).fetchone()
-        except BaseException:
-            self._lock_file.close()
-            raise
-        self._rows: int = rows
-        self._bytes: int = size
-        self._next_seq: int = max_seq + 1
-        if rows:
+        self._journal = Journal(self.path, self)
+        self._next_seq: int = self._journal.max_seq + 1
+        if self._journal.rows:
             # A buffer left by an earlier run: it drains first, and everything new queues behind it.
             self._storing = True
             self._outage_started = time.monotonic()
             log.warning(
                 "store-and-forward buffer %s holds %d messages (%.1f MB) from an earlier run; draining them first",
                 self.path,
-                rows,
-                size / 1e6,
+                self._journal.rows,
+                self._journal.bytes / 1e6,
             )
-        with _OPEN_LOCK:
-            _OPEN[str(self.path)] = weakref.ref(self)
         self._thread = threading.Thread(target=self._run, name=f"buffer-{self.path.stem}", daemon=True)
         self._thread.start()
 
@@ -305,7 +243,7 @@ class BufferedSink:
         self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
     ) -> None:
         """Hand over one device's readings: to the inner sink, or to disk while that cannot deliver."""
-        self._hand_over(_Item(self, _READINGS, tenant_id, device_id, source, readings, "", "", b"", done))
+        self._hand_over(_Item(self, READINGS, tenant_id, device_id, source, readings, "", "", b"", done))
 
     def reject(
         self,
@@ -318,7 +256,7 @@ class BufferedSink:
         done: Done | None = None,
     ) -> None:
         """Hand over a dead letter; buffered like readings while the inner sink cannot deliver."""
-        self._hand_over(_Item(self, _REJECT, tenant_id, device_id, source, [], origin, reason, payload, done))
+        self._hand_over(_Item(self, REJECT, tenant_id, device_id, source, [], origin, reason, payload, done))
 
     def poll(self, timeout: float = 0.0) -> None:
         """Serve the inner sink's delivery callbacks."""
@@ -345,12 +283,17 @@ class BufferedSink:
     @property
     def buffered_messages(self) -> int:
         """Messages on disk now."""
-        return self._rows
+        return self._journal.rows
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes counted against `max_bytes` now."""
-        return self._bytes
+        return self._journal.bytes
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has let go of the worker and the database."""
+        return self._closed
 
     def link_down(self, reason: str) -> None:
         """A hint that the link is down (e.g. Kafka's "all brokers down"): buffer new data at once
@@ -380,16 +323,12 @@ class BufferedSink:
         if self._thread.is_alive():
             log.error("buffer worker for %s did not stop; leaving the database open", self.path)
         else:
-            self._db.close()
+            self._journal.close_db()
         with self._lock:
             self._closed = True
-        with _OPEN_LOCK:
-            ref = _OPEN.get(str(self.path))
-            if ref is not None and ref() is self:
-                del _OPEN[str(self.path)]
-        self._lock_file.close()  # releases the flock
-        if self._rows:
-            log.info("buffer %s closed holding %d messages; the next run drains them", self.path, self._rows)
+        self._journal.release(self)
+        if self._journal.rows:
+            log.info("buffer %s closed holding %d messages; the next run drains them", self.path, self._journal.rows)
         close_inner = getattr(self.inner, "close", None)
         if callable(close_inner):
             close_inner()
@@ -427,7 +366,7 @@ class BufferedSink:
     def _pass(self, item: _Item) -> None:
         """Give one registered message to the inner sink; a link error sends it to the buffer (gate held)."""
         try:
-            if item.kind == _READINGS:
+            if item.kind == READINGS:
                 self.inner.publish(item.tenant_id, item.device_id, item.source, item.readings, done=item)  # type: ignore[arg-type]
             else:
                 self.inner.reject(
@@ -528,8 +467,8 @@ class BufferedSink:
                 stop = self._stop
             items: list[_Item] = []
             try:
-                if late:
-                    self._delete(late, late=True)
+                if late and (removed := self._journal.delete(late)):
+                    log.info("removed %d buffered copies of messages that were confirmed late", removed)
                 self._expire()
                 if self._batch is not None and self._batch_due(self._batch):
                     self._settle(self._batch)
@@ -586,7 +525,7 @@ class BufferedSink:
                     and not self._closing
                     and not self._outstanding
                     and not self._probe
-                    and self._rows == in_flight
+                    and self._journal.rows == in_flight
                     and (batch is None or not batch.failed)
                 ):
                     return items
@@ -613,7 +552,7 @@ class BufferedSink:
                 except Exception as exc:  # not a link error: buffer it anyway; draining dead-letters it
                     it.failed(f"{type(exc).__name__}: {exc}")
         if batch is None:
-            self._compact()
+            self._journal.compact()
         return []
 
     def _batch_settled(self) -> bool:
@@ -627,85 +566,27 @@ class BufferedSink:
     def _store(self, items: list[_Item]) -> None:
         """Append items to disk in one transaction (making room per the drop policy), then call their `done`."""
         items.sort(key=lambda i: i.seq)
-        stored_at = now_us()
-        rows: list[tuple[_Item, tuple[Any, ...], int]] = []
-        for it in items:
-            body = (
-                encode_envelope(it.tenant_id, it.device_id, it.source, it.readings)  # type: ignore[arg-type]
-                if it.kind == _READINGS
-                else it.payload
-            )
-            size = (
-                ROW_OVERHEAD + len(body) + sum(len(s or "") for s in (it.tenant_id, it.device_id, it.origin, it.reason))
-            )
-            values = (
-                it.seq, it.kind, it.tenant_id, it.device_id, it.source, it.origin, it.reason,
-                it.n_readings, size, stored_at, body,
-            )  # fmt: skip
-            rows.append((it, values, size))
-        keep, dropped, cut = self._make_room(rows)
-        freed_rows = freed_bytes = freed_readings = 0
-        with _transaction(self._db):
-            if cut is not None:
-                lo, hi = cut
-                freed_rows, freed_bytes, freed_readings = self._db.execute(
-                    "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(readings), 0) FROM buffered "
-                    "WHERE seq > ? AND seq <= ?",
-                    (lo, hi),
-                ).fetchone()
-                self._db.execute("DELETE FROM buffered WHERE seq > ? AND seq <= ?", (lo, hi))
-            self._db.executemany(
-                "INSERT INTO buffered (seq, kind, tenant_id, device_id, source, origin, reason, readings, size, "
-                "stored_at_us, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [values for _, values, _ in keep],
-            )
-        self._rows += len(keep) - freed_rows
-        self._bytes += sum(size for _, _, size in keep) - freed_bytes
+        dropped_seqs, freed_rows, freed_readings = self._journal.append(
+            [_row(it) for it in items],
+            max_bytes=self.max_bytes,
+            drop=self.drop,
+            in_flight_hi=self._batch.hi if self._batch is not None else 0,
+        )
+        keep = [it for it in items if it.seq not in dropped_seqs]
+        dropped = [it for it in items if it.seq in dropped_seqs]
         with self._lock:
             self.stats.buffered += len(keep)
-            self.stats.buffered_readings += sum(it.n_readings for it, _, _ in keep)
+            self.stats.buffered_readings += sum(it.n_readings for it in keep)
             if freed_rows or dropped:
                 self.stats.dropped += freed_rows + len(dropped)
                 self.stats.dropped_readings += freed_readings + sum(it.n_readings for it in dropped)
         if freed_rows or dropped:
             self._log_drop(freed_rows + len(dropped))
         # Committed (or deliberately dropped): the source may forget these messages now.
-        for it, _, _ in keep:
+        for it in keep:
             self._call_done(it)
         for it in dropped:
             self._call_done(it)
-
-    def _make_room(
-        self, rows: list[tuple[_Item, tuple[Any, ...], int]]
-    ) -> tuple[list[tuple[_Item, tuple[Any, ...], int]], list[_Item], tuple[int, int] | None]:
-        """Which incoming rows to keep, which to drop, and which stored seq range (lo, hi] to delete."""
-        need = self._bytes + sum(size for _, _, size in rows) - self.max_bytes
-        if need <= 0:
-            return rows, [], None
-        if self.drop == "newest":
-            keep, dropped, total = [], [], self._bytes
-            for row in rows:
-                if total + row[2] <= self.max_bytes:
-                    keep.append(row)
-                    total += row[2]
-                else:
-                    dropped.append(row[0])
-            return keep, dropped, None
-        # Oldest first, over stored rows (except those in flight) and incoming ones merged by seq.
-        lo = self._batch.hi if self._batch is not None else 0
-        stored = self._db.execute("SELECT seq, size FROM buffered WHERE seq > ? ORDER BY seq", (lo,))
-        nxt = stored.fetchone()
-        freed, cut, i = 0, None, 0
-        while freed < need and (nxt is not None or i < len(rows)):
-            if nxt is not None and (i >= len(rows) or nxt[0] < rows[i][0].seq):
-                freed += nxt[1]
-                cut = nxt[0]
-                nxt = stored.fetchone()
-            else:
-                freed += rows[i][2]
-                i += 1
-        stored.close()
-        return rows[i:], [row[0] for row in rows[:i]], (lo, cut) if cut is not None else None
 
     def _log_drop(self, n: int) -> None:
         self._drops_unlogged += n
@@ -753,23 +634,16 @@ class BufferedSink:
                 return  # passed-through messages still in the air: nothing buffered may go before they settle
             # Messages waiting for the disk: rows older than all of them may go, the rest wait for them.
             horizon = min((it.seq for it in self._to_store), default=None)
-        if self._rows == 0 or time.monotonic() < self._next_attempt:
+        if self._journal.rows == 0 or time.monotonic() < self._next_attempt:
             return
         self._send(1 if self._probe else self.drain_batch, horizon)
 
     def _send(self, limit: int, horizon: int | None) -> None:
         """Forward the oldest `limit` rows (below `horizon`); a link error stops the batch at that row."""
-        cur = self._db.execute(
-            "SELECT seq, kind, tenant_id, device_id, source, origin, reason, readings, size, body "
-            "FROM buffered WHERE seq < ? ORDER BY seq LIMIT ?",
-            (horizon if horizon is not None else self._next_seq, limit),
-        )
-        rows = [_Row(*r) for r in cur.fetchall()]
+        rows = self._journal.read(horizon if horizon is not None else self._next_seq, limit)
         if not rows:
             if horizon is None:  # the counts disagree with the file: trust the file
-                self._rows, self._bytes = self._db.execute(
-                    "SELECT count(*), coalesce(sum(size), 0) FROM buffered"
-                ).fetchone()
+                self._journal.recount()
             return
         batch = _Batch(time.monotonic() + self.delivery_timeout_s)
         self._batch = batch
@@ -786,15 +660,15 @@ class BufferedSink:
                     break  # later rows wait: they must not overtake this one
                 self._dead_letter(row, ticket, exc)
 
-    def _forward_row(self, row: _Row, ticket: _Forwarded) -> None:
-        if row.kind == _READINGS:
+    def _forward_row(self, row: Row, ticket: _Forwarded) -> None:
+        if row.kind == READINGS:
             readings = decode_envelope(row.body)
             self.inner.publish(row.tenant_id, row.device_id, row.source, readings, done=ticket)  # type: ignore[arg-type]
         else:
             origin, reason = row.origin or "", row.reason or ""
             self.inner.reject(row.source, origin, reason, row.body, row.tenant_id, row.device_id, done=ticket)
 
-    def _dead_letter(self, row: _Row, ticket: _Forwarded, exc: Exception) -> None:
+    def _dead_letter(self, row: Row, ticket: _Forwarded, exc: Exception) -> None:
         """A buffered row the inner refuses for a non-link reason goes to the dead-letter queue, so it
         cannot block the buffer; if even that fails, it is dropped (counted and logged)."""
         reason = f"store-and-forward could not forward a buffered message: {type(exc).__name__}: {exc}"
@@ -826,7 +700,7 @@ class BufferedSink:
             watch, self._watch = self._watch, None
         self._batch = None
         if confirmed:
-            self._delete(confirmed)
+            self._journal.delete(confirmed)
             delivered = [s for s in confirmed if s not in batch.discarded]
             with self._lock:
                 self.stats.drained += len(delivered)
@@ -836,8 +710,8 @@ class BufferedSink:
         if not failed and not unresolved:
             self._probe = False  # the link works: full batches from now on
             self._failed_attempts = 0
-            if not self._storing and self._rows == 0:  # the last batch of a hand-over
-                self._compact()
+            if not self._storing and self._journal.rows == 0:  # the last batch of a hand-over
+                self._journal.compact()
             return
         reason = failed[0][1] if failed else f"no delivery report within {self.delivery_timeout_s:g} s"
         first_failed: dict[tuple[str | None, str | None], int] = {}
@@ -869,31 +743,6 @@ class BufferedSink:
             self.retry_s,
         )
 
-    def _delete(self, seqs: list[int], late: bool = False) -> None:
-        """Delete rows by seq (those absent are ignored) and keep the row and byte counts exact."""
-        rows = size = 0
-        with _transaction(self._db):
-            for i in range(0, len(seqs), 500):
-                chunk = seqs[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                n, b = self._db.execute(
-                    f"SELECT count(*), coalesce(sum(size), 0) FROM buffered WHERE seq IN ({marks})", chunk
-                ).fetchone()
-                self._db.execute(f"DELETE FROM buffered WHERE seq IN ({marks})", chunk)
-                rows, size = rows + n, size + b
-        self._rows -= rows
-        self._bytes -= size
-        if late and rows:
-            log.info("removed %d buffered copies of messages that were confirmed late", rows)
-
-    def _compact(self) -> None:
-        """Give disk space back once empty."""
-        try:
-            self._db.execute("PRAGMA incremental_vacuum")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            log.warning("could not compact %s: %s", self.path, exc)
-
     def _report(self) -> None:
         now = time.monotonic()
         if not self._storing or now - self._last_report < self.report_every_s:
@@ -903,8 +752,8 @@ class BufferedSink:
         log.info(
             "buffering to %s: %d messages (%.1f MB) on disk; buffered=%d drained=%d dropped=%d out_of_order=%d",
             self.path,
-            self._rows,
-            self._bytes / 1e6,
+            self._journal.rows,
+            self._journal.bytes / 1e6,
             s.buffered,
             s.drained,
             s.dropped,
@@ -912,169 +761,21 @@ class BufferedSink:
         )
 
 
-# --- SQLite and file locking ---------------------------------------------------------------------
-
-
-def _open_db(path: Path) -> sqlite3.Connection:
-    """The buffer database: WAL journal, fsync on commit, space reclaimable."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new file
-    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        raise RuntimeError(f"{path}: SQLite refused WAL mode ({mode})")
-    db.execute("PRAGMA synchronous = FULL")  # a commit is on disk before `done` acknowledges the source
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
-        raise RuntimeError(f"{path}: buffer format {version} is not {SCHEMA_VERSION}; drain it with that version")
-    db.execute(
-        """CREATE TABLE IF NOT EXISTS buffered (
-            seq INTEGER PRIMARY KEY,      -- arrival order; drained in this order
-            kind INTEGER NOT NULL,        -- 0: readings (body is a Kafka envelope), 1: dead letter (original bytes)
-            tenant_id TEXT,
-            device_id TEXT,
-            source TEXT NOT NULL,
-            origin TEXT,
-            reason TEXT,
-            readings INTEGER NOT NULL,
-            size INTEGER NOT NULL,        -- bytes counted against the bound
-            stored_at_us INTEGER NOT NULL,
-            body BLOB NOT NULL
-        )"""
+def _row(item: _Item) -> Row:
+    """How an item is stored: readings as a Kafka envelope, a dead letter as its original bytes."""
+    body = (
+        encode_envelope(item.tenant_id, item.device_id, item.source, item.readings)  # type: ignore[arg-type]
+        if item.kind == READINGS
+        else item.payload
     )
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    return db
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _lock_file(path: Path) -> IO[str]:
-    """An exclusive flock next to the database, held while the sink is open."""
-    fh = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 - held open on purpose
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        raise BufferInUse(
-            f"{path} is in use by {holder}; give each daemon its own buffer (state dir or client id)"
-        ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()}\n")
-    fh.flush()
-    return fh
-
-
-def _take_over(new: BufferedSink) -> None:
-    """Close a sink of this process that still has the same file open (a daemon restarted in-process)."""
-    with _OPEN_LOCK:
-        ref = _OPEN.get(str(new.path))
-    old = ref() if ref is not None else None
-    if old is not None and not old._closed:
-        log.info("taking over %s from an earlier sink of this process", new.path)
-        old.close()
-
-
-# --- wiring ------------------------------------------------------------------------------------------
-
-
-class _ReportingKafkaSink(KafkaSink):
-    """A KafkaSink that tells its `done` ticket when a delivery failed (`done.failed(reason)`), so the
-    buffer learns of it exactly instead of waiting for a backstop timeout."""
-
-    def _delivery_callback(self, done: Done | None) -> Callable[[KafkaError | None, Message], None]:
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            if err is None:
-                if done is not None:
-                    done()
-                return
-            self.delivery_errors += 1
-            failed = getattr(done, "failed", None)
-            if failed is not None:
-                failed(f"Kafka: {err.str()}")
-            else:
-                log.error("Kafka delivery to %s failed: %s", msg.topic(), err)
-
-        return on_delivery
-
-
-def _setting(settings: Settings, name: str, default: Any) -> Any:
-    """A buffer setting from Settings when it has the field, else the default."""
-    value = getattr(settings, name, None)
-    return default if value is None else value
-
-
-def buffer_path(settings: Settings, name: str) -> Path:
-    """Where the buffer of the daemon called `name` lives: `{buffer_dir or state_dir/buffers}/{name}.sqlite3`."""
-    folder = _setting(settings, "buffer_dir", None) or Path(settings.state_dir) / "buffers"
-    return Path(folder) / f"{name}.sqlite3"
-
-
-def make_buffered_sink(
-    settings: Settings | None = None,
-    name: str = "ingest",
-    *,
-    path: str | os.PathLike[str] | None = None,
-    max_bytes: int | None = None,
-    drop: DropPolicy | None = None,
-    link_timeout_s: float | None = None,
-    retry_s: float | None = None,
-) -> BufferedSink:
-    """The daemons' sink: Kafka when SENSORMINE_KAFKA_BOOTSTRAP is set, else the in-process hot-store path,
-    behind a store-and-forward buffer named after the daemon (`name`, e.g. its MQTT client id).
-
-    Arguments override the settings `buffer_dir`, `buffer_max_bytes`, `buffer_drop`,
-    `buffer_link_timeout_s` and `buffer_retry_s` (defaults apply while Settings lacks them).
-    """
-    settings = settings or get_settings()
-    max_bytes = max_bytes or _setting(settings, "buffer_max_bytes", DEFAULT_MAX_BYTES)
-    drop = drop or _setting(settings, "buffer_drop", "oldest")
-    link_timeout_s = link_timeout_s or _setting(settings, "buffer_link_timeout_s", DEFAULT_LINK_TIMEOUT_S)
-    retry_s = retry_s or _setting(settings, "buffer_retry_s", 1.0)
-    path = path or buffer_path(settings, name)
-    assert link_timeout_s is not None
-    inner: ReadingSink
-    holder: list[BufferedSink] = []  # the Kafka error callback needs the sink built below
-    if settings.kafka_bootstrap:
-        from sensormine.clients.kafka import make_producer
-
-        def on_error(err: KafkaError) -> None:
-            if err.fatal():
-                log.critical("Kafka producer failed fatally (%s): restart the daemon", err.str())
-            if err.code() == KafkaError._ALL_BROKERS_DOWN and holder:
-                holder[0].link_down(f"Kafka: {err.str()}")
-
-        link_ms = round(link_timeout_s * 1000)
-        request_ms = max(link_ms, 10_000)
-        producer = make_producer(
-            settings,
-            **{
-                # An unreachable broker fails a message after link_timeout_s, which sends it to the buffer.
-                "message.timeout.ms": link_ms,
-                "request.timeout.ms": request_ms,
-                "socket.timeout.ms": request_ms,
-                "reconnect.backoff.max.ms": 1_000,  # notice a returning broker within a second
-                "error_cb": on_error,
-            },
-        )
-        inner = _ReportingKafkaSink(settings, producer)
-        # Backstop above anything librdkafka may take to report (message, request and socket timeouts).
-        backstop = link_timeout_s + 2 * request_ms / 1000 + 10
-    else:
-        from sensormine.clients.postgres import connect
-
-        inner = DirectSink(lambda: connect(settings), settings)
-        backstop = DEFAULT_DELIVERY_TIMEOUT_S  # DirectSink is synchronous: it never leaves a message pending
-    sink = BufferedSink(inner, path, max_bytes=max_bytes, drop=drop, delivery_timeout_s=backstop, retry_s=retry_s)
-    holder.append(sink)
-    return sink
+    return Row.new(
+        item.seq,
+        item.kind,
+        item.tenant_id,
+        item.device_id,
+        item.source,
+        item.origin,
+        item.reason,
+        item.n_readings,
+        body,
+    )
