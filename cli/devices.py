@@ -19,7 +19,7 @@ from sensormine.devices import usecases
 from sensormine.devices.csv_import import parse_device_csv
 from sensormine.devices.registry import BrokerUpdate, RegistryError, UnknownDevice, sync_broker
 from sensormine.identity.credentials import operator_identity
-from sensormine.limits.quotas import QuotaExceeded
+from sensormine.limits.devices import QuotaExceeded
 
 Tenant = Annotated[str, typer.Argument(help="The device's tenant.")]
 DeviceId = Annotated[str, typer.Argument(help="The device id.")]

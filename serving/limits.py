@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 
 from sensormine.clients.redis import key_prefix, make_redis
 from sensormine.limits.backends import MemoryBackend, QuotaBackend, RedisBackend
+from sensormine.limits.devices import DeviceQuota, QuotaExceeded, check_device_quota
 from sensormine.limits.leases import CallLeases
-from sensormine.limits.quotas import DeviceQuota, QuotaExceeded, Quotas, check_device_quota
+from sensormine.limits.quotas import Quotas
 from sensormine.settings import Settings
 from sensormine.tenancy.plans import PlanError, get_plan
 from serving.problems import Problem

@@ -32,7 +32,7 @@ from sensormine.devices.registry import (
     rotate_device_key,
     update_device,
 )
-from sensormine.limits.quotas import DeviceQuota, check_device_quota
+from sensormine.limits.devices import DeviceQuota, check_device_quota
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import pytest
 from sensormine.clients.redis import key_prefix, make_redis
 from sensormine.identity.api_keys import create_api_key
 from sensormine.limits.backends import RedisBackend
-from sensormine.limits.quotas import QuotaExceeded, Quotas, check_device_quota
+from sensormine.limits.devices import QuotaExceeded, check_device_quota
+from sensormine.limits.quotas import Quotas
 from sensormine.metering.calendar import month_label
 from sensormine.metering.ledger import API_CALLS, FLUSH_BATCH_MEMBERS, UsageFlusher, write_batch
 from sensormine.settings import Settings

@@ -9,8 +9,9 @@ import pytest
 from sensormine.clients.hotstore import CopyBatch
 from sensormine.clients.latest import MAX_PAYLOAD, LatestCache, newest_per_series, payloads
 from sensormine.limits.backends import MemoryBackend
+from sensormine.limits.devices import QuotaExceeded
 from sensormine.limits.leases import CallLeases, lease_size
-from sensormine.limits.quotas import QuotaExceeded, Quotas
+from sensormine.limits.quotas import Quotas
 from sensormine.reading import Reading
 from sensormine.tenancy.plans import get_plan
 

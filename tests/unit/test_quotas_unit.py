@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from sensormine.limits.backends import MemoryBackend
-from sensormine.limits.quotas import QuotaExceeded, Quotas
+from sensormine.limits.devices import QuotaExceeded
+from sensormine.limits.quotas import Quotas
 from sensormine.metering.calendar import month_label, next_month_start, seconds_until_next_month
 from sensormine.metering.ledger import API_CALLS, UsageFlusher
 from sensormine.tenancy.plans import PLANS, Plan, PlanError

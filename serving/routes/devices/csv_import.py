@@ -13,7 +13,7 @@ from sensormine.devices import usecases
 from sensormine.devices.csv_import import MAX_IMPORT_ROWS, DeviceRow, parse_device_csv
 from sensormine.devices.registry import BrokerUpdate, RegistryError
 from sensormine.devices.usecases import DeviceImport, ImportMode, ImportRefused
-from sensormine.limits.quotas import QuotaExceeded
+from sensormine.limits.devices import QuotaExceeded
 from sensormine.settings import Settings
 from serving.bodies import read_limited
 from serving.deps import Caller, ConnDep, SettingsDep

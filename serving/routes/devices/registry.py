@@ -17,7 +17,7 @@ from sensormine.devices.registry import (
     get_device,
     page_devices,
 )
-from sensormine.limits.quotas import QuotaExceeded
+from sensormine.limits.devices import QuotaExceeded
 from sensormine.tenancy.tenants import UnknownTenant, visible_tenant_ids
 from serving.deps import Caller, ConnDep, SettingsDep
 from serving.limits import too_many
