@@ -25,7 +25,7 @@ import psycopg
 
 from orchestration.webserver import DagsterGraphQLError, DagsterWebserver, dagster_dev_command, prepare_dagster_home
 from sensormine.clients.dynsec import Dynsec
-from sensormine.clients.postgres import connect, ensure_partition_window, migrate
+from sensormine.clients.postgres import INGEST, connect, ensure_partition_window, migrate_database
 from sensormine.devices import usecases
 from sensormine.devices.profiles import set_profile
 from sensormine.devices.registry import DuplicateDevice
@@ -33,6 +33,7 @@ from sensormine.identity.credentials import operator_identity
 from sensormine.identity.usecases import issue_api_key
 from sensormine.services.errors import ServiceError
 from sensormine.services.launcher import up
+from sensormine.services.postgres import role_url
 from sensormine.settings import Settings
 from sensormine.tenancy.tenants import get_tenant
 from sensormine.tenancy.usecases import register_tenant
@@ -49,6 +50,22 @@ FIELD_DEVICES = {
 }
 REPO = Path(__file__).resolve().parent.parent
 Say = Callable[[str], None]
+
+
+# Each process logs in to PostgreSQL as its own role (docs/decisions.md, "No superuser at run time").
+PROCESS_LOGINS = {
+    "api": "sensormine_api",
+    "mqtt-daemon": "sensormine_ingestd",
+    "opcua-daemon": "sensormine_ingestd",
+    "modbus-daemon": "sensormine_ingestd",
+    "dagster": "sensormine_dagster",
+}
+
+
+def _as_login(env: dict[str, str], login: str | None) -> dict[str, str]:
+    """`env` with SENSORMINE_DATABASE_URL logging in as `login` (the same passwords file serves them all)."""
+    url = env.get("SENSORMINE_DATABASE_URL")
+    return {**env, "SENSORMINE_DATABASE_URL": role_url(url, login)} if login and url else env
 
 
 def seed(
@@ -170,9 +187,10 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         mqtt_admin_password=services.get("SENSORMINE_MQTT_ADMIN_PASSWORD"),
         state_dir=state_dir,
     )
-    with connect(settings) as conn:
-        migrate(conn)
+    migrate_database(settings)
+    with connect(settings, role=INGEST) as conn:
         ensure_partition_window(conn, datetime.now(UTC).date(), settings)
+    with connect(settings) as conn:
         keys, device_keys = seed(conn, settings, Dynsec(settings))
 
     logs = state_dir / "demo"
@@ -185,7 +203,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         env["DAGSTER_HOME"] = str(prepare_dagster_home(state_dir / "dagster"))
     py = sys.executable
     field_children, field_profiles = _start_field_simulators(py, logs, say)
-    with connect(settings) as conn:
+    with connect(settings) as conn, operator_identity(conn).scope(conn, write=True):
         for (tenant_id, device_id), (protocol, simulated) in FIELD_DEVICES.items():
             set_profile(conn, tenant_id, device_id, field_profiles[f"{protocol}-simulator:{simulated}"])
     devices = [f"{t}/{d}" for t, ds in DEMO_TENANTS.items() for d in ds]
@@ -212,7 +230,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
         say(f"starting {name} (log: {logs / (name + '.log')})")
         children[name] = subprocess.Popen(
             cmd,
-            env=env,
+            env=_as_login(env, PROCESS_LOGINS.get(name)),
             cwd=REPO,
             stdout=(logs / f"{name}.log").open("wb"),
             stderr=subprocess.STDOUT,

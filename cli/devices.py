@@ -164,7 +164,7 @@ def sync_broker_command(
     ] = False,
 ) -> None:
     """Make the MQTT broker's device clients, roles and ACLs match the registry."""
-    with connect() as conn:
+    with connect() as conn, operator_identity(conn).scope(conn, write=True):
         try:
             report = sync_broker(conn, rotate_missing=rotate_missing, prune=prune)
         except DynsecError as exc:

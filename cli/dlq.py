@@ -12,7 +12,7 @@ import orjson
 import typer
 
 from cli.common import fail
-from sensormine.clients.postgres import connect, migrate
+from sensormine.clients.postgres import INGEST, connect, migrate_database
 from sensormine.dlq.letters import DeadLetter, DlqError, DlqFilter, Status, list_dead_letters
 from sensormine.dlq.replay import ReplayReport, replay_matching
 from sensormine.settings import get_settings
@@ -90,8 +90,8 @@ def list_command(
     settings = get_settings()
     flt = _filter(tenant, device, source, reason, since, status, limit)  # type: ignore[arg-type]
     try:
-        with connect(settings) as conn:
-            migrate(conn)
+        migrate_database(settings)
+        with connect(settings, role=INGEST) as conn:
             entries = list_dead_letters(conn, settings, flt)
     except DlqError as exc:
         fail(str(exc))
@@ -140,8 +140,8 @@ def replay_command(
     settings = get_settings()
     flt = _filter(tenant, device, source, reason, since, "pending", limit)
     try:
-        with connect(settings) as conn:
-            migrate(conn)
+        migrate_database(settings)
+        with connect(settings, role=INGEST) as conn:
             report = replay_matching(conn, settings, ids=ids or None, flt=flt, replayed_by="cli", dry_run=dry_run)
     except DlqError as exc:
         fail(str(exc))

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 import typer
 
 from cli.common import fail
-from sensormine.clients.postgres import connect, migrate
+from sensormine.clients.postgres import LAKE, connect, migrate_database
 from sensormine.settings import get_settings
 
 app = typer.Typer(help="The Delta lake: compact, optimize, vacuum, retention, history.", no_args_is_help=True)
@@ -40,8 +40,8 @@ def compact(
     settings = get_settings()
     when = _day(day)
     try:
-        with connect(settings) as conn:
-            migrate(conn)
+        migrate_database(settings)
+        with connect(settings, role=LAKE) as conn:
             result = compact_day(conn, settings, tenant_id, when)
         typer.echo(f"telemetry: {result.rows} rows of {tenant_id} {when}, table version {result.table_version}")
         if rollups:
@@ -130,8 +130,8 @@ def retention(
 
     settings = get_settings()
     when = _day(today)
-    with connect(settings) as conn:
-        migrate(conn)
+    migrate_database(settings)
+    with connect(settings, role=LAKE) as conn:
         for d in apply_hot_retention(conn, when, dry_run=dry_run):
             verb = ("would drop" if dry_run else "dropped") if d.dropped else "kept"
             typer.echo(f"hot {d.day} ({d.rows} rows): {verb}: {d.reason}")

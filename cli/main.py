@@ -14,7 +14,7 @@ from cli.dlq import app as dlq_app
 from cli.lake import app as lake_app
 from cli.services import app as services_app
 from cli.users import app as users_app
-from sensormine.clients.postgres import DatabaseNotConfigured, connect, migrate
+from sensormine.clients.postgres import AUTH, DatabaseNotConfigured, connect, migrate_database, role_scope
 from sensormine.identity.credentials import operator_identity
 from sensormine.identity.roles import AuthError, Role
 from sensormine.identity.usecases import DEFAULT_KEY_SCOPES, issue_api_key
@@ -42,11 +42,46 @@ app.add_typer(users_app, name="user")
 app.add_typer(services_app, name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
 
 
+@db_app.command("bootstrap")
+def db_bootstrap(
+    admin_url: str = typer.Option(
+        ..., envvar="SENSORMINE_DATABASE_ADMIN_URL", help="A superuser's URL of the platform's database."
+    ),
+    passwords: Path = typer.Option(
+        ...,
+        exists=True,
+        dir_okay=False,
+        help="JSON object: login role -> password, for sensormine_owner, sensormine_api, sensormine_ingestd, "
+        "sensormine_dagster and sensormine_app.",
+    ),
+) -> None:
+    """Create the run-time roles once per cluster (as a superuser), before the first `db migrate`.
+
+    `sensormine services up` does this itself; use it for a server you run. Afterwards give each process
+    its own login: the API sensormine_api, the ingest daemons and consumer sensormine_ingestd, Dagster
+    sensormine_dagster; migrations run as sensormine_owner (SENSORMINE_DATABASE_MIGRATE_URL).
+    """
+    import json
+
+    from sensormine.services.postgres import LOGINS, bootstrap_roles
+
+    given = json.loads(passwords.read_text())
+    missing = sorted(set(LOGINS) - set(given))
+    if missing:
+        fail(f"{passwords} has no password for {', '.join(missing)}")
+    database = admin_url.rsplit("/", 1)[1].split("?", 1)[0]
+    try:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            bootstrap_roles(conn, given, database)
+    except psycopg.Error as exc:
+        fail(f"bootstrap failed: {exc}")
+    typer.echo(f"roles ready in {database}: {', '.join(sorted(LOGINS))}; now run `sensormine db migrate`")
+
+
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply pending migrations."""
-    with connect() as conn:
-        applied = migrate(conn)
+    applied = migrate_database()
     typer.echo(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
 
 
@@ -61,8 +96,8 @@ def tenant_create(
 ) -> None:
     """Create a tenant (and its Kafka topics) and print its first API key (shown once)."""
     settings = get_settings()
+    migrate_database()
     with connect() as conn:
-        migrate(conn)
         operator = operator_identity(conn)
         try:
             register_tenant(conn, operator, settings, tenant_id, name, parent, plan)
@@ -77,7 +112,7 @@ def tenant_create(
 @tenant_app.command("list")
 def tenant_list() -> None:
     """List tenants."""
-    with connect() as conn:
+    with connect() as conn, operator_identity(conn).scope(conn):
         for t in list_tenants(conn):
             typer.echo(f"{t.id}\t{t.plan or '(inherited)'}\t{t.parent_id or '-'}\t{t.name}")
 
@@ -186,7 +221,7 @@ def sql(
     tenant_ids: list[str] | None = None
     if tenant is not None:
         try:
-            with connect() as conn:
+            with connect() as conn, role_scope(conn, AUTH):
                 tenant_ids = visible_tenant_ids(conn, tenant)
         except (psycopg.Error, DatabaseNotConfigured) as exc:
             fail(f"cannot resolve tenant {tenant!r}: {exc}")

@@ -12,7 +12,7 @@ import psycopg
 import typer
 
 from cli.common import fail
-from sensormine.clients.postgres import connect, migrate
+from sensormine.clients.postgres import connect, migrate_database
 from sensormine.identity.credentials import operator_identity
 from sensormine.identity.roles import Role
 from sensormine.identity.usecases import add_user, change_user
@@ -54,8 +54,8 @@ def create(
     if role != Role.PLATFORM_ADMIN and not tenant:
         fail(f"a {role} needs --tenant")
     secret = _password(password)
+    migrate_database()
     with connect() as conn:
-        migrate(conn)
         try:
             user = add_user(conn, operator_identity(conn), tenant, email, secret, role, name)
         except AuthError as exc:
@@ -70,14 +70,15 @@ def list_users(
     platform: Annotated[bool, typer.Option("--platform", help="Only platform administrators.")] = False,
 ) -> None:
     """List users: id, email, role, tenant, and whether disabled."""
-    with connect() as conn:
+    with connect() as conn, operator_identity(conn).scope(conn):
         users = every_user(conn, tenant, platform_only=platform)
     for u in users:
         typer.echo(f"{u.id}\t{u.email}\t{u.role}\t{u.tenant_id or '-'}" + ("\tdisabled" if u.disabled else ""))
 
 
 def _user_id(conn: psycopg.Connection, email: str) -> str:
-    user = user_by_email(conn, email)
+    with operator_identity(conn).scope(conn):
+        user = user_by_email(conn, email)
     if user is None:
         fail(f"no user with email {email!r}")
     return user.id

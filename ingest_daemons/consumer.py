@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from ingest_daemons.runner import stop_on_signals
 from sensormine.clients.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
 from sensormine.clients.kafka import make_consumer, make_producer
-from sensormine.clients.postgres import connect, migrate
+from sensormine.clients.postgres import INGEST, connect, migrate_database
 from sensormine.ingest.sinks import dlq_headers
 from sensormine.reading import now_us
 from sensormine.schemas.validation import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
@@ -118,13 +118,13 @@ class HotStoreConsumer:
     def __init__(self, settings: Settings | None = None, group_id: str | None = None) -> None:
         self.settings = settings or get_settings()
         self.group_id = group_id or self.settings.consumer_group
-        self.conn = connect(self.settings)
-        migrate(self.conn)
+        migrate_database(self.settings)
+        self.conn = connect(self.settings, role=INGEST)
         self.writer = HotStoreWriter(self.conn, self.group_id)
         self.dlq = make_producer(self.settings, **{"linger.ms": 5})
         self.consumer: Consumer = make_consumer(self.group_id, self.settings)
         self.stats = ConsumerStats()
-        self.schemas = SchemaDirectory(lambda: connect(self.settings))
+        self.schemas = SchemaDirectory(lambda: connect(self.settings, role=INGEST))
         # A schema reject reloads the schemas first when they are older than this: a fix is picked up
         # at once, while a flood of bad messages costs one query per interval.
         self.schema_recheck_s = 1.0

@@ -42,7 +42,7 @@ from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.modbus_codec import CodecError, ReadRequest, plan_reads, split_request
 from ingest_daemons.polling import Backoff, SinkStats, SinkWorker
 from ingest_daemons.runner import report_until, stop_on_signals
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.devices.profiles import ModbusProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.devices.status import tracked
 from sensormine.ingest.sinks import ReadingSink
@@ -404,7 +404,7 @@ class ModbusDaemon:
 
     def _poll_watcher(self) -> ProfileChanges:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.settings)
+            self._conn = connect(self.settings, role=INGEST)
         return self.watcher.poll(self._conn)
 
     async def refresh_profiles(self) -> ProfileChanges | None:

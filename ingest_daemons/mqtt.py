@@ -13,7 +13,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.runner import report_until, stop_on_signals
 from sensormine.clients.mqtt import TELEMETRY_SUBSCRIPTION, make_ingest_client, parse_telemetry_topic
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.devices.registry import DeviceDirectory
 from sensormine.devices.status import tracked
 from sensormine.ingest.sinks import Done, ReadingSink
@@ -83,7 +83,7 @@ class MqttDaemon:
         # (the broker redelivers it to the next session) instead of being acknowledged too late.
         self._handing = threading.Lock()
         self._accepting = True
-        self.directory = DeviceDirectory(lambda: connect(self.settings))
+        self.directory = DeviceDirectory(lambda: connect(self.settings, role=INGEST))
         self.directory.refresh()
         self.ingest = MqttIngest(self.sink, self.directory.contains)
         self.subscribed = threading.Event()

@@ -49,7 +49,7 @@ from cryptography import x509
 from ingest_daemons.buffer import make_buffered_sink
 from ingest_daemons.polling import Backoff, SinkItem, SinkWorker
 from ingest_daemons.runner import report_until, stop_on_signals
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.devices.profiles import OpcUaNode, OpcUaProfile, ProfileChanges, ProfileWatcher, StoredProfile
 from sensormine.devices.status import tracked
 from sensormine.ingest.sinks import ReadingSink
@@ -577,7 +577,7 @@ class OpcUaDaemon:
     def _poll_profiles(self) -> ProfileChanges | None:
         try:
             if self._db is None or self._db.closed:
-                self._db = connect(self.settings)
+                self._db = connect(self.settings, role=INGEST)
             return self.watcher.poll(self._db)
         except psycopg.Error as exc:  # the database is away: keep the devices as they are, look again later
             log.warning("reading device profiles failed: %s", exc)

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 import psycopg
-from psycopg import sql
 
 from lake.maintenance import partition_file_counts
 from lake.rollups import ROLLUPS
 from lake.storage import check_tenant_id, open_table
 from lake.telemetry import TABLE_NAME
-from sensormine.clients.postgres import existing_partition_days, partition_name
+from sensormine.clients.postgres import existing_partition_days
 from sensormine.settings import Settings
 from sensormine.tenancy.plans import PlanError, get_plan
 
@@ -55,8 +54,11 @@ class LakeRetentionResult:
 
 
 def _tenant_rows(conn: psycopg.Connection, day: date) -> dict[str, int]:
+    # Through the parent (its policies apply; nobody reads a partition directly), pruned to the day's.
     rows = conn.execute(
-        sql.SQL("SELECT tenant_id, count(*) FROM {} GROUP BY tenant_id").format(sql.Identifier(partition_name(day)))
+        "SELECT tenant_id, count(*) FROM telemetry WHERE ts >= %s::date::timestamp AT TIME ZONE 'UTC' "
+        "AND ts < (%s::date + 1)::timestamp AT TIME ZONE 'UTC' GROUP BY tenant_id",
+        (day, day),
     ).fetchall()
     return {t: n for t, n in rows}
 
@@ -114,12 +116,11 @@ def apply_hot_retention(conn: psycopg.Connection, today: date, dry_run: bool = F
             with conn.transaction():
                 # Decide again under an exclusive lock: no writer can add a row between check and drop.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_RETENTION_LOCK,))
-                name = sql.Identifier(partition_name(day))
-                conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(name))
+                # The partition belongs to the schema owner: these functions (migration 016) act for it.
+                conn.execute("SELECT sensormine_lock_day_partition(%s)", (day,))
                 rows, tenants, reasons = _decide(conn, day, today)
                 if not reasons:
-                    conn.execute(sql.SQL("ALTER TABLE telemetry DETACH PARTITION {}").format(name))
-                    conn.execute(sql.SQL("DROP TABLE {}").format(name))
+                    conn.execute("SELECT sensormine_drop_day_partition(%s)", (day,))
                     # No hot rows of the day are left to be late; writers wait on the lock, so none is lost.
                     conn.execute("DELETE FROM hot_write_log WHERE day = %s", (day,))
         if reasons:

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import LAKE, connect
 from sensormine.settings import Settings
 
 
@@ -25,7 +25,7 @@ class HotStoreResource(dg.ConfigurableResource):
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
         """A connection for the duration of the block, closed afterwards."""
-        with connect(self.settings()) as conn:
+        with connect(self.settings(), role=LAKE) as conn:
             yield conn
 
 

@@ -499,8 +499,8 @@ def aggregate(
     if query.end_us <= query.start_us:
         raise QueryError("end must be after start")
     days = _days(query.start_us, query.end_us)
-    compacted = compactions(conn, query.tenant_id, days[0], days[-1])
-    conn.commit()
+    with tenant_scope(conn, visible):
+        compacted = compactions(conn, query.tenant_id, days[0], days[-1])
     hot_days = [d for d in days if d not in compacted]
     hot_spans = _spans(hot_days, query.start_us, query.end_us)
     hot_partials, late = hot_sources(conn, visible, query, compacted, hot_spans)

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from lake.telemetry import read_telemetry
 from query.hot import POINT_SCHEMA, compacted_days, hot_points
+from sensormine.clients.postgres import tenant_scope
 from sensormine.settings import Settings
 
 
@@ -45,8 +46,8 @@ def query_points(
     if tenant_id not in visible:
         raise PermissionError(f"tenant {tenant_id!r} is not visible to this caller")
     first, last = _utc_date(start), _utc_date(end - timedelta(microseconds=1))
-    compacted = compacted_days(conn, tenant_id, first, last)
-    conn.commit()
+    with tenant_scope(conn, visible):
+        compacted = compacted_days(conn, tenant_id, first, last)
     hot = hot_points(conn, visible, tenant_id, device_ids, metrics, start, end, compacted)
     result = TieredResult(
         points=hot,

@@ -26,7 +26,16 @@ class Settings(BaseSettings):
 
     env: str = Field("dev", description="Environment name; prefixes every Kafka topic.")
     state_dir: Path = Field(Path(".sensormine"), description="Where local services and the local lake live.")
-    database_url: str | None = None
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of this process's login: a role without superuser or BYPASSRLS whose "
+        "connections take the function roles they need (docs/decisions.md); passwords from the URL or PGPASSFILE.",
+    )
+    database_migrate_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of the schema owner, used only to apply migrations (the launcher's "
+        "sensormine_owner); unset: migrations use database_url.",
+    )
     kafka_bootstrap: str | None = None
     mqtt_url: str | None = None
     redis_url: str | None = None

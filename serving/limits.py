@@ -14,12 +14,15 @@ A refusal is a 429 problem+json with `Retry-After` (seconds) and `kind` (rate, a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import psycopg
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from sensormine.clients.postgres import METERING, role_scope
 from sensormine.clients.redis import key_prefix, make_redis
 from sensormine.limits.backends import MemoryBackend, QuotaBackend, RedisBackend
 from sensormine.limits.devices import DeviceQuota, QuotaExceeded, check_device_quota
@@ -50,6 +53,13 @@ class LimitedCaller(Protocol):
     def quota_tenant(self) -> str | None: ...
 
 
+@contextmanager
+def _metering(app: FastAPI) -> Iterator[psycopg.Connection]:
+    """A pooled connection acting as the metering role for one transaction (usage, flushes, quota events)."""
+    with app.state.pool.connection() as conn, role_scope(conn, METERING):
+        yield conn
+
+
 def make_quotas(app: FastAPI, settings: Settings) -> Quotas:
     """The limiter for `settings`: in Redis when configured, else in process memory (one process only)."""
     backend: QuotaBackend
@@ -60,7 +70,7 @@ def make_quotas(app: FastAPI, settings: Settings) -> Quotas:
         backend = MemoryBackend()
     return Quotas(
         backend,
-        lambda: app.state.pool.connection(),
+        lambda: _metering(app),
         flush_interval_s=settings.quota_flush_interval_s,
     )
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from sensormine.clients.latest import LatestCache, LatestListener
-from sensormine.clients.postgres import connect, make_pool, migrate
+from sensormine.clients.postgres import connect, make_pool, migrate_database
 from sensormine.identity.tokens import jwt_secret
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache, document_api_keys
@@ -28,8 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with connect(settings) as conn:
-            migrate(conn)
+        migrate_database(settings)
         app.state.pool = make_pool(settings)
         start_limits(app, settings)
         listener = None

@@ -16,6 +16,9 @@ from sensormine.settings import Settings, reset_settings
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_VARS = (
     "SENSORMINE_DATABASE_URL",
+    "SENSORMINE_DATABASE_MIGRATE_URL",
+    "SENSORMINE_DATABASE_ADMIN_URL",
+    "PGPASSFILE",
     "SENSORMINE_MQTT_URL",
     "SENSORMINE_KAFKA_BOOTSTRAP",
     "SENSORMINE_REDIS_URL",
@@ -27,7 +30,7 @@ SERVICE_VARS = (
 def services() -> dict[str, str]:
     """SENSORMINE_* URLs of running services: taken from the environment when all are set, else started."""
     if all(os.environ.get(v) for v in SERVICE_VARS):
-        return {k: v for k, v in os.environ.items() if k.startswith("SENSORMINE_")}
+        return {k: v for k, v in os.environ.items() if k.startswith("SENSORMINE_") or k == "PGPASSFILE"}
     from sensormine.services.launcher import up
 
     env = up(state_dir=Path(os.environ.get("SENSORMINE_STATE_DIR", REPO / ".sensormine")))
@@ -36,25 +39,33 @@ def services() -> dict[str, str]:
     return env
 
 
-def _admin_url(url: str, dbname: str) -> str:
+def _in_db(url: str, dbname: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + dbname
+
+
+def admin_url_of(settings: Settings) -> str:
+    """The superuser's URL for the test database of `settings`: for a test's own set-up and checks only
+    (the platform itself never connects as a superuser)."""
+    return _in_db(os.environ["SENSORMINE_DATABASE_ADMIN_URL"], (settings.database_url or "").rsplit("/", 1)[1])
 
 
 @pytest.fixture
 def database_url(services: dict[str, str]) -> Iterator[str]:
-    """A new, migrated database for one test, dropped afterwards."""
+    """A new database for one test, owned and migrated by the schema owner, dropped afterwards; the URL of
+    the tools' login (sensormine_app: no privilege of its own, every function role)."""
     from sensormine.clients.postgres import migrate
 
-    base = services["SENSORMINE_DATABASE_URL"]
+    admin, owner = services["SENSORMINE_DATABASE_ADMIN_URL"], services["SENSORMINE_DATABASE_MIGRATE_URL"]
     name = f"sm_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin_url(base, "postgres"), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _admin_url(base, name)
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(_in_db(admin, "postgres"), autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}" OWNER sensormine_owner')
+    with psycopg.connect(_in_db(admin, name), autocommit=True) as c:
+        c.execute("GRANT CREATE, USAGE ON SCHEMA public TO sensormine_owner")
+    with psycopg.connect(_in_db(owner, name)) as conn:
         migrate(conn)
-    yield url
-    with psycopg.connect(_admin_url(base, "postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield _in_db(services["SENSORMINE_DATABASE_URL"], name)
+    with psycopg.connect(_in_db(admin, "postgres"), autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -65,6 +76,7 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         consumer_group=f"{env}-hot-writer",
         state_dir=tmp_path,
         database_url=database_url,
+        database_migrate_url=_in_db(services["SENSORMINE_DATABASE_MIGRATE_URL"], database_url.rsplit("/", 1)[1]),
         kafka_bootstrap=services.get("SENSORMINE_KAFKA_BOOTSTRAP"),
         mqtt_url=services.get("SENSORMINE_MQTT_URL"),
         redis_url=services.get("SENSORMINE_REDIS_URL"),
@@ -78,9 +90,15 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
 
 
 @pytest.fixture
-def conn(settings: Settings) -> Iterator[psycopg.Connection]:
-    """A connection to the test's database."""
-    with psycopg.connect(settings.database_url) as c:
+def admin_url(settings: Settings) -> str:
+    """The superuser's URL of the test's database (set-up and checks of the test itself)."""
+    return admin_url_of(settings)
+
+
+@pytest.fixture
+def conn(admin_url: str) -> Iterator[psycopg.Connection]:
+    """A superuser connection to the test's database, for the test's own set-up and checks."""
+    with psycopg.connect(admin_url) as c:
         yield c
 
 

@@ -107,9 +107,9 @@ def make_buffered_sink(
         # Backstop above anything librdkafka may take to report (message, request and socket timeouts).
         backstop = link_timeout_s + 2 * request_ms / 1000 + 10
     else:
-        from sensormine.clients.postgres import connect
+        from sensormine.clients.postgres import INGEST, connect
 
-        inner = DirectSink(lambda: connect(settings), settings)
+        inner = DirectSink(lambda: connect(settings, role=INGEST), settings)
         backstop = DEFAULT_DELIVERY_TIMEOUT_S  # DirectSink is synchronous: it never leaves a message pending
     sink = BufferedSink(inner, path, max_bytes=max_bytes, drop=drop, delivery_timeout_s=backstop, retry_s=retry_s)
     holder.append(sink)

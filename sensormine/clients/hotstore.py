@@ -8,14 +8,22 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import psycopg
+from psycopg import sql
 
 from sensormine.clients._pgcopy import COPY_HEADER, COPY_TRAILER, PG_EPOCH_US, ROW_TAIL, series_prefix
 from sensormine.clients.latest import SeriesPoint, newest_per_series, notify_latest
-from sensormine.clients.postgres import ensure_partitions, epoch_day_to_date, existing_partition_days
+from sensormine.clients.postgres import ensure_partitions, epoch_day_to_date, existing_partition_days, partition_name
 from sensormine.reading import Reading, day_of, us_to_datetime
 
 COLUMNS = ("tenant_id", "device_id", "metric", "ts", "value", "quality", "ingest_ts")
-_COPY_SQL = f"COPY telemetry ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_COPY_SQL = f"COPY {{}} ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+STAGE = "telemetry_stage"
+# The dedupe path's staging table, spelled out: LIKE telemetry would need the right to read telemetry.
+_STAGE_DDL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (tenant_id text NOT NULL, device_id text NOT NULL, "
+    "metric text NOT NULL, ts timestamptz NOT NULL, value double precision NOT NULL, "
+    "quality smallint NOT NULL DEFAULT 0, ingest_ts timestamptz NOT NULL DEFAULT now()) ON COMMIT DELETE ROWS"
+)
 _COPY_TYPES = ("text", "text", "text", "timestamptz", "float8", "int2", "timestamptz")
 
 _CHUNK_BYTES = 1 << 20
@@ -98,11 +106,13 @@ class CopyBatch:
                     best[key] = (ts + PG_EPOCH_US, value, quality)
         return [(*k, *v) for k, v in best.items()]
 
-    def chunks(self) -> Iterator[bytes]:
-        """The whole binary COPY stream (header, rows in key order, trailer), in pieces of about 1 MiB."""
+    def chunks(self, day: int | None = None) -> Iterator[bytes]:
+        """The binary COPY stream (header, rows in key order, trailer) of one UTC day, or of all, in ~1 MiB pieces."""
         parts: list[bytes] = [COPY_HEADER]
         size = 0
         for key in sorted(self._devices):
+            if day is not None and key[0] != day:
+                continue
             _, tenant_id, device_id = key
             buckets = self._devices[key]
             for metric in sorted(buckets):
@@ -148,10 +158,13 @@ class HotStoreWriter:
 
     def write(self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
         """Insert `readings` and record `offsets` in one transaction; rows already present are skipped."""
+        by_day: dict[int, list[Reading]] = {}
+        for r in readings:
+            by_day.setdefault(day_of(r.ts), []).append(r)
         return self._write(
             len(readings),
             {(r.tenant_id, day_of(r.ts)) for r in readings},
-            lambda table: self._copy(readings, table),
+            lambda day, table: self._copy(by_day[day] if day is not None else readings, table),
             offsets,
             lambda: newest_per_series((r.tenant_id, r.device_id, r.metric, r.ts, r.value, r.quality) for r in readings),
         )
@@ -162,14 +175,18 @@ class HotStoreWriter:
             # CopyBatch encodes text as UTF-8; the server reads COPY text in the client encoding.
             raise RuntimeError(f"binary COPY batches need client_encoding UTF8, not {self.conn.info.encoding}")
         return self._write(
-            batch.rows, batch.tenant_days, lambda table: self._copy_stream(batch.chunks(), table), offsets, batch.newest
+            batch.rows,
+            batch.tenant_days,
+            lambda day, table: self._copy_stream(batch.chunks(day), table),
+            offsets,
+            batch.newest,
         )
 
     def _write(
         self,
         n_rows: int,
         tenant_days: set[tuple[str, int]],
-        copy: Callable[[str], None],
+        copy: Callable[[int | None, str], None],
         offsets: Sequence[KafkaOffset],
         newest: Callable[[], list[SeriesPoint]],
     ) -> WriteResult:
@@ -181,7 +198,10 @@ class HotStoreWriter:
             if n_rows:
                 try:
                     with self.conn.transaction():  # savepoint: a duplicate key falls back to the dedupe path
-                        copy("telemetry")
+                        # Straight into each day's partition: COPY cannot run under telemetry's row-level
+                        # security, and the writer role may insert into partitions only (migration 016).
+                        for day in sorted({d for _, d in tenant_days}):
+                            copy(day, partition_name(epoch_day_to_date(day)))
                     result.inserted = n_rows
                 except psycopg.errors.UniqueViolation:
                     result.inserted = self._insert_dedupe(copy)
@@ -195,27 +215,25 @@ class HotStoreWriter:
         self._known_days |= days
         return result
 
-    def _copy(self, readings: Sequence[Reading], table: str = "telemetry") -> None:
+    def _copy(self, readings: Sequence[Reading], table: str) -> None:
         cur = self.conn.cursor()
-        with cur.copy(_COPY_SQL.replace("telemetry", table, 1)) as copy:
+        with cur.copy(sql.SQL(_COPY_SQL).format(sql.Identifier(table))) as copy:
             copy.set_types(_COPY_TYPES)
             for r in readings:
                 ts, ingest_ts = us_to_datetime(r.ts), us_to_datetime(r.ingest_ts)
                 copy.write_row((r.tenant_id, r.device_id, r.metric, ts, r.value, r.quality, ingest_ts))
 
     def _copy_stream(self, chunks: Iterable[bytes], table: str) -> None:
-        with self.conn.cursor().copy(_COPY_SQL.replace("telemetry", table, 1)) as copy:
+        with self.conn.cursor().copy(sql.SQL(_COPY_SQL).format(sql.Identifier(table))) as copy:
             for chunk in chunks:
                 copy.write(chunk)
 
-    def _insert_dedupe(self, copy: Callable[[str], None]) -> int:
-        self.conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS telemetry_stage (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
-        copy("telemetry_stage")
+    def _insert_dedupe(self, copy: Callable[[int | None, str], None]) -> int:
+        self.conn.execute(_STAGE_DDL)
+        copy(None, STAGE)
         cur = self.conn.execute(
             f"INSERT INTO telemetry ({', '.join(COLUMNS)}) "
-            f"SELECT DISTINCT ON (tenant_id, device_id, metric, ts) {', '.join(COLUMNS)} FROM telemetry_stage "
+            f"SELECT DISTINCT ON (tenant_id, device_id, metric, ts) {', '.join(COLUMNS)} FROM {STAGE} "
             "ON CONFLICT DO NOTHING"
         )
         return cur.rowcount

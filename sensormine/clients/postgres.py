@@ -35,9 +35,68 @@ def database_url(settings: Settings | None = None) -> str:
     return settings.database_url
 
 
-def connect(settings: Settings | None = None, autocommit: bool = False) -> psycopg.Connection:
-    """A new connection to the hot store."""
-    return psycopg.connect(database_url(settings), autocommit=autocommit)
+# The function roles a connection takes (migration 016 grants them; the launcher's
+# bootstrap_roles creates them). A login holds no privilege of its own.
+READER = "sensormine_reader"
+WRITER = "sensormine_writer"
+AUTH = "sensormine_auth"
+INGEST = "sensormine_ingest"
+METERING = "sensormine_metering"
+LAKE = "sensormine_lake"
+FUNCTION_ROLES = frozenset({READER, WRITER, AUTH, INGEST, METERING, LAKE})
+
+
+def connect(
+    settings: Settings | None = None, autocommit: bool = False, *, role: str | None = None
+) -> psycopg.Connection:
+    """A new connection to the hot store, acting as the function `role` for its whole life.
+
+    Without a role the connection can do nothing but take one per transaction (`tenant_scope`,
+    `role_scope`): a forgotten scope is a permission error, never another tenant's rows.
+    """
+    if role is None:
+        return psycopg.connect(database_url(settings), autocommit=autocommit)
+    if role not in FUNCTION_ROLES:
+        raise ValueError(f"unknown database role {role!r}")
+    try:
+        return psycopg.connect(database_url(settings), autocommit=autocommit, options=f"-c role={role}")
+    except psycopg.OperationalError as exc:
+        if "permission denied to set role" in str(exc):
+            raise psycopg.OperationalError(
+                f"{exc}: this process's database login is not a member of {role}; log in as a role that is "
+                "(sensormine db bootstrap creates them; docs/decisions.md)"
+            ) from None
+        raise
+
+
+def migration_connect(settings: Settings | None = None) -> psycopg.Connection:
+    """A connection as the schema owner (`database_migrate_url`, else `database_url`) for `migrate`."""
+    settings = settings or get_settings()
+    return psycopg.connect(settings.database_migrate_url or database_url(settings))
+
+
+def migrate_database(settings: Settings | None = None) -> list[str]:
+    """Apply pending migrations as the schema owner; returns those applied."""
+    with migration_connect(settings) as conn:
+        return migrate(conn)
+
+
+@contextmanager
+def role_scope(conn: psycopg.Connection, role: str) -> Iterator[psycopg.Connection]:
+    """A transaction acting as the function `role` (e.g. AUTH for credential lookups).
+
+    Nested in a caller's transaction it is a savepoint, and the caller's role is back afterwards
+    (a released savepoint would otherwise keep the SET LOCAL to the end of the outer transaction).
+    """
+    if role not in FUNCTION_ROLES:
+        raise ValueError(f"unknown database role {role!r}")
+    nested = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    before = conn.execute("SELECT current_user").fetchone()[0] if nested else None  # type: ignore[index]
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+        yield conn
+        if before is not None:
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(before)))
 
 
 def migrate(conn: psycopg.Connection) -> list[str]:
@@ -83,21 +142,16 @@ def existing_partition_days(conn: psycopg.Connection) -> set[date]:
 
 
 def ensure_partitions(conn: psycopg.Connection, days: Iterable[date]) -> list[date]:
-    """Create the day partitions that are missing (inside the caller's transaction); returns those created."""
-    wanted = set(days)
+    """Create the day partitions that are missing (inside the caller's transaction); returns those created.
+
+    Through `sensormine_ensure_day_partitions` (migration 016), which runs as the schema owner: the
+    writers may insert into the partitions, never create or alter tables themselves.
+    """
+    wanted = sorted(set(days))
     if not wanted:
         return []
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
-    missing = sorted(wanted - existing_partition_days(conn))
-    for day in missing:
-        conn.execute(
-            sql.SQL("CREATE TABLE {} PARTITION OF telemetry FOR VALUES FROM ({}) TO ({})").format(
-                sql.Identifier(partition_name(day)),
-                sql.Literal(f"{day.isoformat()} 00:00:00+00"),
-                sql.Literal(f"{(day + timedelta(days=1)).isoformat()} 00:00:00+00"),
-            )
-        )
-    return missing
+    row = conn.execute("SELECT sensormine_ensure_day_partitions(%s::date[])", (wanted,)).fetchone()
+    return sorted(row[0]) if row and row[0] else []
 
 
 def ensure_partition_window(conn: psycopg.Connection, today: date, settings: Settings | None = None) -> list[date]:
@@ -123,8 +177,7 @@ def tenant_scope(
     `platform` lets a platform administrator's session see and create top-level tenants.
     """
     ids = ",".join(sorted(set(tenant_ids)))
-    with conn.transaction():
-        conn.execute("SET LOCAL ROLE sensormine_writer" if write else "SET LOCAL ROLE sensormine_reader")
+    with role_scope(conn, WRITER if write else READER):
         conn.execute(
             "SELECT set_config('sensormine.tenant_ids', %s, true), set_config('sensormine.platform', %s, true)",
             (ids, "on" if platform else "off"),
@@ -133,5 +186,5 @@ def tenant_scope(
 
 
 def make_pool(settings: Settings | None = None, max_size: int = 8) -> ConnectionPool:
-    """A connection pool for long-lived processes (API, daemons)."""
+    """A pool of role-less connections (the API's): every use takes a scope (`tenant_scope`, `role_scope`)."""
     return ConnectionPool(database_url(settings), min_size=1, max_size=max_size, open=True)

@@ -248,6 +248,6 @@ class TrackingSink:
 
 def tracked(inner: ReadingSink, settings: Settings) -> TrackingSink:
     """`inner` wrapped in a TrackingSink writing to the settings' database."""
-    from sensormine.clients.postgres import connect
+    from sensormine.clients.postgres import INGEST, connect
 
-    return TrackingSink(inner, lambda: connect(settings))
+    return TrackingSink(inner, lambda: connect(settings, role=INGEST))

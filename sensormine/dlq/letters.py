@@ -319,7 +319,6 @@ def list_dead_letters(conn: psycopg.Connection, settings: Settings, flt: DlqFilt
     found = _db_list(conn, flt)
     if settings.kafka_bootstrap:
         found += _kafka_list(conn, settings, flt)
-    conn.commit()
     found.sort(key=lambda e: (e.rejected_at or datetime.min.replace(tzinfo=UTC), e.id))
     return found[: flt.limit]
 
@@ -345,7 +344,6 @@ def get_dead_letters(
     if positions and settings.kafka_bootstrap:
         for entry in _kafka_get(conn, settings, positions):
             found[entry.id] = entry
-    conn.commit()
     visible = None if tenant_ids is None else set(tenant_ids)
     entries: list[DeadLetter] = []
     missing: list[str] = []

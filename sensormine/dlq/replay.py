@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, Message
 
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.clients.kafka import ensure_topics, make_producer
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.dlq.letters import (
     DB_PREFIX,
     KAFKA_TIMEOUT_S,
@@ -310,7 +310,7 @@ def replay(
     by_id: dict[str, ReplayOutcome] = {}
     with _replay_lock(conn):
         done = _already_replayed(conn, settings, entries)
-        schemas = SchemaDirectory(lambda: connect(settings))
+        schemas = SchemaDirectory(lambda: connect(settings, role=INGEST))
         schemas.load(conn)
         now = now_us()
         plans: list[_Plan] = []
@@ -352,6 +352,7 @@ def replay_matching(
         entries, missing = get_dead_letters(conn, settings, ids, flt.tenant_ids)
     else:
         entries, missing = list_dead_letters(conn, settings, replace(flt, status="pending")), []
+    conn.commit()  # end the read: the replay writes in transactions of its own
     report = replay(conn, settings, entries, replayed_by=replayed_by, dry_run=dry_run)
     report.outcomes += [ReplayOutcome(i, "not_found") for i in missing]
     return report

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from sensormine.clients.postgres import tenant_scope
+from sensormine.clients.postgres import AUTH, role_scope, tenant_scope
 from sensormine.identity.roles import ROLE_PERMISSIONS, AuthError, Role, expand_scopes
 from sensormine.identity.secrets import hash_secret
 from sensormine.identity.tokens import decode_token
@@ -70,21 +70,23 @@ def operator_identity(conn: psycopg.Connection, subject: str = OPERATOR_SUBJECT)
     explicit option of the command, recorded in the audit entry.
     """
     permissions = ROLE_PERMISSIONS[Role.PLATFORM_ADMIN]
-    return _identity(conn, subject, None, Role.PLATFORM_ADMIN, permissions)
+    with role_scope(conn, AUTH):
+        return _identity(conn, subject, None, Role.PLATFORM_ADMIN, permissions)
 
 
 def identity_from_token(conn: psycopg.Connection, settings: Settings, token: str) -> Identity:
     """The identity of a valid access token's user."""
     claims = decode_token(settings, token, "access")
-    row = conn.execute(
-        "SELECT tenant_id, role, disabled_at IS NOT NULL, token_version FROM users WHERE id = %s", (claims["sub"],)
-    ).fetchone()
-    if row is None or row[2]:
-        raise AuthError("the user no longer exists or is disabled")
-    if row[3] != claims.get("ver"):
-        raise AuthError("the session was ended (logout, password or role change); log in again")
-    role = Role(row[1])
-    return _identity(conn, f"user:{claims['sub']}", row[0], role, ROLE_PERMISSIONS[role])
+    with role_scope(conn, AUTH):
+        row = conn.execute(
+            "SELECT tenant_id, role, disabled_at IS NOT NULL, token_version FROM users WHERE id = %s", (claims["sub"],)
+        ).fetchone()
+        if row is None or row[2]:
+            raise AuthError("the user no longer exists or is disabled")
+        if row[3] != claims.get("ver"):
+            raise AuthError("the session was ended (logout, password or role change); log in again")
+        role = Role(row[1])
+        return _identity(conn, f"user:{claims['sub']}", row[0], role, ROLE_PERMISSIONS[role])
 
 
 def identity_from_api_key(conn: psycopg.Connection, key: str) -> Identity:
@@ -92,10 +94,11 @@ def identity_from_api_key(conn: psycopg.Connection, key: str) -> Identity:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != "smk":
         raise AuthError("the API key is malformed (keys look like smk_<id>_<secret>)")
-    row = conn.execute(
-        "SELECT tenant_id, role, scopes, key_hash FROM api_keys WHERE id = %s AND revoked_at IS NULL", (parts[1],)
-    ).fetchone()
-    if row is None or not secrets.compare_digest(row[3], hash_secret(key)):
-        raise AuthError("the API key is unknown or revoked")
-    role = Role(row[1])
-    return _identity(conn, f"key:{parts[1]}", row[0], role, ROLE_PERMISSIONS[role] & expand_scopes(row[2]))
+    with role_scope(conn, AUTH):
+        row = conn.execute(
+            "SELECT tenant_id, role, scopes, key_hash FROM api_keys WHERE id = %s AND revoked_at IS NULL", (parts[1],)
+        ).fetchone()
+        if row is None or not secrets.compare_digest(row[3], hash_secret(key)):
+            raise AuthError("the API key is unknown or revoked")
+        role = Role(row[1])
+        return _identity(conn, f"key:{parts[1]}", row[0], role, ROLE_PERMISSIONS[role] & expand_scopes(row[2]))

@@ -248,6 +248,6 @@ def make_sink(settings: Settings | None = None) -> ReadingSink:
     settings = settings or get_settings()
     if settings.kafka_bootstrap:
         return KafkaSink(settings)
-    from sensormine.clients.postgres import connect
+    from sensormine.clients.postgres import INGEST, connect
 
-    return DirectSink(lambda: connect(settings), settings)
+    return DirectSink(lambda: connect(settings, role=INGEST), settings)

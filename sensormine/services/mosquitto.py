@@ -19,7 +19,6 @@ import base64
 import glob
 import hashlib
 import json
-import os
 import pwd
 import secrets
 import socket
@@ -112,15 +111,6 @@ def dynsec_config(credentials: dict[str, str]) -> dict[str, Any]:
             "unsubscribe": True,
         },
     }
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (it holds secrets), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
 
 
 def _mosquitto_conf(port: int, log: Path, plugin: str, dynsec_file: Path) -> str:
@@ -247,8 +237,8 @@ class Mosquitto(Service):
                 "(devices provisioned at the broker are forgotten: `sensormine device sync-broker --rotate-missing`)"
             )
         credentials = {account: secrets.token_urlsafe(24) for account in ACCOUNTS}
-        _write_private(self.dynsec_file, json.dumps(dynsec_config(credentials), indent=2) + "\n")
-        _write_private(self.credentials_file, json.dumps(credentials, indent=2) + "\n")
+        system.write_private(self.dynsec_file, json.dumps(dynsec_config(credentials), indent=2) + "\n")
+        system.write_private(self.credentials_file, json.dumps(credentials, indent=2) + "\n")
         progress(f"mosquitto: dynamic security initialised in {self.dynsec_file} (admin, ingest and tools users)")
 
     def _probe_login(self, rec: Record) -> tuple[str | None, str | None]:

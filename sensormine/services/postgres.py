@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import re
+import secrets
 import shutil
+import signal
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sensormine.services import process, system
 from sensormine.services.base import EMBEDDED_HINT, Progress, Record, Service
@@ -17,6 +21,44 @@ from sensormine.services.errors import ServiceError
 
 PREFERRED_MAJOR = 15
 DATABASE = "sensormine"
+SUPERUSER = "postgres"
+
+# Run-time roles (docs/decisions.md, "No superuser at run time"). Logins hold no privilege of their
+# own (NOINHERIT): every connection takes one of the function roles (SET ROLE at connect, or
+# SET LOCAL ROLE per transaction for tenant-scoped work), whose grants and policies are migration 016's.
+FUNCTION_ROLES = (
+    "sensormine_reader",  # tenant-scoped reads (RLS by the session's visible tenants)
+    "sensormine_writer",  # tenant-scoped writes, same policies
+    "sensormine_auth",  # credential and device-key lookups, before the caller's tenants are known
+    "sensormine_ingest",  # the hot-store write path: telemetry, dead letters, offsets, device status
+    "sensormine_metering",  # API-call usage, its flushes and tenant events
+    "sensormine_lake",  # compaction, quality checks and hot-store retention
+)
+OWNER = "sensormine_owner"  # owns the schema and runs migrations; no superuser, no BYPASSRLS
+LOGINS: dict[str, tuple[str, ...]] = {
+    OWNER: (),
+    # Each process kind logs in as its own role, a member of the function roles it needs.
+    "sensormine_api": (
+        "sensormine_reader",
+        "sensormine_writer",
+        "sensormine_auth",
+        "sensormine_ingest",
+        "sensormine_metering",
+    ),
+    "sensormine_ingestd": ("sensormine_ingest",),
+    "sensormine_dagster": ("sensormine_lake",),
+    # Operators, tools and tests on one machine: every function role, still no privilege of its own.
+    "sensormine_app": FUNCTION_ROLES,
+}
+APP_LOGIN = "sensormine_app"
+PASSWORDS_FILE = "credentials.json"
+PGPASS_FILE = "pgpass"
+HBA = (
+    "# written by `sensormine services up`: passwords (scram-sha-256) for every connection\n"
+    "local all all scram-sha-256\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+    "host all all ::1/128 scram-sha-256\n"
+)
 
 # Tuned for a test/bench box: keep fsync (crash safety of the files) but do not wait for
 # WAL flushes on commit, and give checkpoints room so bulk loads are not throttled.
@@ -59,8 +101,68 @@ def _major(bindir: Path) -> str:
     return m.group(1)
 
 
+def bootstrap_roles(admin: Any, passwords: dict[str, str], database: str = DATABASE) -> None:
+    """Create (or update) the run-time roles and hand `database` and its objects to the owner.
+
+    Run once per cluster by a superuser (the launcher does; elsewhere `sensormine db bootstrap`),
+    before the first migration. `admin` is an autocommit psycopg connection to `database`.
+    """
+    from psycopg import sql
+
+    def role_exists(name: str) -> bool:
+        return admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
+
+    limits = sql.SQL("NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS")
+    for role in FUNCTION_ROLES:
+        verb = "ALTER" if role_exists(role) else "CREATE"
+        admin.execute(sql.SQL(verb + " ROLE {} NOLOGIN {}").format(sql.Identifier(role), limits))
+    for login, members_of in LOGINS.items():
+        verb = "ALTER" if role_exists(login) else "CREATE"
+        admin.execute(
+            sql.SQL(verb + " ROLE {} LOGIN NOINHERIT {} PASSWORD {}").format(
+                sql.Identifier(login), limits, sql.Literal(passwords[login])
+            )
+        )
+        for role in members_of:
+            admin.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(login)))
+    admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(OWNER)))
+    admin.execute(sql.SQL("GRANT CREATE, USAGE ON SCHEMA public TO {}").format(sql.Identifier(OWNER)))
+    # A database migrated before the owner role existed: its objects move to the owner.
+    admin.execute(
+        """DO $$ DECLARE r record; BEGIN
+            FOR r IN SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+                       AND pg_get_userbyid(c.relowner) <> 'sensormine_owner' AND NOT c.relispartition LOOP
+                EXECUTE format('ALTER TABLE %I OWNER TO sensormine_owner', r.relname);
+            END LOOP;
+            FOR r IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'public' AND c.relkind = 'S'
+                       AND pg_get_userbyid(c.relowner) <> 'sensormine_owner'
+                       AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = c.oid AND d.deptype IN ('a', 'i')) LOOP
+                EXECUTE format('ALTER SEQUENCE %I OWNER TO sensormine_owner', r.relname);
+            END LOOP;
+            FOR r IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'public' AND c.relispartition
+                       AND pg_get_userbyid(c.relowner) <> 'sensormine_owner' LOOP
+                EXECUTE format('ALTER TABLE %I OWNER TO sensormine_owner', r.relname);
+            END LOOP;
+            FOR r IN SELECT p.oid::regprocedure AS f FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                     WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> 'sensormine_owner' LOOP
+                EXECUTE format('ALTER FUNCTION %s OWNER TO sensormine_owner', r.f);
+            END LOOP;
+        END $$"""
+    )
+
+
+def role_url(url: str, login: str) -> str:
+    """`url` (postgresql://user@host:port/db) logging in as `login` instead."""
+    scheme, _, rest = url.partition("://")
+    _, at, hostpart = rest.rpartition("@")
+    return f"{scheme}://{login}@{hostpart if at else rest}"
+
+
 class Postgres(Service):
-    """PostgreSQL with trust auth on loopback and a `sensormine` database."""
+    """PostgreSQL with password (scram-sha-256) authentication on loopback and a `sensormine` database."""
 
     name = "postgres"
     ready_timeout = 90.0
@@ -128,11 +230,30 @@ class Postgres(Service):
         if not (data / "PG_VERSION").exists():
             shutil.rmtree(data, ignore_errors=True)  # leftovers of an interrupted initdb
             progress(f"postgres: initdb PostgreSQL {major} in {data} (first run) ...")
-            res = process.run(
-                [bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "-N"],
-                user=user,
-                cwd=self.dir,
-            )
+            pwfile = self.dir / "initdb-password"
+            system.write_private(pwfile, self.passwords()[SUPERUSER] + "\n")
+            if user is not None:
+                os.chown(pwfile, user.pw_uid, user.pw_gid)
+            try:
+                res = process.run(
+                    [
+                        bindir / "initdb",
+                        "-D",
+                        data,
+                        "-U",
+                        SUPERUSER,
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "-E",
+                        "UTF8",
+                        "--no-locale",
+                        "-N",
+                    ],
+                    user=user,
+                    cwd=self.dir,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
             if res.returncode != 0:
                 raise ServiceError(f"postgres: initdb failed:\n{res.stdout}{res.stderr}")
             with open(data / "postgresql.conf", "a") as fh:
@@ -154,7 +275,7 @@ class Postgres(Service):
         return self.record(
             proc.pid,
             port,
-            f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}",
+            f"postgresql://{APP_LOGIN}@127.0.0.1:{port}/{DATABASE}",
             log,
             extra={
                 "bindir": str(bindir),
@@ -164,29 +285,86 @@ class Postgres(Service):
             },
         )
 
+    @property
+    def passwords_file(self) -> Path:
+        """The generated passwords of the superuser and the run-time logins (mode 0600)."""
+        return self.dir / PASSWORDS_FILE
+
+    @property
+    def pgpass_file(self) -> Path:
+        """The same passwords as a libpq password file, exported as PGPASSFILE."""
+        return self.dir / PGPASS_FILE
+
+    def passwords(self) -> dict[str, str]:
+        """The passwords, generated on first use and kept across restarts."""
+        known: dict[str, str] = {}
+        if self.passwords_file.exists():
+            known = json.loads(self.passwords_file.read_text())
+        wanted = {SUPERUSER, *LOGINS}
+        if not wanted <= known.keys():
+            known |= {name: secrets.token_urlsafe(24) for name in wanted - known.keys()}
+            system.write_private(self.passwords_file, json.dumps(known, indent=2) + "\n")
+        return known
+
+    def _superuser(self, rec: Record, dbname: str = "postgres", **kw: Any) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=rec.port,
+            user=SUPERUSER,
+            password=self.passwords()[SUPERUSER],
+            dbname=dbname,
+            **kw,
+        )
+
     def probe(self, rec: Record) -> bool:
         """`select 1` over TCP."""
-        import psycopg
-
-        with psycopg.connect(
-            host="127.0.0.1", port=rec.port, user="postgres", dbname="postgres", connect_timeout=3
-        ) as conn:
-            return conn.execute("select 1").fetchone() == (1,)
+        with self._superuser(rec, connect_timeout=3) as conn:
+            return bool(conn.execute("select 1").fetchone() == (1,))
 
     def after_ready(self, rec: Record, progress: Progress) -> None:
-        """Create the `sensormine` database if it does not exist yet."""
-        import psycopg
+        """Passwords on, the `sensormine` database, and the run-time roles (docs/decisions.md)."""
+        from psycopg import sql
 
-        with psycopg.connect(
-            host="127.0.0.1", port=rec.port, user="postgres", dbname="postgres", autocommit=True
-        ) as conn:
+        passwords = self.passwords()
+        with self._superuser(rec, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(passwords[SUPERUSER])
+                )
+            )
             if conn.execute("select 1 from pg_database where datname = %s", (DATABASE,)).fetchone() is None:
                 conn.execute(f'create database "{DATABASE}"')
                 progress(f"postgres: created database {DATABASE}")
+        with self._superuser(rec, dbname=DATABASE, autocommit=True) as conn:
+            bootstrap_roles(conn, passwords)
+        self._require_passwords(rec, progress)
+        # Any port: tests reach the server through TCP proxies too (one cluster per state dir and file).
+        lines = "".join(f"127.0.0.1:*:*:{name}:{pw}\n" for name, pw in sorted(passwords.items()))
+        system.write_private(self.pgpass_file, lines)
+
+    def _require_passwords(self, rec: Record, progress: Progress) -> None:
+        """A data dir made before passwords (trust): switch its pg_hba.conf to scram-sha-256 and reload."""
+        hba = Path(rec.extra["data"]) / "pg_hba.conf"
+        if hba.read_text() == HBA:
+            return
+        hba.write_text(HBA)
+        owner = rec.extra.get("user")
+        if owner and system.is_root():
+            pw = pwd.getpwnam(owner)
+            os.chown(hba, pw.pw_uid, pw.pw_gid)
+        os.kill(rec.pid, signal.SIGHUP)
+        progress("postgres: password authentication (scram-sha-256) required from now on")
 
     def env(self, rec: Record) -> dict[str, str]:
-        """SENSORMINE_DATABASE_URL."""
-        return {"SENSORMINE_DATABASE_URL": rec.url}
+        """SENSORMINE_DATABASE_URL (the tools' login), the migration and superuser URLs, and PGPASSFILE."""
+        return {
+            "SENSORMINE_DATABASE_URL": rec.url,
+            "SENSORMINE_DATABASE_MIGRATE_URL": role_url(rec.url, OWNER),
+            "SENSORMINE_DATABASE_ADMIN_URL": role_url(rec.url, SUPERUSER),
+            "PGPASSFILE": str(self.pgpass_file),
+        }
 
     def stop(self, rec: Record) -> None:
         """`pg_ctl stop -m fast` as the owner; signals if that does not do it."""

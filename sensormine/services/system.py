@@ -154,3 +154,12 @@ def chown_tree(path: Path, user: pwd.struct_passwd) -> None:
     for dirpath, dirnames, filenames in os.walk(path):
         for n in dirnames + filenames:
             os.chown(os.path.join(dirpath, n), user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds secrets), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)

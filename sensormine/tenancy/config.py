@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from sensormine.clients.postgres import AUTH, role_scope
 from sensormine.tenancy.plans import PLANS
 
 # Feature flags every plan starts from; a tenant (or an ancestor) overrides them key by key.
@@ -36,12 +37,17 @@ class EffectiveConfig:
 
 
 def effective_config(conn: psycopg.Connection, tenant_id: str) -> EffectiveConfig | None:
-    """The cascaded configuration of a tenant, or None when it does not exist."""
-    rows = conn.execute(
-        "SELECT a.id, a.plan, t.settings, t.features, t.branding FROM sensormine_tenant_ancestors(%s) a "
-        "JOIN tenants t ON t.id = a.id ORDER BY a.depth DESC",
-        (tenant_id,),
-    ).fetchall()
+    """The cascaded configuration of a tenant, or None when it does not exist.
+
+    Read as the auth role: a sub-tenant inherits from ancestors its own scope may not read (callers
+    check that the tenant is visible to them first).
+    """
+    with role_scope(conn, AUTH):
+        rows = conn.execute(
+            "SELECT a.id, a.plan, t.settings, t.features, t.branding FROM sensormine_tenant_ancestors(%s) a "
+            "JOIN tenants t ON t.id = a.id ORDER BY a.depth DESC",
+            (tenant_id,),
+        ).fetchall()
     if not rows:
         return None
     plan, plan_from = "free", rows[0][0]

@@ -54,8 +54,8 @@ def list_entries(
         tenants = list(caller.visible)
     else:
         caller.tenant(tenant_id)
-        tenants = [t for t in visible_tenant_ids(conn, tenant_id) if t in caller.visible]
-        conn.commit()
+        with caller.scope(conn):
+            tenants = [t for t in visible_tenant_ids(conn, tenant_id) if t in caller.visible]
     with caller.scope(conn):
         entries = query_audit(
             conn,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 from pydantic import BaseModel, Field
 
+from sensormine.clients.postgres import AUTH, role_scope
 from sensormine.identity.tokens import issue_tokens, refresh_tokens
 from sensormine.identity.users import AuthError, authenticate_password, end_sessions
 from sensormine.tenancy.config import effective_config
@@ -52,8 +53,9 @@ def _tokens(pair: Any) -> TokenOut:
 def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], conn: ConnDep, settings: SettingsDep) -> TokenOut:
     """OAuth2 password flow: the email as `username` and the password, form-encoded."""
     try:
-        user = authenticate_password(conn, form.username, form.password)
-        pair = issue_tokens(conn, settings, user)
+        with role_scope(conn, AUTH):  # no caller yet: the credential lookup role
+            user = authenticate_password(conn, form.username, form.password)
+            pair = issue_tokens(conn, settings, user)
     except AuthError as exc:
         raise Problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     finally:
@@ -65,7 +67,8 @@ def login(form: Annotated[OAuth2PasswordRequestForm, Depends()], conn: ConnDep, 
 def refresh(body: RefreshIn, conn: ConnDep, settings: SettingsDep) -> TokenOut:
     """A new token pair for a refresh token (the old one keeps working until it expires or a logout)."""
     try:
-        pair = refresh_tokens(conn, settings, body.refresh_token)
+        with role_scope(conn, AUTH):
+            pair = refresh_tokens(conn, settings, body.refresh_token)
     except AuthError as exc:
         raise Problem(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     finally:
@@ -79,7 +82,8 @@ def logout(caller: CallerDep, conn: ConnDep, request: Request) -> None:
     kind, _, user_id = caller.subject.partition(":")
     if kind != "user":
         raise Problem(422, "API keys do not log out; revoke the key instead (DELETE /api/keys/{id})")
-    end_sessions(conn, user_id)
+    with role_scope(conn, AUTH):
+        end_sessions(conn, user_id)
     credential_cache(request).clear()
 
 
@@ -87,7 +91,6 @@ def logout(caller: CallerDep, conn: ConnDep, request: Request) -> None:
 def me(caller: CallerDep, conn: ConnDep) -> MeOut:
     """Who the credential is, what it may do, and the features of its tenant."""
     config = effective_config(conn, caller.tenant_id) if caller.tenant_id else None
-    conn.commit()
     return MeOut(
         subject=caller.subject,
         tenant_id=caller.tenant_id,

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Security
 from pydantic import AwareDatetime, BaseModel, Field
 
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.dlq.letters import MAX_LIMIT, DeadLetter, DlqError, DlqFilter, list_dead_letters
 from sensormine.dlq.replay import ReplayOutcome, replay_matching
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate
@@ -126,7 +127,8 @@ def list_dlq(
     """Dead letters, oldest first, with their reason (JSON pointer included) and original bytes."""
     flt = DlqFilter(_tenants(caller, tenant_id), device_id, source, reason, since, status, limit)
     try:
-        entries = list_dead_letters(conn, settings, flt)
+        with caller.scope(conn):  # row-level security shows the caller's tenants' dead letters only
+            entries = list_dead_letters(conn, settings, flt)
     except DlqError as exc:
         raise Problem(503, str(exc)) from None
     return DeadLetterList(count=len(entries), items=[_out(e) for e in entries])
@@ -140,7 +142,6 @@ def list_dlq(
 )
 def replay_dlq(
     caller: Annotated[Caller, Security(authenticate, scopes=["dlq:write"])],
-    conn: ConnDep,
     settings: SettingsDep,
     body: ReplayRequest,
 ) -> ReplayResult:
@@ -153,9 +154,12 @@ def replay_dlq(
         _tenants(caller, body.tenant_id), body.device_id, body.source, body.reason, body.since, "pending", body.limit
     )
     try:
-        report = replay_matching(
-            conn, settings, ids=body.ids, flt=flt, replayed_by=f"api:{caller.subject}", dry_run=body.dry_run
-        )
+        # The ingest role re-submits (the path of the letters' origin) and records the replays; the
+        # filter holds the lookup to the caller's tenants.
+        with connect(settings, role=INGEST) as ingest:
+            report = replay_matching(
+                ingest, settings, ids=body.ids, flt=flt, replayed_by=f"api:{caller.subject}", dry_run=body.dry_run
+            )
     except DlqError as exc:
         raise Problem(503, str(exc)) from None
     return ReplayResult(counts=report.counts, outcomes=[_outcome(o) for o in report.outcomes])

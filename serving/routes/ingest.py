@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from sensormine.clients.postgres import AUTH, role_scope
 from sensormine.devices.registry import device_key_holder
 from sensormine.devices.status import TrackingSink, tracked
 from sensormine.ingest.sinks import make_sink
@@ -102,7 +103,7 @@ def _gate(request: Request, settings: Settings) -> IngestGate:
 
 def _device(request: Request, key: str) -> tuple[str, str] | None:
     """The device holding `key`, once its tenant's ingest rate admits the request (else a 429 problem)."""
-    with request.app.state.pool.connection() as conn:
+    with request.app.state.pool.connection() as conn, role_scope(conn, AUTH):
         holder = device_key_holder(conn, key)
     if holder is None:
         return None

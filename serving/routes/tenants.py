@@ -189,7 +189,7 @@ def _fetch(conn: psycopg.Connection, tenant_id: str) -> TenantOut:
 
 
 def _effective(conn: psycopg.Connection, tenant_id: str) -> EffectiveOut:
-    # Outside row-level security on purpose: a sub-tenant inherits from ancestors it may not read.
+    # As the auth role (inside effective_config): a sub-tenant inherits from ancestors it may not read.
     # Callers check visibility (caller.tenant) first.
     config = effective_config(conn, tenant_id)
     if config is None:
@@ -315,11 +315,11 @@ def _update(conn: psycopg.Connection, caller: Caller, tenant_id: str, patch: Ten
     """Apply a patch (permissions checked); the changed fields for the audit log."""
     fields = patch.model_fields_set
     try:
-        if "plan" in fields:
-            _check_plan(caller, patch.plan, top_level=parent_of(conn, tenant_id) is None)
-        if patch.features:
-            _check_features_allowed(conn, caller, tenant_id, patch.features)
-        conn.commit()
+        with caller.scope(conn):
+            if "plan" in fields:
+                _check_plan(caller, patch.plan, top_level=parent_of(conn, tenant_id) is None)
+            if patch.features:
+                _check_features_allowed(conn, caller, tenant_id, patch.features)
         branding = patch.branding.model_dump(exclude_unset=True) if patch.branding is not None else None
         plan = {"plan": patch.plan} if "plan" in fields else {}
         return change_tenant(

@@ -18,6 +18,7 @@ from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics
 from sensormine.ingest.sinks import KafkaSink
 from sensormine.settings import Settings
+from tests.conftest import admin_url_of
 from tests.factories import DAY_US, make_tenant, readings, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +32,7 @@ def start_consumer(settings: Settings, log_path) -> subprocess.Popen:
         **os.environ,
         "SENSORMINE_ENV": settings.env,
         "SENSORMINE_DATABASE_URL": settings.database_url,
+        "SENSORMINE_DATABASE_MIGRATE_URL": settings.database_migrate_url,
         "SENSORMINE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "SENSORMINE_CONSUMER_GROUP": settings.consumer_group,
         "SENSORMINE_CONSUMER_BATCH_SIZE": "2000",  # small batches so the kill lands mid-stream
@@ -99,7 +101,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(settings: Settings, conn: 
         a lock on ingest_offsets stops it in between, and the kill lands there.
         """
         nonlocal second, committed_by_first
-        url = settings.database_url or ""
+        url = admin_url_of(settings)
         with psycopg.connect(url) as blocker, psycopg.connect(url, autocommit=True) as watch:
             blocker.execute("LOCK TABLE ingest_offsets IN ACCESS EXCLUSIVE MODE")
             locked.set()  # the publisher goes on, so the consumer gets a next batch

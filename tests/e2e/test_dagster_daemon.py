@@ -63,6 +63,7 @@ def dagster_ui(settings: Settings, tmp_path: Path) -> Iterator[tuple[DagsterWebs
         {
             "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster")),
             "SENSORMINE_DATABASE_URL": settings.database_url or "",
+            "SENSORMINE_DATABASE_MIGRATE_URL": settings.database_migrate_url or "",
             "SENSORMINE_STATE_DIR": str(settings.state_dir),
             "SENSORMINE_LAKE_URI": settings.lake_root,
             # Today's compaction every minute instead of every hour, so a scheduled run comes soon.

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     monkeypatch.setenv("SENSORMINE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap or "")
     monkeypatch.setenv("SENSORMINE_ENV", settings.env)
     reset_settings()

@@ -89,6 +89,7 @@ def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(
 ) -> None:
     # The Definitions' hot_store resource reads its database from the environment at each tick.
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     create_tenant(conn, "globex")
     create_tenant(conn, "acme")
     conn.commit()
@@ -129,6 +130,7 @@ def test_every_sensor_ticks_as_the_daemon_runs_it(
 ) -> None:
     """Regression: the daemon called sensors without a Protocol-typed resource parameter (a TypeError each tick)."""
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     data = sensor_tick(name, dagster_instance)
     assert not data.run_requests
     assert data.skip_message or data.dynamic_partitions_requests is not None

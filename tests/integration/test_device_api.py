@@ -82,14 +82,14 @@ def test_profiles_through_the_api(conn: psycopg.Connection, settings: Settings) 
 
 
 def test_tracking_sink_counts_what_daemons_publish(conn: psycopg.Connection, settings: Settings) -> None:
-    from sensormine.clients.postgres import connect
+    from sensormine.clients.postgres import INGEST, connect
     from sensormine.devices.status import tracked
     from sensormine.ingest.sinks import DirectSink
     from tests.factories import readings
 
     make_tenant(conn, "acme", ["plc-1"])
     in_process = settings.model_copy(update={"kafka_bootstrap": None})
-    sink = tracked(DirectSink(lambda: connect(in_process), in_process), in_process)
+    sink = tracked(DirectSink(lambda: connect(in_process, role=INGEST), in_process), in_process)
     sink.publish("acme", "plc-1", "modbus", readings("acme", "plc-1", 3))
     sink.reject("modbus", "modbus:acme/plc-1", "poll timed out", b"", "acme", "plc-1")
     assert sink.flush(10) == 0

@@ -349,6 +349,7 @@ def env_pointing_at(ds: Settings) -> Iterator[None]:
     """SENSORMINE_* variables for code that reads the global settings: the test's database, the module's broker."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SENSORMINE_DATABASE_URL", ds.database_url or "")
+        mp.setenv("SENSORMINE_DATABASE_MIGRATE_URL", ds.database_migrate_url or "")
         for field in _env_settings({}):
             value = getattr(ds, field)
             if value is None:

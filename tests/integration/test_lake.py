@@ -17,6 +17,7 @@ import lake.telemetry as lake_telemetry
 from lake.storage import table_uri
 from lake.telemetry import TELEMETRY_SCHEMA, compact_day, read_telemetry
 from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import LAKE, connect
 from sensormine.reading import READING_SCHEMA, Reading, readings_to_table
 from sensormine.settings import Settings
 from tests.factories import DAY, DAY_US, make_tenant, readings
@@ -214,7 +215,7 @@ def test_concurrent_compactions_of_one_tenant_day_serialise(conn: psycopg.Connec
     assert settings.database_url
 
     def run() -> int:
-        with psycopg.connect(settings.database_url) as own:
+        with connect(settings, role=LAKE) as own:
             return compact_day(own, settings, "acme", D).table_version
 
     with ThreadPoolExecutor(max_workers=3) as pool:

@@ -26,6 +26,7 @@ D = DAY.date()
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     monkeypatch.setenv("SENSORMINE_LAKE_URI", settings.lake_root)
     reset_settings()
     runner = CliRunner()

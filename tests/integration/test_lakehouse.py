@@ -187,7 +187,7 @@ from datetime import date
 import pyarrow as pa
 import lake.storage as storage
 import lake.telemetry as t
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import LAKE, connect
 from sensormine.settings import Settings, reset_settings
 real_write = storage.write_deltalake
 def slow_write(table, data, **kwargs):
@@ -203,7 +203,7 @@ def slow_write(table, data, **kwargs):
 storage.write_deltalake = slow_write
 t._BLOCK_BYTES = 64 << 10  # many small batches streaming from the COPY into the writer
 settings = Settings(database_url=sys.argv[1], lake_uri=sys.argv[2])
-with connect(settings) as conn:
+with connect(settings, role=LAKE) as conn:
     t.compact_day(conn, settings, "acme", date.fromisoformat(sys.argv[3]))
 print("finished", flush=True)
 """
@@ -421,6 +421,7 @@ def test_hot_data_sensor_requests_a_day_after_the_threshold(
 
     monkeypatch.setenv("SENSORMINE_HOT_DATA_THRESHOLD_ROWS", "500")
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     reset_settings()
     create_tenant(conn, "acme")
     create_tenant(conn, "globex")

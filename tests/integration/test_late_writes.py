@@ -18,6 +18,7 @@ from query.aggregate import AggregateQuery, aggregate
 from query.hot import compacted_days, late_days
 from query.points import query_points
 from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from tests.factories import make_tenant
@@ -152,7 +153,7 @@ def test_a_transaction_in_flight_during_compaction_is_late(
     settings: Settings, conn: psycopg.Connection, compacted: list[Reading]
 ) -> None:
     late = Reading("acme", "d1", "temperature", day_us(DAY) + 7 * HOUR_US + 3, -9.0, 0, day_us(NEXT))
-    with psycopg.connect(settings.database_url) as other:
+    with connect(settings, role=INGEST) as other:
         # Opened before the compaction; the writer's COPY runs in a savepoint, so the row's xmin is a
         # subtransaction id, which the compaction's snapshot does not list as in progress.
         writer = HotStoreWriter(other)

@@ -23,7 +23,7 @@ from lake.storage import table_uri
 from lake.telemetry import compact_day
 from orchestration.resources import HotStoreResource, resources_for
 from sensormine.clients.hotstore import HotStoreWriter
-from sensormine.clients.postgres import tenant_scope
+from sensormine.clients.postgres import INGEST, connect, tenant_scope
 from sensormine.devices.registry import create_device
 from sensormine.reading import Reading, now_us, us_to_datetime
 from sensormine.schemas.compat import SchemaError
@@ -170,7 +170,7 @@ def test_late_rows_after_the_compaction_are_not_a_mismatch(conn: psycopg.Connect
     make_tenant(conn, "acme", ["d1", "d2"])
     HotStoreWriter(conn).write(day_rows())
     # A transaction that has written rows but not committed when the compaction reads the day...
-    with psycopg.connect(settings.database_url) as other:
+    with connect(settings, role=INGEST) as other:
         other.execute(
             "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value) VALUES ('acme', 'd1', 'late', %s, 1.0)",
             (us_to_datetime(DAY_US + 5),),

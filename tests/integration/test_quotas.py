@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
+from sensormine.clients.postgres import METERING
+from sensormine.clients.postgres import connect as pg_connect
 from sensormine.clients.redis import key_prefix, make_redis
 from sensormine.identity.api_keys import create_api_key
 from sensormine.limits.backends import RedisBackend
@@ -21,6 +23,7 @@ from sensormine.metering.ledger import API_CALLS, FLUSH_BATCH_MEMBERS, UsageFlus
 from sensormine.settings import Settings
 from sensormine.tenancy.plans import Plan, get_plan
 from sensormine.tenancy.tenants import create_tenant
+from tests.conftest import admin_url_of
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +50,7 @@ def _forget_redis(client, prefix: str) -> None:
 
 def _connect(settings: Settings):
     def connect() -> AbstractContextManager[psycopg.Connection]:
-        return psycopg.connect(settings.database_url)
+        return pg_connect(settings, role=METERING)
 
     return connect
 
@@ -232,7 +235,7 @@ def test_device_quota_holds_under_concurrent_creation(settings: Settings, conn: 
     start = threading.Barrier(6)
 
     def create(i: int) -> None:
-        with psycopg.connect(settings.database_url) as c:
+        with psycopg.connect(admin_url_of(settings)) as c:
             start.wait()
             for j in range(4):
                 try:
@@ -274,7 +277,7 @@ def test_flush_moves_counts_exactly_once_across_crashes(
     # Crash 2: dies after the database committed a batch, before deleting it from Redis.
     written = backend.take_batch(FLUSH_BATCH_MEMBERS)
     assert written is not None
-    with psycopg.connect(settings.database_url) as c:
+    with pg_connect(settings, role=METERING) as c:
         assert write_batch(c, written)
     assert _usage(conn, "acme") == 11
     calls(3)

@@ -21,7 +21,7 @@ from ingest_daemons.mqtt import MqttIngest
 from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics
 from sensormine.clients.mqtt import telemetry_topic
-from sensormine.clients.postgres import connect
+from sensormine.clients.postgres import INGEST, connect
 from sensormine.devices.registry import DeviceDirectory, create_device
 from sensormine.dlq.letters import DlqFilter, list_dead_letters
 from sensormine.dlq.replay import replay_matching
@@ -93,6 +93,7 @@ def committed(conn: psycopg.Connection, settings: Settings) -> int:
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
     """`sensormine ...` against the test's database and Kafka namespace."""
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     monkeypatch.setenv("SENSORMINE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap or "")
     monkeypatch.setenv("SENSORMINE_ENV", settings.env)
     reset_settings()
@@ -237,8 +238,8 @@ def test_without_kafka_a_device_fix_then_a_schema_fix_bring_rejected_payloads_in
 ) -> None:
     local = settings.model_copy(update={"kafka_bootstrap": None})
     create_tenant(conn, "acme")
-    sink = DirectSink(lambda: connect(local), local)
-    ingest = MqttIngest(sink, DeviceDirectory(lambda: connect(local)).contains)
+    sink = DirectSink(lambda: connect(local, role=INGEST), local)
+    ingest = MqttIngest(sink, DeviceDirectory(lambda: connect(local, role=INGEST)).contains)
     topic = telemetry_topic("acme", "press-9")
     ok = {"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 30.0}}
     hot = [{"ts": "2026-11-26T10:00:01Z", "values": {"temperature": 75.0}}]

@@ -21,8 +21,13 @@ from sensormine.services.system import private_state_home
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-EXPECTED_KEYS = {
-    "SENSORMINE_DATABASE_URL",
+POSTGRES_KEYS = {
+    "SENSORMINE_DATABASE_URL",  # the tools' login: no superuser, no privilege of its own
+    "SENSORMINE_DATABASE_MIGRATE_URL",  # the schema owner
+    "SENSORMINE_DATABASE_ADMIN_URL",  # the superuser, for bootstrap and tests' own checks
+    "PGPASSFILE",  # the generated passwords (scram-sha-256; no trust)
+}
+EXPECTED_KEYS = POSTGRES_KEYS | {
     "SENSORMINE_MQTT_URL",
     "SENSORMINE_REDIS_URL",
     "SENSORMINE_KAFKA_BOOTSTRAP",
@@ -70,7 +75,7 @@ def _pids(state_dir: Path) -> dict[str, int]:
 
 def test_env_has_exact_settings(env: dict[str, str], state_dir: Path) -> None:
     assert set(env) == EXPECTED_KEYS
-    assert env["SENSORMINE_DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
+    assert env["SENSORMINE_DATABASE_URL"].startswith("postgresql://sensormine_app@127.0.0.1:")
     assert env["SENSORMINE_DATABASE_URL"].endswith("/sensormine")
     assert env["SENSORMINE_MQTT_URL"].startswith("mqtt://127.0.0.1:")
     assert env["SENSORMINE_REDIS_URL"].startswith("redis://127.0.0.1:")
@@ -88,11 +93,33 @@ def test_env_has_exact_settings(env: dict[str, str], state_dir: Path) -> None:
 def test_postgres_answers(env: dict[str, str]) -> None:
     import psycopg
 
-    with psycopg.connect(env["SENSORMINE_DATABASE_URL"], connect_timeout=10) as conn:
+    with psycopg.connect(env["SENSORMINE_DATABASE_URL"], passfile=env["PGPASSFILE"], connect_timeout=10) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
         assert conn.execute("select current_database()").fetchone() == ("sensormine",)
         assert conn.execute("show synchronous_commit").fetchone() == ("off",)
         assert conn.execute("show max_connections").fetchone() == ("200",)
+
+
+def test_postgres_wants_passwords_and_no_login_is_a_superuser(env: dict[str, str]) -> None:
+    """scram-sha-256 on every connection (no trust), and the run-time logins hold no power over the rules."""
+    import psycopg
+
+    for key in ("SENSORMINE_DATABASE_URL", "SENSORMINE_DATABASE_ADMIN_URL"):
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(env[key], passfile="/dev/null", password="", connect_timeout=10).close()
+    with psycopg.connect(env["SENSORMINE_DATABASE_ADMIN_URL"], passfile=env["PGPASSFILE"]) as admin:
+        logins = admin.execute(
+            "SELECT rolname, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolinherit FROM pg_roles "
+            "WHERE rolname LIKE 'sensormine%%' AND rolcanlogin ORDER BY rolname"
+        ).fetchall()
+    assert [r[0] for r in logins] == [
+        "sensormine_api",
+        "sensormine_app",
+        "sensormine_dagster",
+        "sensormine_ingestd",
+        "sensormine_owner",
+    ]
+    assert all(r[1:] == (False, False, False, False, False) for r in logins), logins
 
 
 def _mqtt_round_trip(url: str, env: dict[str, str] | None = None) -> bytes:
@@ -257,10 +284,10 @@ def test_embedded_postgres_and_mqtt() -> None:
     d = _fresh_state_dir("services-embedded")
     try:
         env = launcher.up(["postgres", "mosquitto"], state_dir=d, progress=print, embedded=True)
-        assert set(env) == {"SENSORMINE_DATABASE_URL", "SENSORMINE_MQTT_URL"}
+        assert set(env) == POSTGRES_KEYS | {"SENSORMINE_MQTT_URL"}
         info = launcher.status(d)
         assert info["postgres"]["mode"] == info["mosquitto"]["mode"] == "embedded"
-        with psycopg.connect(env["SENSORMINE_DATABASE_URL"], connect_timeout=10) as conn:
+        with psycopg.connect(env["SENSORMINE_DATABASE_URL"], passfile=env["PGPASSFILE"], connect_timeout=10) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"]) == b"hello-sensormine"
         pids = _pids(d)
@@ -280,7 +307,7 @@ def test_state_dir_inside_a_private_folder() -> None:
     d = private / "clone" / ".sensormine"
     try:
         env = launcher.up(["postgres", "mosquitto"], state_dir=d, progress=print)
-        with psycopg.connect(env["SENSORMINE_DATABASE_URL"], connect_timeout=10) as conn:
+        with psycopg.connect(env["SENSORMINE_DATABASE_URL"], passfile=env["PGPASSFILE"], connect_timeout=10) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         assert _mqtt_round_trip(env["SENSORMINE_MQTT_URL"], env) == b"hello-sensormine"
         logs = {name: info["log"] for name, info in launcher.status(d).items() if info["running"]}

@@ -145,6 +145,7 @@ def cli(lake: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..
     """Runs `sensormine ...` in-process with the environment pointing at the test's database and lake."""
     env = {
         "SENSORMINE_DATABASE_URL": lake.database_url or "",
+        "SENSORMINE_DATABASE_MIGRATE_URL": lake.database_migrate_url or "",
         "SENSORMINE_LAKE_URI": lake.lake_root,
         "SENSORMINE_S3_ENDPOINT": lake.s3_endpoint or "",
         "SENSORMINE_S3_ACCESS_KEY": lake.s3_access_key or "",
@@ -252,6 +253,7 @@ def test_real_cli_process(lake: Settings) -> None:
     env = {
         **os.environ,
         "SENSORMINE_DATABASE_URL": lake.database_url or "",
+        "SENSORMINE_DATABASE_MIGRATE_URL": lake.database_migrate_url or "",
         "SENSORMINE_LAKE_URI": lake.lake_root,
         "SENSORMINE_S3_ENDPOINT": lake.s3_endpoint or "",
         "SENSORMINE_S3_ACCESS_KEY": lake.s3_access_key or "",

@@ -255,6 +255,7 @@ def test_users_and_keys_paginate(client: TestClient) -> None:
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
     monkeypatch.delenv("SENSORMINE_USER_PASSWORD", raising=False)
     reset_settings()
     runner = CliRunner()

@@ -47,7 +47,8 @@ def list_status(
 ) -> list[DeviceStatusOut]:
     """Status of every device of a tenant: online (heard from within the offline timeout), counters."""
     tenant = caller.tenant(tenant_id)
-    rows = device_statuses(conn, [tenant], settings.device_offline_after_s)
+    with caller.scope(conn):
+        rows = device_statuses(conn, [tenant], settings.device_offline_after_s)
     return [DeviceStatusOut(**vars(s)) for s in rows]
 
 
@@ -57,7 +58,8 @@ def one_status(
 ) -> DeviceStatusOut:
     """Status of one device."""
     tenant = caller.tenant(tenant_id)
-    rows = device_statuses(conn, [tenant], settings.device_offline_after_s, [device_id])
+    with caller.scope(conn):
+        rows = device_statuses(conn, [tenant], settings.device_offline_after_s, [device_id])
     if not rows:
         raise Problem(404, f"device {device_id!r} not found in tenant {tenant!r}")
     return DeviceStatusOut(**vars(rows[0]))
@@ -67,7 +69,8 @@ def one_status(
 def read_profile(device_id: str, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> ProfileOut:
     """The device's OPC UA or Modbus connection profile."""
     tenant = caller.tenant(tenant_id)
-    stored = get_profile(conn, tenant, device_id)
+    with caller.scope(conn):
+        stored = get_profile(conn, tenant, device_id)
     if stored is None:
         raise Problem(404, f"device {device_id!r} of tenant {tenant!r} has no profile")
     return ProfileOut(
@@ -99,7 +102,8 @@ def write_profile(
     """Create or replace the profile; the device's daemon applies it without a restart."""
     tenant = caller.tenant(tenant_id)
     try:
-        stored = set_profile(conn, tenant, device_id, profile)
+        with caller.scope(conn, write=True):
+            stored = set_profile(conn, tenant, device_id, profile)
     except ProfileError as exc:
         status = 404 if "no device" in str(exc) else 422
         raise Problem(status, str(exc)) from None
@@ -112,6 +116,8 @@ def write_profile(
 def remove_profile(device_id: str, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
     """Remove the profile; the daemon disconnects from the device."""
     tenant = caller.tenant(tenant_id)
-    if not delete_profile(conn, tenant, device_id):
+    with caller.scope(conn, write=True):
+        removed = delete_profile(conn, tenant, device_id)
+    if not removed:
         raise Problem(404, f"device {device_id!r} of tenant {tenant!r} has no profile")
     return Response(status_code=204)
