@@ -79,9 +79,12 @@ def seed(
     """
     keys, device_keys = {}, {}
     for tenant_id, devices in DEMO_TENANTS.items():
-        if get_tenant(conn, tenant_id) is None:
-            register_tenant(conn, operator_identity(conn), settings, tenant_id, tenant_id.capitalize(), plan="pro")
         operator = operator_identity(conn)
+        with operator.scope(conn):
+            missing = get_tenant(conn, tenant_id) is None
+        if missing:
+            register_tenant(conn, operator, settings, tenant_id, tenant_id.capitalize(), plan="pro")
+            operator = operator_identity(conn)  # now seeing the new tenant too
         for device_id in devices:
             kind = "motor" if "motor" in device_id else "tank"
             try:
@@ -181,6 +184,7 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
     env.pop("SENSORMINE_KAFKA_BOOTSTRAP", None)  # the embedded default: daemons write in-process
     settings = Settings(
         database_url=services["SENSORMINE_DATABASE_URL"],
+        database_migrate_url=services.get("SENSORMINE_DATABASE_MIGRATE_URL"),
         mqtt_url=services["SENSORMINE_MQTT_URL"],
         # Set when the broker runs with dynamic security (not the embedded amqtt): devices are provisioned there.
         mqtt_admin_username=services.get("SENSORMINE_MQTT_ADMIN_USERNAME"),

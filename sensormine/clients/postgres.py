@@ -78,7 +78,13 @@ def migration_connect(settings: Settings | None = None) -> psycopg.Connection:
 def migrate_database(settings: Settings | None = None) -> list[str]:
     """Apply pending migrations as the schema owner; returns those applied."""
     with migration_connect(settings) as conn:
-        return migrate(conn)
+        try:
+            return migrate(conn)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise psycopg.errors.InsufficientPrivilege(
+                f"{exc}: migrations run as the schema owner; set SENSORMINE_DATABASE_MIGRATE_URL to its login "
+                "(the launcher's sensormine_owner; docs/decisions.md, 'No superuser at run time')"
+            ) from None
 
 
 @contextmanager

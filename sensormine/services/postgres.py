@@ -355,7 +355,7 @@ class Postgres(Service):
             pw = pwd.getpwnam(owner)
             os.chown(hba, pw.pw_uid, pw.pw_gid)
         os.kill(rec.pid, signal.SIGHUP)
-        progress("postgres: password authentication (scram-sha-256) required from now on")
+        progress("postgres: pg_hba.conf wants scram-sha-256 passwords on every connection")
 
     def env(self, rec: Record) -> dict[str, str]:
         """SENSORMINE_DATABASE_URL (the tools' login), the migration and superuser URLs, and PGPASSFILE."""
