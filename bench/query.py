@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         say(f"process run {i + 1}/{args.process_runs}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in process.items()))
     os.unlink(bare_sql_file)
 
-    size = sum(f.stat().st_size for f in (root / "telemetry").rglob("*.parquet"))
+    # The live files only: clustering leaves the files it replaced until a vacuum.
+    size = sum(DeltaTable(str(root / "telemetry")).get_add_actions(flatten=True).column("size_bytes").to_pylist())
     with duckdb.connect() as meta:
         row = meta.execute(
             f"SELECT count(DISTINCT (file_name, row_group_id)) FROM parquet_metadata({file_list})"
