@@ -11,7 +11,11 @@ through FastAPI's TestClient (the whole app: auth, planner, JSON), in three stat
    the planner reads telemetry_1m and, with no late write logged for the day, skips its hot rows;
 3. compacted and rolled up, hot partition dropped (after hot retention): telemetry_1m only.
 
-Prints p50 / p95 per state (target: p50 < 50 ms in the rolled-up states).
+Prints p50 / p95 per state, what each state measured (the hot store's cold path: PostgreSQL
+aggregating the raw rows; or a rollup), and the targets: p50 < 100 ms for the hot-only state (1 M
+hot points: today's data is always hot, so this is what a dashboard of today costs), p50 < 50 ms in
+the rolled-up states. No response cache exists on this route; PostgreSQL's buffers and the OS page
+cache are warm after the first request, as on a busy server.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ from serving.main import create_app
 
 TENANT, DEVICE, METRIC = "bench", "press-1", "temperature"
 DAY = date(2026, 1, 15)
+HOT = "hot store only (PostgreSQL date_bin)"
+KEPT = "rolled up, hot rows kept (no late writes)"
+DROPPED = "rolled up, hot day dropped"
+# state -> (what it measured, target p50 in ms)
+STATES = {
+    HOT: ("cold path: raw hot rows", 100.0),
+    KEPT: ("rollup telemetry_1m", 50.0),
+    DROPPED: ("rollup telemetry_1m", 50.0),
+}
 
 
 def load_day(url: str, points: int) -> None:
@@ -110,23 +123,23 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint(url)
             with TestClient(create_app(settings)) as client:
                 say("hot only ...")
-                results["hot store only (PostgreSQL date_bin)"], body = timings(client, key, args.repeat)
+                results[HOT], body = timings(client, key, args.repeat)
                 total = sum(b["count"] for b in body["series"][0]["buckets"])
                 assert total == args.points, total
+                assert not body["plan"].get("rollup_days"), body["plan"]  # the raw rows, not a rollup
                 say("compacting and rolling up ...")
                 with psycopg.connect(url) as conn:
                     compact_day(conn, settings, TENANT, DAY)
                 write_rollup(settings, ROLLUP_1M, TENANT, DAY)
                 write_rollup(settings, ROLLUP_1H, TENANT, DAY)
-                label = "rolled up, hot rows kept (no late writes)"
-                results[label], body = timings(client, key, args.repeat)
+                results[KEPT], body = timings(client, key, args.repeat)
                 assert body["plan"]["rollup_days"] == {"telemetry_1m": [DAY.isoformat()]}, body["plan"]
                 assert sum(b["count"] for b in body["series"][0]["buckets"]) == args.points
                 with psycopg.connect(url) as conn, conn.transaction():
                     conn.execute(f"ALTER TABLE telemetry DETACH PARTITION {partition_name(DAY)}")
                     conn.execute(f"DROP TABLE {partition_name(DAY)}")
-                label = "rolled up, hot day dropped"
-                results[label], body = timings(client, key, args.repeat)
+                results[DROPPED], body = timings(client, key, args.repeat)
+                assert body["plan"]["rollup_days"] == {"telemetry_1m": [DAY.isoformat()]}, body["plan"]
                 assert sum(b["count"] for b in body["series"][0]["buckets"]) == args.points
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -134,13 +147,23 @@ def main(argv: list[str] | None = None) -> None:
         f"Aggregate API benchmark, {os.cpu_count()} cores: {args.points:,} readings of one device in one day, "
         f"GET /api/query/aggregate 24 h in 1-minute buckets (1440 buckets; avg, min, max, count) through "
         f"TestClient, {args.repeat} requests per state after one warm-up\n\n"
-        f"{'state':<48}{'p50 ms':>10}{'p95 ms':>10}\n{'-' * 68}"
+        f"{'state':<44}{'measured':<26}{'p50 ms':>9}{'p95 ms':>9}{'target p50':>12}  met\n{'-' * 105}"
     )
     for label, values in results.items():
-        print(f"{label:<48}{statistics.median(values):>10.1f}{pct(values, 0.95):>10.1f}")
-    hot = statistics.median(results["hot store only (PostgreSQL date_bin)"])
-    for label in ("rolled up, hot rows kept (no late writes)", "rolled up, hot day dropped"):
+        measured, target = STATES[label]
+        p50 = statistics.median(values)
+        print(
+            f"{label:<44}{measured:<26}{p50:>9.1f}{pct(values, 0.95):>9.1f}{f'< {target:g} ms':>12}  "
+            f"{'yes' if p50 < target else 'NO'}"
+        )
+    hot = statistics.median(results[HOT])
+    for label in (KEPT, DROPPED):
         print(f"speed-up of '{label}' over hot only: {hot / statistics.median(results[label]):.1f}x")
+    verdict = "met" if hot < STATES[HOT][1] else "NOT met"
+    print(
+        f"target for 1 M hot points (today's data is always hot): p50 < {STATES[HOT][1]:g} ms: {verdict} "
+        f"(p50 {hot:.0f} ms for {args.points:,} points)"
+    )
 
 
 if __name__ == "__main__":

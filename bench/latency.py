@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"{path}: {args.samples} samples ...")
         results[path] = measure(path, settings, args.samples)
     print(f"\nMQTT publish → queryable in the hot store ({args.samples} samples each, one at a time)")
+    print("measured: the hot-store query the API runs (cold path: no latest-value cache, no rollup)")
     for path, xs in results.items():
         label = "in-process (no Kafka)" if path == "direct" else "Kafka + consumer"
         print(f"  {label:<22} {_percentiles(xs)}")

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             for fut in admin.delete_topics([settings.telemetry_topic(TENANT)], operation_timeout=30).values():
                 fut.result(30)
     print(report(args.items, args.publishing_ms, steps), flush=True)
+    print("measured: the OPC UA ingest path into Kafka (no cache, no rollup)")
     print(f"\n(python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
 
 

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError(f"the two forms disagree: {answer} vs {first_answer}")
     print(
         f"sensormine_in_snapshot over {answer[1]:,} rows ({answer[0]:,} visible in the snapshot), "
-        f"median of {args.trials}\n\n"
+        f"median of {args.trials}\n"
+        "measured: the hot-store visibility function over stored rows (no cache, no rollup)\n\n"
         f"{'form':<44}{'seconds':>9}\n{'-' * 53}\n"
         f"{'migration 002 (subquery: a call per row)':<44}{first:>9.3f}\n"
         f"{'migration 006 (one expression, inlined)':<44}{shipped:>9.3f}\n\n"

@@ -474,7 +474,20 @@ def test_query_benchmark_runs_small(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert keys == sorted(keys) and set(day.column("tenant_id").to_pylist()) == {"t01"}
     assert {d for d in day.column("date").to_pylist()} == {DAY0}
 
-    argv = ["--rows", "10000", "--tenants", "2", "--days", "31", "--devices", "3", "--metrics", "2"]
+    argv = [
+        "--rows",
+        "10000",
+        "--tenants",
+        "2",
+        "--days",
+        "31",
+        "--devices",
+        "3",
+        "--metrics",
+        "2",
+        "--layout",
+        "presorted",
+    ]
     main([*argv, "--repeat", "1", "--process-runs", "0", "--dir", str(tmp_path)])
     report = capsys.readouterr().out
     assert f"{shape.rows:,}-row lake" in report
