@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -25,14 +26,29 @@ def database_url_for(base_url: str, dbname: str) -> str:
 
 @contextmanager
 def scratch_database(base_url: str, prefix: str = "bench") -> Iterator[str]:
-    """A new, migrated database on the server of `base_url`, dropped on exit whatever happens."""
+    """A new database on the server of `base_url`, owned and migrated by the schema owner, dropped on exit
+    whatever happens.
+
+    Yields the superuser's URL of it (SENSORMINE_DATABASE_ADMIN_URL's login): benchmarks set up data and
+    read their ceilings with it, and the platform code under measurement takes the same function roles
+    as in production (a superuser may SET ROLE to any of them), so the hot-store writer still COPYs
+    into day partitions as the ingest role (docs/decisions.md, "No superuser at run time").
+    """
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin_url = database_url_for(base_url, "postgres")
+    admin_base = os.environ.get("SENSORMINE_DATABASE_ADMIN_URL") or base_url
+    owner_base = os.environ.get("SENSORMINE_DATABASE_MIGRATE_URL")
+    admin_url = database_url_for(admin_base, "postgres")
     with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = database_url_for(base_url, name)
+        if owner_base:
+            admin.execute(f'CREATE DATABASE "{name}" OWNER sensormine_owner')
+        else:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    url = database_url_for(admin_base, name)
     try:
-        with psycopg.connect(url) as conn:
+        if owner_base:
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("GRANT CREATE, USAGE ON SCHEMA public TO sensormine_owner")
+        with psycopg.connect(database_url_for(owner_base or admin_base, name)) as conn:
             migrate(conn)
         yield url
     finally:
