@@ -7,6 +7,12 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 - aimed at `grandchild` (its own sub-tenant), a route succeeds exactly when the role holds the
   route's permission (2xx), and is refused with 403 otherwise.
 
+Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
+letters and their replays, the audit log, usage and tenant events; the DLQ replay is a real one.
+`test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
+(a grandchild upwards, a sibling across), and `test_ingest_and_auth_routes_stay_inside_the_callers_tenant`
+the routes outside the tenant matrix (device keys, log in, me, log out).
+
 The route list comes from the app's OpenAPI document, so a new route without a case here fails
 `test_every_route_is_in_the_matrix`. The permission each route needs is written here by hand
 (PERMISSIONS), not taken from the app: a route that declares the wrong one fails
@@ -27,12 +33,14 @@ from fastapi.testclient import TestClient
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.devices.profiles import set_profile
 from sensormine.identity.api_keys import create_api_key
+from sensormine.ingest.sinks import store_dead_letter
 from sensormine.identity.roles import ROLE_PERMISSIONS, Role
 from sensormine.identity.users import create_user
 from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
+from sensormine.telemetry.payload import encode_envelope
 from serving.main import create_app
-from tests.factories import make_tenant, readings
+from tests.factories import DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +126,7 @@ BODIES: dict[tuple[str, str], Body] = {
     ("POST", "/api/query"): lambda t, u: {
         "json": {"devices": [f"{t}-d1"], "tenant_id": t, "bucket": "1h", "aggs": ["avg"], **DAY}
     },
-    ("POST", "/api/dlq/replay"): lambda t, u: {"json": {"tenant_id": t, "dry_run": True}},
+    ("POST", "/api/dlq/replay"): lambda t, u: {"json": {"tenant_id": t}},  # a real replay, not a dry run
     ("POST", "/api/devices"): lambda t, u: {"json": {"id": f"new-{u}", "device_type": "press"}},
     ("PUT", "/api/devices/{device_id}/profile"): lambda t, u: {"json": MODBUS},
     ("POST", "/api/devices/import"): lambda t, u: {
@@ -216,6 +224,9 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
     users, keys = {}, {}
     for t in TENANTS:
         HotStoreWriter(conn).write(readings(t, f"{t}-d1", 3))
+        # A pending dead letter whose payload is valid now: a replay re-submits it.
+        good = encode_envelope(t, f"{t}-d1", "mqtt", readings(t, f"{t}-d1", 1, start_us=DAY_US + 3_600_000_000))
+        store_dead_letter(conn, "mqtt", f"mqtt:{t}/{t}-d1", "schema violation (fixed since)", good, t, f"{t}-d1")
         register_schema(conn, t, "press", SCHEMA)
         register_schema(conn, t, "spare", SCHEMA)
         set_profile(conn, t, f"{t}-d1", MODBUS)
@@ -237,6 +248,13 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "schemas": "SELECT tenant_id, device_type, version FROM device_schemas WHERE tenant_id = ANY(%s)",
         "profiles": "SELECT tenant_id, device_id FROM device_profiles WHERE tenant_id = ANY(%s)",
         "children": "SELECT id FROM tenants WHERE parent_id = ANY(%s)",
+        "telemetry": "SELECT tenant_id, count(*), sum(value), max(ingest_ts) FROM telemetry "
+        "WHERE tenant_id = ANY(%s) GROUP BY tenant_id",
+        "dead_letters": "SELECT id, tenant_id, reason FROM dead_letters WHERE tenant_id = ANY(%s)",
+        "dlq_replays": "SELECT tenant_id, dead_letter_id FROM dlq_replays WHERE tenant_id = ANY(%s)",
+        "audit": "SELECT id, tenant_id, action FROM audit_log WHERE tenant_id = ANY(%s)",
+        "usage": "SELECT tenant_id, metric, day, value FROM usage WHERE tenant_id = ANY(%s)",
+        "events": "SELECT tenant_id, type FROM tenant_events WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
@@ -292,6 +310,10 @@ def test_isolation_matrix(settings: Settings, conn: psycopg.Connection, world: d
                 failures += _check(client, auth, held, method, path, perms, params, "grandchild", world)
     assert not failures, "\n".join(failures)
     assert _snapshot(conn, DENIED) == before, "a caller from `child` changed its parent's or sibling's rows"
+    if "dlq:write" in held:  # the replay was real: its own sub-tenant's dead letter went back in
+        replayed = conn.execute("SELECT count(*) FROM dlq_replays WHERE tenant_id = 'grandchild'").fetchone()
+        conn.commit()
+        assert replayed is not None and replayed[0] >= 1
 
 
 def _check(
@@ -304,6 +326,7 @@ def _check(
     params: dict[str, dict],
     target: str,
     world: dict[str, Any],
+    denied: tuple[str, ...] = DENIED,
 ) -> list[str]:
     req = _request(method, path, params, target, world)
     req["headers"] = {**auth, **req.get("headers", {})}
@@ -315,12 +338,36 @@ def _check(
         return [f"server error: {where}"]
     if not allowed:
         return [] if resp.status_code == 403 else [f"expected 403 (lacks {needed - held}): {where}"]
-    if target in DENIED:
+    if target in denied:
         if (method, path) in LISTS:
             ids = {item["id"] for item in resp.json()["items"]} if resp.is_success else {target}
             return [] if target not in ids else [f"list leaks {target}: {where}"]
         return [] if resp.status_code == 404 else [f"expected 404 for {target}: {where}"]
     return [] if resp.is_success else [f"expected success in its own sub-tenant: {where}"]
+
+
+@pytest.mark.parametrize(
+    ("home", "outside"),
+    [
+        ("grandchild", ("child", "parent", "sibling")),  # upwards: its parent and grandparent, and across
+        ("sibling", ("child", "grandchild", "parent")),  # across to a sibling's subtree, and up
+    ],
+)
+def test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree(
+    settings: Settings, conn: psycopg.Connection, world: dict[str, Any], home: str, outside: tuple[str, ...]
+) -> None:
+    """The other directions: a tenant administrator of `home` aims every route at every tenant it may not see
+    (404, or 403 where the role lacks the permission), and none of their rows changes."""
+    key = create_api_key(conn, home, "matrix", role="tenant_admin")
+    conn.commit()
+    before = _snapshot(conn, outside)
+    failures: list[str] = []
+    held = ROLE_PERMISSIONS[Role.TENANT_ADMIN]
+    with TestClient(create_app(settings)) as client:
+        for target, (method, path, perms, params) in itertools.product(outside, _operations(client.app)):
+            failures += _check(client, {"X-API-Key": key}, held, method, path, perms, params, target, world, outside)
+    assert not failures, "\n".join(failures)
+    assert _snapshot(conn, outside) == before, f"a caller from `{home}` changed rows outside its subtree"
 
 
 def test_every_route_refuses_a_caller_without_credentials(
@@ -337,3 +384,44 @@ def test_every_route_refuses_a_caller_without_credentials(
                     failures.append(f"{method} {path} -> {target}: {resp.status_code} {resp.text[:120]}")
     assert not failures, "\n".join(failures)
     assert _snapshot(conn, TENANTS) == before
+
+
+def test_ingest_and_auth_routes_stay_inside_the_callers_tenant(
+    settings: Settings, conn: psycopg.Connection, world: dict[str, Any]
+) -> None:
+    """The routes outside the tenant matrix: a device key writes to its own device only, an unknown key
+    writes nothing; `me` shows the caller's subtree only; a logout ends the caller's sessions only."""
+    from sensormine.devices.registry import create_device
+
+    sibling_key = create_device(conn, "sibling", "sibling-push")[1]
+    create_user(conn, "grandchild", "admin@grandchild.example", "a-long-password", "tenant_admin")
+    conn.commit()
+    others = ("parent", "child", "grandchild")
+    before = _snapshot(conn, others)
+    item = [{"ts": "2026-11-26T05:00:00Z", "values": {"temperature": 1.5}}]
+    with TestClient(create_app(settings.model_copy(update={"kafka_bootstrap": None}))) as client:
+        ok = client.post("/api/ingest", json=item, headers={"X-Device-Key": sibling_key})
+        assert ok.status_code == 200 and ok.json()["tenant_id"] == "sibling", ok.text
+        unknown = client.post("/api/ingest", json=item, headers={"X-Device-Key": sibling_key[:-4] + "AAAA"})
+        assert unknown.status_code == 401, unknown.text
+
+        def login(email: str) -> dict[str, str]:
+            resp = client.post("/api/auth/token", data={"username": email, "password": "a-long-password"})
+            assert resp.status_code == 200, resp.text
+            return {"Authorization": f"Bearer {resp.json()['access_token']}"}
+
+        grandchild, child = login("admin@grandchild.example"), login("admin@child.example")
+        assert client.get("/api/auth/me", headers=grandchild).json()["visible_tenants"] == ["grandchild"]
+        assert sorted(client.get("/api/auth/me", headers=child).json()["visible_tenants"]) == ["child", "grandchild"]
+        assert client.post("/api/auth/logout", headers=grandchild).status_code == 204
+        assert client.get("/api/auth/me", headers=grandchild).status_code == 401
+        assert client.get("/api/auth/me", headers=child).status_code == 200
+    after = _snapshot(conn, others)
+    # Their own doing, the only changes among them: the grandchild administrator's logout (its token
+    # version) and the API calls child and grandchild made (usage).
+    before_users, after_users = before.pop("users"), after.pop("users")
+    before.pop("usage"), after.pop("usage")
+    assert after == before
+    assert len(after_users) == len(before_users) and len(set(after_users) - set(before_users)) == 1
+    pushed = conn.execute("SELECT tenant_id, device_id FROM telemetry WHERE metric = 'temperature' AND value = 1.5")
+    assert pushed.fetchall() == [("sibling", "sibling-push")]
