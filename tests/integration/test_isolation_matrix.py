@@ -33,9 +33,9 @@ from fastapi.testclient import TestClient
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.devices.profiles import set_profile
 from sensormine.identity.api_keys import create_api_key
-from sensormine.ingest.sinks import store_dead_letter
 from sensormine.identity.roles import ROLE_PERMISSIONS, Role
 from sensormine.identity.users import create_user
+from sensormine.ingest.sinks import store_dead_letter
 from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
 from sensormine.telemetry.payload import encode_envelope
