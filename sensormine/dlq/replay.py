@@ -347,12 +347,32 @@ def replay_matching(
 ) -> ReplayReport:
     """Replay the dead letters with these `ids` (those not found, or outside `flt.tenant_ids`, end
     `not_found`), or else the pending ones matching `flt`."""
+    entries, missing = select_for_replay(conn, settings, ids=ids, flt=flt)
+    conn.commit()  # end the read: the replay writes in transactions of its own
+    return replay_selected(conn, settings, entries, missing, replayed_by=replayed_by, dry_run=dry_run)
+
+
+def select_for_replay(
+    conn: psycopg.Connection, settings: Settings, *, ids: Sequence[str] | None = None, flt: DlqFilter | None = None
+) -> tuple[list[DeadLetter], list[str]]:
+    """The dead letters a replay would take (by `ids`, else the pending ones matching `flt`) and the ids not
+    found; run it in the caller's tenant scope and row-level security decides which exist."""
     flt = flt or DlqFilter()
     if ids:
-        entries, missing = get_dead_letters(conn, settings, ids, flt.tenant_ids)
-    else:
-        entries, missing = list_dead_letters(conn, settings, replace(flt, status="pending")), []
-    conn.commit()  # end the read: the replay writes in transactions of its own
+        return get_dead_letters(conn, settings, ids, flt.tenant_ids)
+    return list_dead_letters(conn, settings, replace(flt, status="pending")), []
+
+
+def replay_selected(
+    conn: psycopg.Connection,
+    settings: Settings,
+    entries: list[DeadLetter],
+    missing: Sequence[str] = (),
+    *,
+    replayed_by: str = "cli",
+    dry_run: bool = False,
+) -> ReplayReport:
+    """Replay `entries` (from `select_for_replay`) on a connection that may record replays (the ingest role)."""
     report = replay(conn, settings, entries, replayed_by=replayed_by, dry_run=dry_run)
     report.outcomes += [ReplayOutcome(i, "not_found") for i in missing]
     return report

@@ -15,7 +15,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 
 from sensormine.clients.postgres import INGEST, connect
 from sensormine.dlq.letters import MAX_LIMIT, DeadLetter, DlqError, DlqFilter, list_dead_letters
-from sensormine.dlq.replay import ReplayOutcome, replay_matching
+from sensormine.dlq.replay import ReplayOutcome, replay_selected, select_for_replay
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate
 from serving.problems import Problem
 
@@ -142,6 +142,7 @@ def list_dlq(
 )
 def replay_dlq(
     caller: Annotated[Caller, Security(authenticate, scopes=["dlq:write"])],
+    conn: ConnDep,
     settings: SettingsDep,
     body: ReplayRequest,
 ) -> ReplayResult:
@@ -154,11 +155,13 @@ def replay_dlq(
         _tenants(caller, body.tenant_id), body.device_id, body.source, body.reason, body.since, "pending", body.limit
     )
     try:
-        # The ingest role re-submits (the path of the letters' origin) and records the replays; the
-        # filter holds the lookup to the caller's tenants.
+        # Which dead letters: under the caller's row-level security. The re-submission (the path of
+        # their origin) and the replay records: as the ingest role.
+        with caller.scope(conn):
+            entries, missing = select_for_replay(conn, settings, ids=body.ids, flt=flt)
         with connect(settings, role=INGEST) as ingest:
-            report = replay_matching(
-                ingest, settings, ids=body.ids, flt=flt, replayed_by=f"api:{caller.subject}", dry_run=body.dry_run
+            report = replay_selected(
+                ingest, settings, entries, missing, replayed_by=f"api:{caller.subject}", dry_run=body.dry_run
             )
     except DlqError as exc:
         raise Problem(503, str(exc)) from None
