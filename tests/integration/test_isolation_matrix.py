@@ -10,7 +10,7 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
 letters and their replays, the audit log, usage and tenant events; the DLQ replay is a real one.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
-(a grandchild upwards, a sibling across), and `test_ingest_and_auth_routes_stay_inside_the_callers_tenant`
+(a grandchild upwards, a sibling across, a parent into another top-level tenant), and `test_ingest_and_auth_routes_stay_inside_the_callers_tenant`
 the routes outside the tenant matrix (device keys, log in, me, log out).
 
 The route list comes from the app's OpenAPI document, so a new route without a case here fails
@@ -45,6 +45,7 @@ from tests.factories import DAY_US, make_tenant, readings
 pytestmark = pytest.mark.integration
 
 TENANTS = ("parent", "child", "sibling", "grandchild")
+OTHER = "other"  # a second top-level tenant: what a parent must not reach
 DENIED = ("parent", "sibling")
 DAY = {"start": "2026-11-26T00:00:00Z", "end": "2026-11-27T00:00:00Z"}
 SCHEMA = {
@@ -221,8 +222,9 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
     make_tenant(conn, "child", ["child-d1", "child-d2"], parent_id="parent")
     make_tenant(conn, "sibling", ["sibling-d1", "sibling-d2"], parent_id="parent")
     make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child")
+    make_tenant(conn, OTHER, [f"{OTHER}-d1", f"{OTHER}-d2"], plan="pro")
     users, keys = {}, {}
-    for t in TENANTS:
+    for t in (*TENANTS, OTHER):
         HotStoreWriter(conn).write(readings(t, f"{t}-d1", 3))
         # A pending dead letter whose payload is valid now: a replay re-submits it.
         good = encode_envelope(t, f"{t}-d1", "mqtt", readings(t, f"{t}-d1", 1, start_us=DAY_US + 3_600_000_000))
@@ -349,8 +351,9 @@ def _check(
 @pytest.mark.parametrize(
     ("home", "outside"),
     [
-        ("grandchild", ("child", "parent", "sibling")),  # upwards: its parent and grandparent, and across
-        ("sibling", ("child", "grandchild", "parent")),  # across to a sibling's subtree, and up
+        ("grandchild", ("child", "parent", "sibling", OTHER)),  # upwards: its parent and grandparent, and across
+        ("sibling", ("child", "grandchild", "parent", OTHER)),  # across to a sibling's subtree, and up
+        ("parent", (OTHER,)),  # a top-level tenant: everything below it is its own, another tree is not
     ],
 )
 def test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree(
