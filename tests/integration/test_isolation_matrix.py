@@ -10,8 +10,9 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
 letters and their replays, the audit log, usage and tenant events; the DLQ replay is a real one.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
-(a grandchild upwards, a sibling across, a parent into another top-level tenant), and `test_ingest_and_auth_routes_stay_inside_the_callers_tenant`
-the routes outside the tenant matrix (device keys, log in, me, log out).
+(a grandchild upwards, a sibling across, a parent into another top-level tenant), and
+`test_ingest_and_auth_routes_stay_inside_the_callers_tenant` the routes outside the tenant matrix
+(device keys, log in, me, log out).
 
 The route list comes from the app's OpenAPI document, so a new route without a case here fails
 `test_every_route_is_in_the_matrix`. The permission each route needs is written here by hand
