@@ -159,11 +159,14 @@ class HotStoreWriter:
     def write(self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
         """Insert `readings` and record `offsets` in one transaction; rows already present are skipped."""
         by_day: dict[int, list[Reading]] = {}
-        for r in readings:
-            by_day.setdefault(day_of(r.ts), []).append(r)
+        tenant_days: set[tuple[str, int]] = set()
+        for r in readings:  # one pass: each day's rows for its partition, and the (tenant, day) pairs
+            day = day_of(r.ts)
+            by_day.setdefault(day, []).append(r)
+            tenant_days.add((r.tenant_id, day))
         return self._write(
             len(readings),
-            {(r.tenant_id, day_of(r.ts)) for r in readings},
+            tenant_days,
             lambda day, table: self._copy(by_day[day] if day is not None else readings, table),
             offsets,
             lambda: newest_per_series((r.tenant_id, r.device_id, r.metric, r.ts, r.value, r.quality) for r in readings),
