@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,35 @@ SERVICE_VARS = (
     "SENSORMINE_REDIS_URL",
     "SENSORMINE_S3_ENDPOINT",
 )
+
+
+class _CrossThreadSQLite(logging.Handler):
+    """Records SQLAlchemy pool errors about a SQLite connection used outside the thread that made it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and "same thread" in str(error):
+            self.seen.append(f"{record.getMessage()}: {error}")
+
+
+_cross_thread_sqlite = _CrossThreadSQLite()
+logging.getLogger("sqlalchemy.pool").addHandler(_cross_thread_sqlite)
+
+
+@pytest.fixture(autouse=True)
+def no_sqlite_connection_crosses_threads() -> Iterator[None]:
+    """Fails the test during which SQLAlchemy closed a SQLite connection from a thread other than the one
+    that opened it (an undisposed DagsterInstance.ephemeral(): open Dagster instances with `with`)."""
+    before = len(_cross_thread_sqlite.seen)
+    yield
+    if len(_cross_thread_sqlite.seen) > before:
+        pytest.fail(
+            "a SQLite connection was closed from another thread: " + "; ".join(_cross_thread_sqlite.seen[before:])
+        )
 
 
 @pytest.fixture(scope="session")

@@ -72,20 +72,20 @@ def materialize_day(settings: Settings, tenants: list[str], day: date) -> None:
     from assets.telemetry import telemetry_lake, telemetry_partition_key
     from orchestration.resources import HotStoreResource, LakeResource
 
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("tenants", tenants)
-    resources = {
-        "hot_store": HotStoreResource(database_url=settings.database_url),
-        "lake": LakeResource(lake_uri=settings.lake_uri),
-    }
-    for tenant in tenants:
-        result = dg.materialize(
-            [telemetry_lake],
-            partition_key=str(telemetry_partition_key(tenant, day)),
-            resources=resources,
-            instance=instance,
-        )
-        assert result.success
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", tenants)
+        resources = {
+            "hot_store": HotStoreResource(database_url=settings.database_url),
+            "lake": LakeResource(lake_uri=settings.lake_uri),
+        }
+        for tenant in tenants:
+            result = dg.materialize(
+                [telemetry_lake],
+                partition_key=str(telemetry_partition_key(tenant, day)),
+                resources=resources,
+                instance=instance,
+            )
+            assert result.success
 
 
 def test_reading_travels_mqtt_to_rest_through_both_tiers(settings: Settings, conn: psycopg.Connection) -> None:

@@ -264,9 +264,7 @@ def test_materialize_dbt_assets_through_dagster(conn: psycopg.Connection, settin
     rows = lake_readings()
     write_lake(conn, settings, rows)
 
-    result = dg.materialize(
-        [sensormine_dbt_models], resources=dagster_resources(settings), instance=dg.DagsterInstance.ephemeral()
-    )
+    result = dg.materialize([sensormine_dbt_models], resources=dagster_resources(settings))
 
     assert result.success
     materialized = {m.asset_key for m in result.get_asset_materialization_events() if m.asset_key}
@@ -304,7 +302,6 @@ def test_a_failing_dbt_test_fails_its_check_and_stops_downstream_models(
     result = dg.materialize(
         [sensormine_dbt_models],
         resources=dagster_resources(settings),
-        instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
 

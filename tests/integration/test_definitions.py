@@ -61,27 +61,27 @@ def test_materialize_compacts_one_tenant_day(conn: psycopg.Connection, settings:
     make_tenant(conn, "globex", ["d1"])
     rows = readings("acme", "d1", 24, step_us=3_600_000_000)
     HotStoreWriter(conn).write(rows + readings("globex", "d1", 5))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("tenants", ["acme", "globex"])
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme", "globex"])
 
-    result = dg.materialize(
-        [telemetry_lake],
-        partition_key=telemetry_partition_key("acme", DAY.date()),
-        resources=resources_for(settings),
-        instance=instance,
-    )
+        result = dg.materialize(
+            [telemetry_lake],
+            partition_key=telemetry_partition_key("acme", DAY.date()),
+            resources=resources_for(settings),
+            instance=instance,
+        )
 
-    assert result.success
-    [mat] = result.asset_materializations_for_node("lake__telemetry")
-    assert mat.partition == "2026-11-26|acme"
-    assert mat.metadata["rows"].value == len(rows)
-    assert mat.metadata["table_version"].value == 1
-    assert mat.metadata["uri"].value == f"{settings.lake_root}/telemetry"
-    assert mat.metadata["hot_watermark"].value == DAY_US / 1e6
-    sort = [("device_id", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
-    assert read_telemetry(settings, ["acme"]).equals(readings_to_table(rows).sort_by(sort))
-    assert read_telemetry(settings, ["globex"]).num_rows == 0
-    assert conn.execute("SELECT tenant_id, row_count FROM lake_compactions").fetchall() == [("acme", len(rows))]
+        assert result.success
+        [mat] = result.asset_materializations_for_node("lake__telemetry")
+        assert mat.partition == "2026-11-26|acme"
+        assert mat.metadata["rows"].value == len(rows)
+        assert mat.metadata["table_version"].value == 1
+        assert mat.metadata["uri"].value == f"{settings.lake_root}/telemetry"
+        assert mat.metadata["hot_watermark"].value == DAY_US / 1e6
+        sort = [("device_id", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+        assert read_telemetry(settings, ["acme"]).equals(readings_to_table(rows).sort_by(sort))
+        assert read_telemetry(settings, ["globex"]).num_rows == 0
+        assert conn.execute("SELECT tenant_id, row_count FROM lake_compactions").fetchall() == [("acme", len(rows))]
 
 
 def test_tenant_sensor_adds_new_tenants_and_leaves_a_cursor(

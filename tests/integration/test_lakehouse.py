@@ -75,38 +75,38 @@ def test_one_run_compacts_and_rolls_up_and_a_rerun_changes_nothing(
     make_tenant(conn, "acme", ["d1", "d2"])
     rows = spread("acme", "d1", D) + spread("acme", "d2", D, 100)
     HotStoreWriter(conn).write(rows)
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("tenants", ["acme"])
-    key = telemetry_partition_key("acme", D)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme"])
+        key = telemetry_partition_key("acme", D)
 
-    def run() -> dict[str, pa.Table]:
-        result = dg.materialize(
-            [telemetry_lake, telemetry_1m, telemetry_1h],
-            partition_key=key,
-            resources=resources_for(lake_settings),
-            instance=instance,
-        )
-        assert result.success
-        return {
-            name: read_partition(lake_settings, name, ROLLUP_SCHEMA, "acme", D, ROLLUP_ORDER)
-            for name in (ROLLUP_1M.name, ROLLUP_1H.name)
-        }
+        def run() -> dict[str, pa.Table]:
+            result = dg.materialize(
+                [telemetry_lake, telemetry_1m, telemetry_1h],
+                partition_key=key,
+                resources=resources_for(lake_settings),
+                instance=instance,
+            )
+            assert result.success
+            return {
+                name: read_partition(lake_settings, name, ROLLUP_SCHEMA, "acme", D, ROLLUP_ORDER)
+                for name in (ROLLUP_1M.name, ROLLUP_1H.name)
+            }
 
-    first = run()
-    raw = readings_to_table(rows)
-    assert first[ROLLUP_1M.name].equals(rollup_readings(raw, timedelta(minutes=1)))
-    hourly = rollup_readings(raw, timedelta(hours=1))
-    for col in ("device_id", "metric", "bucket", "count", "min", "max", "first", "last"):
-        assert first[ROLLUP_1H.name][col].equals(hourly[col]), col
-    assert sum(first[ROLLUP_1H.name]["count"].to_pylist()) == len(rows)
-    versions = {n: open_table(lake_settings, n).version() for n in ("telemetry", *first)}  # type: ignore[union-attr]
+        first = run()
+        raw = readings_to_table(rows)
+        assert first[ROLLUP_1M.name].equals(rollup_readings(raw, timedelta(minutes=1)))
+        hourly = rollup_readings(raw, timedelta(hours=1))
+        for col in ("device_id", "metric", "bucket", "count", "min", "max", "first", "last"):
+            assert first[ROLLUP_1H.name][col].equals(hourly[col]), col
+        assert sum(first[ROLLUP_1H.name]["count"].to_pylist()) == len(rows)
+        versions = {n: open_table(lake_settings, n).version() for n in ("telemetry", *first)}  # type: ignore[union-attr]
 
-    second = run()
-    for name in first:
-        assert second[name].equals(first[name]), name
-    assert read_telemetry(lake_settings, ["acme"]).num_rows == len(rows)
-    # Each run is one new version per table that replaced the partition, not an append.
-    assert {n: open_table(lake_settings, n).version() for n in versions} == {n: v + 1 for n, v in versions.items()}  # type: ignore[union-attr]
+        second = run()
+        for name in first:
+            assert second[name].equals(first[name]), name
+        assert read_telemetry(lake_settings, ["acme"]).num_rows == len(rows)
+        # Each run is one new version per table that replaced the partition, not an append.
+        assert {n: open_table(lake_settings, n).version() for n in versions} == {n: v + 1 for n, v in versions.items()}  # type: ignore[union-attr]
 
 
 def test_rollup_of_an_empty_day_empties_its_partition(conn: psycopg.Connection, settings: Settings) -> None:

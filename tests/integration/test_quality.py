@@ -306,71 +306,71 @@ def test_blocking_check_failure_stops_downstream_and_a_fix_lets_it_run(
     rows = day_rows()
     rows[4] = rows[4]._replace(value=80.5)  # d1 temperature above the schema's maximum of 50
     HotStoreWriter(conn).write(rows)
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("tenants", ["acme"])
-    key = telemetry_partition_key("acme", D)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme"])
+        key = telemetry_partition_key("acme", D)
 
-    failed = dg.materialize(
-        [telemetry_lake, *telemetry_quality_checks, rollup_stub],
-        partition_key=key,
-        resources=resources_for(settings),
-        instance=instance,
-        raise_on_error=False,
-    )
+        failed = dg.materialize(
+            [telemetry_lake, *telemetry_quality_checks, rollup_stub],
+            partition_key=key,
+            resources=resources_for(settings),
+            instance=instance,
+            raise_on_error=False,
+        )
 
-    assert not failed.success
-    [mat] = failed.asset_materializations_for_node("lake__telemetry")
-    assert mat.partition == PARTITION
-    assert failed.asset_materializations_for_node("test__telemetry_rollup") == []
-    checks = evaluations(failed)
-    assert set(checks) == {*CHECK_DESCRIPTIONS, PARITY_CHECK_NAME, FRESHNESS_CHECK_NAME}
-    assert all(e.partition == PARTITION for e in checks.values())
-    assert {n: e.passed for n, e in checks.items() if n in CHECK_DESCRIPTIONS} == {
-        "keys_not_null": True,
-        "rows_in_partition": True,
-        "values_in_schema_range": False,
-        "dedupe_key_unique": True,
-    }
-    bad = checks[VALUES_IN_SCHEMA_RANGE]
-    assert bad.severity == dg.AssetCheckSeverity.ERROR
-    assert bad.metadata["unexpected_count"].value == 1
-    [sample] = bad.metadata["failing_rows"].value.records
-    assert {k: sample.data[k] for k in ("device_id", "metric", "value", "range_max", "failed")} == {
-        "device_id": "d1",
-        "metric": "temperature",
-        "value": 80.5,
-        "range_max": 50.0,
-        "failed": "value_at_most_max",
-    }
-    assert sample.data["ts"] == us_to_datetime(rows[4].ts).isoformat()
-    assert checks[PARITY_CHECK_NAME].passed
-    assert checks[PARITY_CHECK_NAME].metadata["lake_rows"].value == 48
-    assert checks[FRESHNESS_CHECK_NAME].severity == dg.AssetCheckSeverity.WARN
-    assert compactions(conn) == [("acme", D, 48, 48, True)]
+        assert not failed.success
+        [mat] = failed.asset_materializations_for_node("lake__telemetry")
+        assert mat.partition == PARTITION
+        assert failed.asset_materializations_for_node("test__telemetry_rollup") == []
+        checks = evaluations(failed)
+        assert set(checks) == {*CHECK_DESCRIPTIONS, PARITY_CHECK_NAME, FRESHNESS_CHECK_NAME}
+        assert all(e.partition == PARTITION for e in checks.values())
+        assert {n: e.passed for n, e in checks.items() if n in CHECK_DESCRIPTIONS} == {
+            "keys_not_null": True,
+            "rows_in_partition": True,
+            "values_in_schema_range": False,
+            "dedupe_key_unique": True,
+        }
+        bad = checks[VALUES_IN_SCHEMA_RANGE]
+        assert bad.severity == dg.AssetCheckSeverity.ERROR
+        assert bad.metadata["unexpected_count"].value == 1
+        [sample] = bad.metadata["failing_rows"].value.records
+        assert {k: sample.data[k] for k in ("device_id", "metric", "value", "range_max", "failed")} == {
+            "device_id": "d1",
+            "metric": "temperature",
+            "value": 80.5,
+            "range_max": 50.0,
+            "failed": "value_at_most_max",
+        }
+        assert sample.data["ts"] == us_to_datetime(rows[4].ts).isoformat()
+        assert checks[PARITY_CHECK_NAME].passed
+        assert checks[PARITY_CHECK_NAME].metadata["lake_rows"].value == 48
+        assert checks[FRESHNESS_CHECK_NAME].severity == dg.AssetCheckSeverity.WARN
+        assert compactions(conn) == [("acme", D, 48, 48, True)]
 
-    # The device type's next schema version allows the value: the same partition now passes.
-    register_schema(  # replaces the schema outright (drops pressure and the types): forced
-        conn,
-        "acme",
-        "thermo",
-        {"properties": {"values": {"properties": {"temperature": {"maximum": 100}}}}},
-        force=True,
-    )
-    passed = dg.materialize(
-        [telemetry_lake, *telemetry_quality_checks, rollup_stub],
-        partition_key=key,
-        resources=resources_for(settings),
-        instance=instance,
-        raise_on_error=False,
-    )
+        # The device type's next schema version allows the value: the same partition now passes.
+        register_schema(  # replaces the schema outright (drops pressure and the types): forced
+            conn,
+            "acme",
+            "thermo",
+            {"properties": {"values": {"properties": {"temperature": {"maximum": 100}}}}},
+            force=True,
+        )
+        passed = dg.materialize(
+            [telemetry_lake, *telemetry_quality_checks, rollup_stub],
+            partition_key=key,
+            resources=resources_for(settings),
+            instance=instance,
+            raise_on_error=False,
+        )
 
-    assert passed.success
-    assert {n: e.passed for n, e in evaluations(passed).items() if n != FRESHNESS_CHECK_NAME} == {
-        **dict.fromkeys(CHECK_DESCRIPTIONS, True),
-        PARITY_CHECK_NAME: True,
-    }
-    [rollup] = passed.asset_materializations_for_node("test__telemetry_rollup")
-    assert rollup.partition == PARTITION
+        assert passed.success
+        assert {n: e.passed for n, e in evaluations(passed).items() if n != FRESHNESS_CHECK_NAME} == {
+            **dict.fromkeys(CHECK_DESCRIPTIONS, True),
+            PARITY_CHECK_NAME: True,
+        }
+        [rollup] = passed.asset_materializations_for_node("test__telemetry_rollup")
+        assert rollup.partition == PARTITION
 
 
 def test_the_telemetry_job_runs_the_checks_before_the_rollups(conn: psycopg.Connection, settings: Settings) -> None:
@@ -394,28 +394,28 @@ def test_the_telemetry_job_runs_the_checks_before_the_rollups(conn: psycopg.Conn
     assert job.asset_layer.asset_graph.asset_check_keys >= {
         dg.AssetCheckKey(TELEMETRY_LAKE_KEY, n) for n in (*CHECK_DESCRIPTIONS, PARITY_CHECK_NAME, FRESHNESS_CHECK_NAME)
     }
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("tenants", ["acme"])
-    downstream = [a.key for a in TELEMETRY_ASSETS if a.key != TELEMETRY_LAKE_KEY]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme"])
+        downstream = [a.key for a in TELEMETRY_ASSETS if a.key != TELEMETRY_LAKE_KEY]
 
-    result = job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
 
-    assert result.success
-    assert {n: (e.passed, e.partition) for n, e in evaluations(result).items() if n != FRESHNESS_CHECK_NAME} == {
-        n: (True, PARTITION) for n in (*CHECK_DESCRIPTIONS, PARITY_CHECK_NAME)
-    }
-    assert compactions(conn) == [("acme", D, 48, 48, True)]
-    assert {e.asset_key for e in result.get_asset_materialization_events()} == {TELEMETRY_LAKE_KEY, *downstream}
+        assert result.success
+        assert {n: (e.passed, e.partition) for n, e in evaluations(result).items() if n != FRESHNESS_CHECK_NAME} == {
+            n: (True, PARTITION) for n in (*CHECK_DESCRIPTIONS, PARITY_CHECK_NAME)
+        }
+        assert compactions(conn) == [("acme", D, 48, 48, True)]
+        assert {e.asset_key for e in result.get_asset_materialization_events()} == {TELEMETRY_LAKE_KEY, *downstream}
 
-    # With a value above the schema's maximum the rollups of that partition are not written.
-    with conn.transaction():
-        conn.execute(
-            "UPDATE telemetry SET value = 99 WHERE device_id = 'd1' AND metric = 'temperature' AND ts = %s", (DAY,)
-        )
-    blocked = job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
-    assert not blocked.success
-    assert not evaluations(blocked)[VALUES_IN_SCHEMA_RANGE].passed
-    assert {e.asset_key for e in blocked.get_asset_materialization_events()} == {TELEMETRY_LAKE_KEY}
+        # With a value above the schema's maximum the rollups of that partition are not written.
+        with conn.transaction():
+            conn.execute(
+                "UPDATE telemetry SET value = 99 WHERE device_id = 'd1' AND metric = 'temperature' AND ts = %s", (DAY,)
+            )
+        blocked = job.execute_in_process(partition_key=PARTITION, instance=instance, raise_on_error=False)
+        assert not blocked.success
+        assert not evaluations(blocked)[VALUES_IN_SCHEMA_RANGE].passed
+        assert {e.asset_key for e in blocked.get_asset_materialization_events()} == {TELEMETRY_LAKE_KEY}
 
 
 # -- sensor -------------------------------------------------------------------------------------
