@@ -350,12 +350,14 @@ def _hot_aggregate_sql(query: AggregateQuery, n_spans: int) -> str:
     )
     metric = " AND metric = ANY(%(metrics)s)" if query.metrics is not None else ""
     ranges = " OR ".join(f"(ts >= %(lo{i})s AND ts < %(hi{i})s)" for i in range(n_spans))
+    # Grouped by the bucket's timestamp, turned into microseconds once per bucket: the numeric
+    # arithmetic of extract() per row cost about a third of a 1 M-row aggregate.
     return (
-        "SELECT device_id, metric, "
-        "(extract(epoch FROM date_bin(%(width)s, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')) * 1000000)::bigint AS b, "
+        "SELECT device_id, metric, (extract(epoch FROM b) * 1000000)::bigint, n, s, lo, hi, m2, ft, fv, lt, lv FROM ("
+        "SELECT device_id, metric, date_bin(%(width)s, ts, TIMESTAMPTZ '1970-01-01 00:00:00+00') AS b, "
         f"count(*), sum(value), min(value), max(value), {m2}, {first}, {last} "
         "FROM telemetry WHERE tenant_id = %(tenant)s AND device_id = ANY(%(devices)s)"
-        f"{metric} AND ({ranges}) GROUP BY 1, 2, 3"
+        f"{metric} AND ({ranges}) GROUP BY 1, 2, 3) AS g (device_id, metric, b, n, s, lo, hi, m2, ft, fv, lt, lv)"
     )
 
 

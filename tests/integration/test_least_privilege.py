@@ -3,6 +3,7 @@ member of, and a connection that forgot its scope reads nothing (docs/decisions.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import orjson
@@ -69,6 +70,29 @@ def test_every_tenant_table_forces_row_level_security_on_its_owner(conn: psycopg
     assert len(rows) >= 15
     assert [name for name, forced, _ in rows if not forced] == []
     assert {owner for _, _, owner in rows} == {"sensormine_owner"}
+
+
+SESSION_FUNCTION = re.compile(r"(\(\s*SELECT\s+)?sensormine_(visible_tenants|is_platform)\(\)")
+
+
+def test_policies_read_the_session_tenants_once_per_query(conn: psycopg.Connection, settings: Settings) -> None:
+    """A session function called bare in a policy runs for every row a scan reads (migration 017)."""
+    policies = conn.execute("SELECT tablename, policyname, qual, with_check FROM pg_policies").fetchall()
+    calls = [
+        (table, name, m.group(0))
+        for table, name, *exprs in policies
+        for expr in exprs
+        if expr
+        for m in SESSION_FUNCTION.finditer(expr)
+    ]
+    assert len(calls) >= 16
+    assert [call for call in calls if not call[2].startswith("(")] == []
+    # And the plan shows it: one InitPlan, not a call in the scan's filter.
+    make_tenant(conn, "acme", ["d1"])
+    with connect(settings, role=READER) as reader:
+        reader.execute("SELECT set_config('sensormine.tenant_ids', 'acme', false)")
+        plan = "\n".join(r[0] for r in reader.execute("EXPLAIN SELECT count(*) FROM telemetry WHERE value > 0"))
+    assert "InitPlan" in plan and "sensormine_visible_tenants" not in plan.split("InitPlan")[0], plan
 
 
 def test_function_roles_reach_only_their_tables(conn: psycopg.Connection, settings: Settings) -> None:
