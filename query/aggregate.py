@@ -6,13 +6,14 @@ from partial aggregates that are combined per (device, metric, bucket):
 - compacted tenant-days come from the lake: from the rollup tables `telemetry_1h` / `telemetry_1m`
   when the width is a multiple of the rollup's, every requested aggregate combines from rollup
   partials (not stddev), the rollup partition is complete (its readings add up to the day's
-  `lake_compactions.row_count`) and the day has no late hot rows; from the raw lake table otherwise
-  (and for the unaligned edges of the range);
+  `lake_compactions.row_count`); from the raw lake table otherwise (and for the unaligned edges of
+  the range);
 - days the lake does not hold are aggregated by PostgreSQL (date_bin on the Unix epoch);
 - late rows of compacted days (written by a transaction not visible in the compaction's hot
-  snapshot) are read raw, and those the lake already holds are dropped, so a point (tenant, device,
-  metric, ts) counts once; only days the late-write log `hot_write_log` marks are scanned for them
-  (sensormine.hotquery, docs/query.md "Late rows").
+  snapshot) are read raw, and those the lake already holds are dropped (checked against the lake's
+  rows in the late rows' time span), so a point (tenant, device, metric, ts) counts once whether its
+  day is read from a rollup or raw; only days the late-write log `hot_write_log` marks are scanned
+  for them (query.hot, docs/query.md "Late rows").
 
 Buckets are aligned to the Unix epoch in UTC. No FastAPI here: serving/routes/query.py wraps it.
 """
@@ -181,7 +182,8 @@ def rollup_partials(rows: pl.DataFrame, width_us: int, rollup: Rollup) -> pl.Dat
     """Partials from rollup rows (ROLLUP_SCHEMA): each rollup bucket lies inside one output bucket.
 
     first_ts / last_ts are the rollup bucket's bounds: only partials of disjoint time ranges are
-    ever combined with them (the planner reads a day with late rows raw), so they order correctly.
+    ever combined with them when first or last is asked for (the planner then reads a day with late
+    rows raw), so they order correctly.
     """
     if rows.height == 0:
         return empty_partials()
@@ -492,6 +494,20 @@ def _rollup_for(query: AggregateQuery) -> list[Rollup]:
     return out
 
 
+def _late_spans(late: pl.DataFrame, rollup_plan: dict[str, list[date]]) -> list[tuple[date, int, int]]:
+    """(day, first ts, last ts + 1) of the late rows of each rolled-up day."""
+    rolled = {d for days in rollup_plan.values() for d in days}
+    spans = late.group_by((pl.col("ts") // DAY_US).alias("day")).agg(
+        pl.col("ts").min().alias("lo"), pl.col("ts").max().alias("hi")
+    )
+    out = []
+    for day_no, lo, hi in spans.sort("day").iter_rows():
+        day = (EPOCH + timedelta(days=int(day_no))).date()
+        if day in rolled:
+            out.append((day, int(lo), int(hi) + 1))
+    return out
+
+
 def aggregate(
     conn: psycopg.Connection, settings: Settings, visible: Sequence[str], query: AggregateQuery
 ) -> AggregateResult:
@@ -513,7 +529,10 @@ def aggregate(
     )
     parts = [hot_partials]
 
+    # A rollup bucket does not say when its first and last readings were: a day with late rows
+    # (which may fall inside any bucket) comes from a rollup only when neither is asked for.
     late_days = {(EPOCH + timedelta(microseconds=int(t))).date() for t in late["ts"].unique().to_list()}
+    orders = bool({"first", "last"} & set(query.aggs))
     raw_days: list[date] = []
     rollup_plan: dict[str, list[date]] = {}
     candidates = _rollup_for(query)
@@ -521,11 +540,10 @@ def aggregate(
         if not (query.start_us < _day_us(day) + DAY_US and _day_us(day) < query.end_us):
             continue
         chosen = None
-        if day not in late_days:
-            for rollup in candidates:
-                if _rollup_complete(settings, rollup, query.tenant_id, day, compacted[day].row_count):
-                    chosen = rollup
-                    break
+        for rollup in candidates if not (orders and day in late_days) else []:
+            if _rollup_complete(settings, rollup, query.tenant_id, day, compacted[day].row_count):
+                chosen = rollup
+                break
         if chosen is None:
             raw_days.append(day)
         else:
@@ -549,6 +567,11 @@ def aggregate(
     raw = _lake_points(settings, query, raw_days, query.start_us, query.end_us) if raw_days else _points_frame([])
     if late.height:
         late = late.join(raw, on=["device_id", "metric", "ts"], how="anti")
+        # Late rows of rolled-up days: dropped when the lake holds them, which only its rows in the
+        # late rows' own time span can tell (usually the last minutes, not the whole day).
+        held = [_lake_points(settings, query, [day], lo, hi) for day, lo, hi in _late_spans(late, rollup_plan)]
+        if held:
+            late = late.join(pl.concat(held), on=["device_id", "metric", "ts"], how="anti")
     result.late_rows = late.height
     points = pl.concat([raw, late, *edge_points]) if late.height or edge_points else raw
     parts.append(raw_partials(points, query.width_us))

@@ -137,6 +137,12 @@ def test_a_row_written_after_compaction_is_found_once_and_recompaction_clears_it
     assert_matches(got, points, q)
     raw = query_points(conn, settings, ["acme"], "acme", ["d1"], None, START, END)
     assert raw.late_days == [DAY] and raw.hot_rows == 101 and raw.points.num_rows == len(points)
+    # Without first / last the day still comes from its rollup, and the late row is added to it once.
+    rolled = query(aggs=("avg", "min", "max", "count"))
+    got, plan = answer(conn, settings, rolled)
+    assert plan["rollup_days"] == {"telemetry_1h": [DAY.isoformat()]} and plan["raw_lake_days"] == []
+    assert plan["late_days"] == [DAY.isoformat()] and plan["late_rows"] == 1
+    assert_matches(got, points, rolled)
 
     compact_day(conn, settings, "acme", DAY)
     conn.commit()
@@ -199,6 +205,11 @@ def test_a_day_compacted_before_snapshots_is_late_and_dropping_a_hot_day_clears_
     got, plan = answer(conn, settings, query())
     assert plan["late_days"] == [DAY.isoformat()] and plan["late_rows"] == 0  # all in the lake already
     assert_matches(got, compacted, query())
+    # Read from the rollup, every hot row of the day is late and held by the lake: none counts twice.
+    rolled = query(aggs=("avg", "min", "max", "count"))
+    got, plan = answer(conn, settings, rolled)
+    assert plan["rollup_days"] == {"telemetry_1h": [DAY.isoformat()]} and plan["late_rows"] == 0
+    assert_matches(got, compacted, rolled)
 
     # Hot retention drops a verified day whole; its log rows go with it.
     conn.execute("UPDATE lake_compactions SET verified_rows = row_count")
