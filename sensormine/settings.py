@@ -106,6 +106,15 @@ class Settings(BaseSettings):
     )
     device_key_header: str = "X-Device-Key"
     device_offline_after_s: float = Field(300.0, description="A device not heard from for this long is offline.")
+    alerts_in_process: bool = Field(
+        True,
+        description="Without Kafka, evaluate alarm rules behind the in-process write path (with Kafka the "
+        "stream processor does).",
+    )
+    alerts_tick_s: float = Field(5.0, gt=0, description="How often absence rules are checked.")
+    alerts_refresh_s: float = Field(
+        2.0, ge=0, description="How often the evaluator checks for changed rules, devices and tenants."
+    )
     http_ingest_max_bytes: int = Field(10 << 20, description="Largest body POST /api/ingest accepts.")
     http_ingest_timeout_s: float = Field(10.0, description="How long POST /api/ingest waits for durability.")
     query_max_points: int = Field(1_000_000, description="Raw points one query may return.")

@@ -43,7 +43,8 @@ AUTH = "sensormine_auth"
 INGEST = "sensormine_ingest"
 METERING = "sensormine_metering"
 LAKE = "sensormine_lake"
-FUNCTION_ROLES = frozenset({READER, WRITER, AUTH, INGEST, METERING, LAKE})
+ALERTS = "sensormine_alerts"
+FUNCTION_ROLES = frozenset({READER, WRITER, AUTH, INGEST, METERING, LAKE, ALERTS})
 
 
 def connect(

@@ -21,11 +21,17 @@ class Role(enum.StrEnum):
 
 
 VIEWER_PERMISSIONS = frozenset(
-    {"tenants:read", "devices:read", "schemas:read", "telemetry:read", "dlq:read", "usage:read"}
+    {"tenants:read", "devices:read", "schemas:read", "telemetry:read", "dlq:read", "usage:read", "alerts:read"}
 )
 
 
-OPERATOR_PERMISSIONS = VIEWER_PERMISSIONS | {"devices:write", "schemas:write", "telemetry:write", "dlq:write"}
+OPERATOR_PERMISSIONS = VIEWER_PERMISSIONS | {
+    "devices:write",
+    "schemas:write",
+    "telemetry:write",
+    "dlq:write",
+    "alerts:write",
+}
 
 
 TENANT_ADMIN_PERMISSIONS = OPERATOR_PERMISSIONS | {

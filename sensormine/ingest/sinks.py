@@ -164,9 +164,19 @@ def store_dead_letter(
 class DirectSink:
     """Without Kafka: validate and write to the hot store in-process, on the consumer's path."""
 
-    def __init__(self, connect: Callable[[], psycopg.Connection], settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection],
+        settings: Settings | None = None,
+        after_write: Callable[[list[Reading]], object] | None = None,
+        on_close: Callable[[], object] | None = None,
+    ) -> None:
         self.settings = settings or get_settings()
         self._connect = connect
+        # Called with the readings once they are stored (the alarm processor, sensormine.alerts): its
+        # failure is logged and loses no reading.
+        self._after_write = after_write
+        self._on_close = on_close
         self._conn: psycopg.Connection | None = None
         self._writer: HotStoreWriter | None = None
         self._lock = threading.Lock()
@@ -209,6 +219,13 @@ class DirectSink:
         reason = validate_message(readings, self.settings) or self._schema_violation(tenant_id, device_id, readings)
         if reason is None:
             self._run(lambda w: w.write(readings))
+            if self._after_write is not None:
+                try:
+                    self._after_write(readings)
+                except Exception:
+                    log.exception(
+                        "evaluating alarm rules failed for %d readings of %s/%s", len(readings), tenant_id, device_id
+                    )
         else:
             payload = encode_envelope(tenant_id, device_id, source, readings)
             self._run(lambda w: store_dead_letter(w.conn, source, "in-process", reason, payload, tenant_id, device_id))
@@ -238,7 +255,9 @@ class DirectSink:
         return 0
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (and stop what `on_close` stops)."""
+        if self._on_close is not None:
+            self._on_close()
         if self._conn is not None:
             self._conn.close()
 
@@ -248,6 +267,12 @@ def make_sink(settings: Settings | None = None) -> ReadingSink:
     settings = settings or get_settings()
     if settings.kafka_bootstrap:
         return KafkaSink(settings)
-    from sensormine.clients.postgres import INGEST, connect
+    from sensormine.clients.postgres import ALERTS, INGEST, connect
 
-    return DirectSink(lambda: connect(settings, role=INGEST), settings)
+    if not settings.alerts_in_process:
+        return DirectSink(lambda: connect(settings, role=INGEST), settings)
+    from sensormine.alerts.processor import AlarmProcessor
+
+    processor = AlarmProcessor(lambda: connect(settings, role=ALERTS), refresh_s=settings.alerts_refresh_s)
+    processor.start(settings.alerts_tick_s)
+    return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)

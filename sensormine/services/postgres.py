@@ -33,6 +33,7 @@ FUNCTION_ROLES = (
     "sensormine_ingest",  # the hot-store write path: telemetry, dead letters, offsets, device status
     "sensormine_metering",  # API-call usage, its flushes and tenant events
     "sensormine_lake",  # compaction, quality checks and hot-store retention
+    "sensormine_alerts",  # the rule evaluator: every tenant's rules and devices, every tenant's alarms
 )
 OWNER = "sensormine_owner"  # owns the schema and runs migrations; no superuser, no BYPASSRLS
 LOGINS: dict[str, tuple[str, ...]] = {
@@ -44,8 +45,10 @@ LOGINS: dict[str, tuple[str, ...]] = {
         "sensormine_auth",
         "sensormine_ingest",
         "sensormine_metering",
+        "sensormine_alerts",  # without Kafka, rules are evaluated behind the in-process write path
     ),
-    "sensormine_ingestd": ("sensormine_ingest",),
+    "sensormine_ingestd": ("sensormine_ingest", "sensormine_alerts"),
+    "sensormine_streamd": ("sensormine_alerts",),  # the stream processor over Kafka
     "sensormine_dagster": ("sensormine_lake",),
     # Operators, tools and tests on one machine: every function role, still no privilege of its own.
     "sensormine_app": FUNCTION_ROLES,

@@ -1,0 +1,172 @@
+"""The rule evaluator: readings (and timer ticks) in, alarm transitions out. No I/O here.
+
+State is kept per (rule, device): each threshold/rate part's latch (for hysteresis), the latest two
+readings of each metric the rule reads, since when the condition holds (for `for_s`, in event
+time), and whether the alarm is up. A device's readings arrive through one ingest path, so one
+process holds its state. Absence rules keep no state here: `absence_transitions` decides from
+the stored last-seen times and open alarms, so any number of processes may tick.
+
+Readings of a metric older than (or as old as) the latest one seen for that device are late: they
+change no state (the stored alarm history is not rewritten). A transition names its event time;
+`Transition.event_id` is the same when the same reading is evaluated again, so a replay changes
+nothing in the alarm store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sensormine.alerts.rules import Absence, Combined, Rate, Rule, Threshold, leaves, metrics_of
+from sensormine.reading import Reading
+
+Kind = Literal["raise", "update", "clear"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An alarm goes up, is seen again, or goes down, for one rule and one device."""
+
+    kind: Kind
+    rule: Rule
+    tenant_id: str  # the device's tenant (the rule may be inherited from an ancestor)
+    device_id: str
+    ts_us: int  # event time: the reading's, or the tick's for absence
+    metric: str | None = None
+    value: float | None = None
+
+    @property
+    def event_id(self) -> str:
+        """Stable across re-evaluations of the same reading or tick."""
+        return f"{self.rule.tenant_id}/{self.rule.id}/{self.tenant_id}/{self.device_id}/{self.kind}/{self.ts_us}"
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """(rule tenant, rule, device tenant, device): one open alarm per key."""
+        return (self.rule.tenant_id, self.rule.id, self.tenant_id, self.device_id)
+
+
+@dataclass
+class _State:
+    latched: list[bool]
+    last: dict[str, tuple[int, float]] = field(default_factory=dict)
+    prev: dict[str, tuple[int, float]] = field(default_factory=dict)
+    holding_since: int | None = None
+    active: bool = False
+    revision: int = 0
+
+
+class Engine:
+    """Evaluates rules against readings; one instance per processing loop (not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[str, str, str, str], _State] = {}
+        self.late = 0  # readings ignored as out of order
+
+    def _state(self, rule: Rule, tenant_id: str, device_id: str) -> _State:
+        key = (rule.tenant_id, rule.id, tenant_id, device_id)
+        state = self._states.get(key)
+        if state is None or state.revision != rule.revision:
+            # A new or edited rule starts afresh, except that an alarm already up stays up until the
+            # (new) condition no longer holds.
+            active = state.active if state is not None else False
+            state = _State(latched=[active] * len(leaves(rule.condition)), active=active, revision=rule.revision)
+            self._states[key] = state
+        return state
+
+    def restore(self, rule: Rule, tenant_id: str, device_id: str) -> None:
+        """An alarm of this rule and device is open in the store (after a restart): its condition held."""
+        state = self._state(rule, tenant_id, device_id)
+        state.active = True
+        state.latched = [True] * len(state.latched)
+
+    def is_active(self, rule: Rule, tenant_id: str, device_id: str) -> bool:
+        """Whether the engine holds this rule's alarm for the device as up."""
+        state = self._states.get((rule.tenant_id, rule.id, tenant_id, device_id))
+        return state is not None and state.active
+
+    def observe(self, rules: Sequence[Rule], reading: Reading) -> list[Transition]:
+        """Transitions caused by one reading under the rules that apply to its device."""
+        out: list[Transition] = []
+        for rule in rules:
+            t = self._observe_one(rule, reading)
+            if t is not None:
+                out.append(t)
+        return out
+
+    def _observe_one(self, rule: Rule, r: Reading) -> Transition | None:
+        cond = rule.condition
+        if isinstance(cond, Absence) or r.metric not in metrics_of(cond):
+            return None
+        state = self._state(rule, r.tenant_id, r.device_id)
+        seen = state.last.get(r.metric)
+        if seen is not None and r.ts <= seen[0]:
+            self.late += 1
+            return None
+        if seen is not None:
+            state.prev[r.metric] = seen
+        state.last[r.metric] = (r.ts, r.value)
+        holds = self._holds(cond, state)
+        if not holds:
+            state.holding_since = None
+            if state.active:
+                state.active = False
+                return Transition("clear", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
+            return None
+        if state.holding_since is None:
+            state.holding_since = r.ts
+        if state.active:
+            return Transition("update", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
+        if r.ts - state.holding_since >= int(rule.for_s * 1_000_000):
+            state.active = True
+            return Transition("raise", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
+        return None
+
+    @staticmethod
+    def _holds(cond: Threshold | Rate | Combined, state: _State) -> bool:
+        results = []
+        for i, leaf in enumerate(leaves(cond)):
+            result = False
+            last = state.last.get(leaf.metric)
+            if isinstance(leaf, Threshold):
+                if last is not None:
+                    result = leaf.holds(last[1], state.latched[i])
+            else:
+                prev = state.prev.get(leaf.metric)
+                if last is not None and prev is not None and last[0] > prev[0]:
+                    rate = (last[1] - prev[1]) / ((last[0] - prev[0]) / 1_000_000)
+                    result = leaf.holds(rate, state.latched[i])
+            state.latched[i] = result
+            results.append(result)
+        if isinstance(cond, Combined) and cond.kind == "any":
+            return any(results)
+        return all(results)
+
+
+def absence_transitions(
+    targets: Iterable[tuple[Rule, str, str]],
+    silent_s: Mapping[tuple[str, str], float],
+    open_keys: set[tuple[str, str, str, str]],
+    now_us: int,
+) -> list[Transition]:
+    """Absence rules at `now_us`: (rule, tenant, device) targets, how long each device has been silent.
+
+    Raises where the silence reached the rule's `after_s` and no alarm is open; clears an open one
+    whose device has spoken since. Deciding from stored state makes it safe to run anywhere, any
+    number of times: the store keeps one open alarm per rule and device.
+    """
+    out: list[Transition] = []
+    for rule, tenant_id, device_id in targets:
+        cond = rule.condition
+        if not isinstance(cond, Absence):
+            continue
+        silent = silent_s.get((tenant_id, device_id))
+        if silent is None:
+            continue
+        is_open = (rule.tenant_id, rule.id, tenant_id, device_id) in open_keys
+        if silent >= cond.after_s and not is_open:
+            out.append(Transition("raise", rule, tenant_id, device_id, now_us))
+        elif silent < cond.after_s and is_open:
+            out.append(Transition("clear", rule, tenant_id, device_id, now_us))
+    return out

@@ -1,0 +1,209 @@
+"""The alarm processor: rules evaluated on readings as they are written, and absence rules on a timer.
+
+One processor per process. It connects as `sensormine_alerts` (every tenant's rules, devices and
+alarms), keeps a directory of tenants, devices and rules (reloaded when any of them changes,
+checked at most every `refresh_s`), evaluates with `sensormine.alerts.engine.Engine`, writes the
+transitions in one transaction per batch, and hands the raised and cleared alarms to `notify`
+after the commit. On start it restores the open alarms, so a restart does not raise them again.
+Absence rules are decided on each tick from `device_status` (what every ingest path records of a
+device's last message) and the open alarms, so every process with a processor may tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from sensormine.alerts.engine import Engine, Transition, absence_transitions
+from sensormine.alerts.rules import Absence, Rule, applicable
+from sensormine.alerts.store import AlarmChange, apply_transitions, list_rules, open_alarms
+from sensormine.reading import Reading
+
+log = logging.getLogger(__name__)
+
+_VERSION = (
+    "SELECT (SELECT coalesce(max(revision), 0) FROM alert_rules), (SELECT count(*) FROM alert_rules), "
+    "(SELECT max(updated_at) FROM devices), (SELECT count(*) FROM devices), (SELECT count(*) FROM tenants), "
+    "(SELECT max(updated_at) FROM tenants)"
+)
+
+
+class Directory:
+    """Which rules apply to which device: tenants' ancestry, devices' types and labels, the rules."""
+
+    def __init__(self) -> None:
+        self.version: tuple[Any, ...] | None = None
+        self.devices: dict[tuple[str, str], tuple[str | None, dict[str, Any]]] = {}
+        self.by_tenant: dict[str, list[Rule]] = {}
+        self.rules: dict[tuple[str, str], Rule] = {}
+        self._cache: dict[tuple[str, str], list[Rule]] = {}
+
+    def refresh(self, conn: psycopg.Connection) -> bool:
+        """Reload when anything changed; whether it did."""
+        version = conn.execute(_VERSION).fetchone()
+        if version == self.version:
+            return False
+        parents: dict[str, str | None] = dict(conn.execute("SELECT id, parent_id FROM tenants").fetchall())
+        ancestry: dict[str, list[str]] = {}
+        for tenant in parents:
+            chain: list[str] = []
+            t: str | None = tenant
+            while t is not None and t not in chain:
+                chain.append(t)
+                t = parents.get(t)
+            ancestry[tenant] = chain
+        rules = list_rules(conn, limit=1_000_000)
+        self.rules = {(r.tenant_id, r.id): r for r in rules}
+        self.by_tenant = applicable(rules, ancestry)
+        self.devices = {
+            (t, d): (kind, meta or {})
+            for t, d, kind, meta in conn.execute("SELECT tenant_id, id, device_type, metadata FROM devices").fetchall()
+        }
+        self._cache = {}
+        self.version = version
+        return True
+
+    def rules_for(self, tenant_id: str, device_id: str) -> list[Rule]:
+        """The rules watching a device (its tenant's, and inherited ones, whose scope includes it)."""
+        key = (tenant_id, device_id)
+        found = self._cache.get(key)
+        if found is None:
+            kind, meta = self.devices.get(key, (None, {}))
+            found = [r for r in self.by_tenant.get(tenant_id, []) if r.scope.matches(device_id, kind, meta)]
+            self._cache[key] = found
+        return found
+
+    def absence_targets(self) -> list[tuple[Rule, str, str]]:
+        """(rule, tenant, device) for every registered device an absence rule watches."""
+        return [
+            (r, tenant, device)
+            for (tenant, device) in self.devices
+            for r in self.rules_for(tenant, device)
+            if isinstance(r.condition, Absence)
+        ]
+
+
+class AlarmProcessor:
+    """Evaluates every reading written against the rules, and absence rules on ticks. Thread-safe."""
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection],
+        clock: Callable[[], float] = time.time,
+        refresh_s: float = 2.0,
+        notify: Callable[[list[AlarmChange]], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._conn: psycopg.Connection | None = None
+        self.clock = clock
+        self.engine = Engine()
+        self.directory = Directory()
+        self.refresh_s = refresh_s
+        self.notify = notify
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        with self._lock:
+            self._refresh(force=True)
+            self._restore()
+
+    def _db(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._checked < self.refresh_s:
+            return
+        conn = self._db()
+        with conn.transaction():
+            self.directory.refresh(conn)
+        self._checked = time.monotonic()
+
+    def _restore(self) -> None:
+        conn = self._db()
+        with conn.transaction():
+            keys = open_alarms(conn)
+        for rule_tenant, rule_id, tenant, device in keys:
+            rule = self.directory.rules.get((rule_tenant, rule_id))
+            if rule is not None:
+                self.engine.restore(rule, tenant, device)
+
+    def _run(self, evaluate: Callable[[psycopg.Connection], list[Transition]]) -> list[AlarmChange]:
+        with self._lock:
+            try:
+                self._refresh()
+                conn = self._db()
+                with conn.transaction():
+                    transitions = evaluate(conn)
+                    changes = apply_transitions(conn, transitions) if transitions else []
+            except psycopg.OperationalError:
+                if self._conn is not None:
+                    self._conn.close()
+                raise
+        if changes and self.notify is not None:
+            try:
+                self.notify(changes)
+            except Exception:
+                log.exception("alarm notifications failed")
+        return changes
+
+    def process(self, readings: Sequence[Reading]) -> list[AlarmChange]:
+        """Evaluate written readings; the alarms raised or cleared."""
+
+        def evaluate(conn: psycopg.Connection) -> list[Transition]:
+            out: list[Transition] = []
+            for r in readings:
+                rules = self.directory.rules_for(r.tenant_id, r.device_id)
+                if rules:
+                    out += self.engine.observe(rules, r)
+            return out
+
+        return self._run(evaluate)
+
+    def tick(self) -> list[AlarmChange]:
+        """Absence rules against the clock and the stored last-seen times; the alarms raised or cleared."""
+
+        def evaluate(conn: psycopg.Connection) -> list[Transition]:
+            targets = self.directory.absence_targets()
+            if not targets:
+                return []
+            now = self.clock()
+            silent = {
+                (t, d): now - last
+                for t, d, last in conn.execute(
+                    "SELECT d.tenant_id, d.id, extract(epoch FROM greatest(d.created_at, s.last_seen))::float8 "
+                    "FROM devices d LEFT JOIN device_status s ON s.tenant_id = d.tenant_id AND s.device_id = d.id"
+                ).fetchall()
+            }
+            return absence_transitions(targets, silent, set(open_alarms(conn)), int(now * 1_000_000))
+
+        return self._run(evaluate)
+
+    def start(self, interval_s: float = 1.0) -> None:
+        """Tick in a background thread every `interval_s` until `close`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("alarm tick failed; retrying in %.0f s", interval_s)
+
+        self._timer = threading.Thread(target=loop, name="alarm-ticks", daemon=True)
+        self._timer.start()
+
+    def close(self) -> None:
+        """Stop ticking and close the connection."""
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()

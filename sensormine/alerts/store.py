@@ -1,0 +1,417 @@
+"""Rules and alarms in PostgreSQL (migration 018): the rows, and the alarm lifecycle's writes.
+
+Every function runs in the caller's transaction and role: API callers under row-level security
+(reader / writer), the evaluator as `sensormine_alerts`. The lifecycle:
+
+- an alarm is raised `active`, unacknowledged; repeats while it is up add to its `count` and keep
+  the latest value; at most one alarm is open per (rule, device);
+- the rule's condition clearing sets it `cleared`; a person may clear it earlier: it is then
+  `latched` (still the open alarm of its rule and device, so repeats change nothing) until the
+  condition clears, and only then can the rule raise a new alarm;
+- acknowledging, commenting and assigning are independent of active/cleared;
+- every change is an `alarm_events` row; the evaluator's carry its transition id, so evaluating
+  the same reading again (a replay, a restart) adds nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from sensormine.alerts.engine import Transition
+from sensormine.alerts.rules import Rule, parse_condition, parse_notify, parse_scope
+from sensormine.reading import us_to_datetime
+
+
+class UnknownRule(LookupError):
+    """No such rule in the tenant."""
+
+
+class DuplicateRule(ValueError):
+    """A rule id or name is taken in the tenant."""
+
+
+class UnknownAlarm(LookupError):
+    """No such alarm in the tenant."""
+
+
+_RULE_COLUMNS = (
+    "tenant_id, id, name, severity, condition, scope, for_s, enabled, cascade, notify, description, revision, "
+    "created_at, updated_at"
+)
+
+
+def _rule(row: dict[str, Any]) -> Rule:
+    return Rule(
+        tenant_id=row["tenant_id"],
+        id=row["id"],
+        name=row["name"],
+        severity=row["severity"],
+        condition=parse_condition(row["condition"]),
+        scope=parse_scope(row["scope"]),
+        for_s=row["for_s"],
+        enabled=row["enabled"],
+        cascade=row["cascade"],
+        notify=parse_notify(row["notify"]),
+        description=row["description"],
+        revision=row["revision"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _params(rule: Rule) -> dict[str, Any]:
+    return {
+        "tenant_id": rule.tenant_id,
+        "id": rule.id,
+        "name": rule.name,
+        "severity": rule.severity,
+        "condition": Jsonb(rule.condition.model_dump(mode="json", exclude_none=True)),
+        "scope": Jsonb(rule.scope.model_dump(mode="json", exclude_none=True)),
+        "for_s": rule.for_s,
+        "enabled": rule.enabled,
+        "cascade": rule.cascade,
+        "notify": Jsonb(rule.notify.model_dump(mode="json")),
+        "description": rule.description,
+    }
+
+
+def insert_rule(conn: psycopg.Connection, rule: Rule) -> Rule:
+    """Store a new rule (DuplicateRule when its id or name is taken in the tenant)."""
+    try:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "INSERT INTO alert_rules (tenant_id, id, name, severity, condition, scope, for_s, enabled, cascade, "
+                "notify, description) VALUES (%(tenant_id)s, %(id)s, %(name)s, %(severity)s, %(condition)s, "
+                "%(scope)s, %(for_s)s, %(enabled)s, %(cascade)s, %(notify)s, %(description)s) "
+                f"RETURNING {_RULE_COLUMNS}",
+                _params(rule),
+            ).fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        what = "name" if "name" in (exc.diag.constraint_name or "") else "id"
+        value = rule.name if what == "name" else rule.id
+        raise DuplicateRule(f"tenant {rule.tenant_id!r} already has a rule with {what} {value!r}") from None
+    assert row is not None
+    return _rule(row)
+
+
+def replace_rule(conn: psycopg.Connection, rule: Rule) -> Rule:
+    """Store a changed rule under a new revision (UnknownRule, DuplicateRule for a taken name)."""
+    try:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "UPDATE alert_rules SET name = %(name)s, severity = %(severity)s, condition = %(condition)s, "
+                "scope = %(scope)s, for_s = %(for_s)s, enabled = %(enabled)s, cascade = %(cascade)s, "
+                "notify = %(notify)s, description = %(description)s, revision = nextval('alert_rule_revisions') "
+                f"WHERE tenant_id = %(tenant_id)s AND id = %(id)s RETURNING {_RULE_COLUMNS}",
+                _params(rule),
+            ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise DuplicateRule(f"tenant {rule.tenant_id!r} already has a rule named {rule.name!r}") from None
+    if row is None:
+        raise UnknownRule(f"rule {rule.id!r} not found in tenant {rule.tenant_id!r}")
+    return _rule(row)
+
+
+def get_rule(conn: psycopg.Connection, tenant_id: str, rule_id: str) -> Rule:
+    """One rule (UnknownRule)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE tenant_id = %s AND id = %s", (tenant_id, rule_id)
+        ).fetchone()
+    if row is None:
+        raise UnknownRule(f"rule {rule_id!r} not found in tenant {tenant_id!r}; GET /api/alerts/rules lists them")
+    return _rule(row)
+
+
+def list_rules(
+    conn: psycopg.Connection,
+    tenants: Sequence[str] | None = None,
+    after: tuple[str, str] | None = None,
+    limit: int = 1000,
+) -> list[Rule]:
+    """Rules of `tenants` (every visible one when None), by tenant and id."""
+    where: list[str] = ["true"]
+    params: list[Any] = []
+    if tenants is not None:
+        where.append("tenant_id = ANY(%s)")
+        params.append(list(tenants))
+    if after is not None:
+        where.append("(tenant_id, id) > (%s, %s)")
+        params += list(after)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE {' AND '.join(where)} ORDER BY tenant_id, id LIMIT %s",
+            (*params, limit),
+        ).fetchall()
+    return [_rule(r) for r in rows]
+
+
+def delete_rule(conn: psycopg.Connection, tenant_id: str, rule_id: str) -> None:
+    """Delete a rule; its alarms stay (UnknownRule)."""
+    if conn.execute("DELETE FROM alert_rules WHERE tenant_id = %s AND id = %s", (tenant_id, rule_id)).rowcount == 0:
+        raise UnknownRule(f"rule {rule_id!r} not found in tenant {tenant_id!r}")
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One alarm, as stored."""
+
+    tenant_id: str
+    id: str
+    rule_tenant_id: str
+    rule_id: str
+    rule_name: str
+    severity: str
+    condition_text: str
+    device_id: str
+    status: str
+    acknowledged: bool
+    latched: bool
+    metric: str | None
+    first_value: float | None
+    last_value: float | None
+    count: int
+    raised_at: datetime
+    last_at: datetime
+    cleared_at: datetime | None
+    cleared_by: str | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    assignee: str | None
+
+
+_ALARM_COLUMNS = ", ".join(Alarm.__dataclass_fields__)
+
+
+def _alarm(row: dict[str, Any]) -> Alarm:
+    return Alarm(**{**row, "id": str(row["id"])})
+
+
+@dataclass(frozen=True)
+class AlarmChange:
+    """What a transition did to the store: an alarm raised or cleared (updates are not reported)."""
+
+    kind: str  # raised | cleared
+    alarm: Alarm
+    rule: Rule
+
+
+_OPEN = (
+    "tenant_id = %(tenant)s AND rule_tenant_id = %(rule_tenant)s AND rule_id = %(rule)s AND device_id = %(device)s "
+    "AND (status = 'active' OR latched)"
+)
+
+
+def apply_transitions(conn: psycopg.Connection, transitions: Sequence[Transition]) -> list[AlarmChange]:
+    """Write the evaluator's transitions (as sensormine_alerts, in the caller's transaction)."""
+    changes: list[AlarmChange] = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        for t in transitions:
+            key = {"tenant": t.tenant_id, "rule_tenant": t.rule.tenant_id, "rule": t.rule.id, "device": t.device_id}
+            at = us_to_datetime(t.ts_us)
+            if (
+                t.kind != "update"
+                and cur.execute("SELECT 1 FROM alarm_events WHERE event_id = %s", (t.event_id,)).fetchone()
+            ):
+                continue  # evaluated before
+            open_ = cur.execute(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE {_OPEN} FOR UPDATE", key).fetchone()
+            if t.kind == "raise" and open_ is None:
+                row = cur.execute(
+                    "INSERT INTO alarms (tenant_id, id, rule_tenant_id, rule_id, rule_name, severity, condition_text, "
+                    "device_id, status, metric, first_value, last_value, raised_at, last_at) VALUES "
+                    "(%(tenant)s, %(id)s, %(rule_tenant)s, %(rule)s, %(name)s, %(severity)s, %(text)s, %(device)s, "
+                    "'active', %(metric)s, %(value)s, %(value)s, %(at)s, %(at)s) "
+                    # Another process raised it first (absence ticks run wherever a processor runs).
+                    "ON CONFLICT (tenant_id, rule_tenant_id, rule_id, device_id) WHERE status = 'active' OR latched "
+                    f"DO NOTHING RETURNING {_ALARM_COLUMNS}",
+                    {
+                        **key,
+                        "id": uuid.uuid4(),
+                        "name": t.rule.name,
+                        "severity": t.rule.severity,
+                        "text": t.rule.describe(),
+                        "metric": t.metric,
+                        "value": t.value,
+                        "at": at,
+                    },
+                ).fetchone()
+                if row is None:
+                    continue
+                _event(cur, row, "raised", "rule", t.event_id, {"value": t.value, "metric": t.metric})
+                changes.append(AlarmChange("raised", _alarm(row), t.rule))
+            elif t.kind in ("raise", "update") and open_ is not None and open_["status"] == "active":
+                cur.execute(
+                    "UPDATE alarms SET count = count + 1, last_value = %(value)s, last_at = %(at)s, "
+                    "metric = %(metric)s "
+                    f"WHERE {_OPEN} AND status = 'active' AND last_at < %(at)s",
+                    {**key, "value": t.value, "at": at, "metric": t.metric},
+                )
+            elif t.kind == "clear" and open_ is not None:
+                if open_["status"] == "cleared":  # cleared by hand before: the condition is over now
+                    cur.execute(f"UPDATE alarms SET latched = false WHERE {_OPEN}", key)
+                    continue
+                row = cur.execute(
+                    "UPDATE alarms SET status = 'cleared', cleared_at = %(at)s, cleared_by = 'rule', "
+                    f"last_value = %(value)s WHERE {_OPEN} RETURNING {_ALARM_COLUMNS}",
+                    {**key, "at": at, "value": t.value},
+                ).fetchone()
+                assert row is not None
+                _event(cur, row, "cleared", "rule", t.event_id, {"value": t.value, "metric": t.metric})
+                changes.append(AlarmChange("cleared", _alarm(row), t.rule))
+    return changes
+
+
+def _event(cur: Any, alarm: dict[str, Any], kind: str, actor: str, event_id: str | None, detail: dict) -> None:
+    cur.execute(
+        "INSERT INTO alarm_events (tenant_id, alarm_id, kind, actor, event_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+        (alarm["tenant_id"], alarm["id"], kind, actor, event_id, Jsonb(detail)),
+    )
+
+
+def open_alarms(conn: psycopg.Connection) -> list[tuple[str, str, str, str]]:
+    """(rule tenant, rule, tenant, device) of every open alarm: up, or cleared by hand while its condition held."""
+    rows = conn.execute(
+        "SELECT rule_tenant_id, rule_id, tenant_id, device_id FROM alarms WHERE status = 'active' OR latched"
+    ).fetchall()
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def get_alarm(conn: psycopg.Connection, tenant_id: str, alarm_id: str) -> Alarm:
+    """One alarm (UnknownAlarm)."""
+    try:
+        uuid.UUID(alarm_id)
+    except ValueError:
+        raise UnknownAlarm(f"alarm {alarm_id!r} not found in tenant {tenant_id!r}") from None
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE tenant_id = %s AND id = %s", (tenant_id, alarm_id)
+        ).fetchone()
+    if row is None:
+        raise UnknownAlarm(f"alarm {alarm_id!r} not found in tenant {tenant_id!r}; GET /api/alerts/alarms lists them")
+    return _alarm(row)
+
+
+@dataclass(frozen=True)
+class AlarmFilter:
+    """Which alarms to list."""
+
+    status: str | None = None  # active | cleared
+    acknowledged: bool | None = None
+    severity: str | None = None
+    device_id: str | None = None
+    rule_id: str | None = None
+
+
+def list_alarms(
+    conn: psycopg.Connection,
+    tenants: Sequence[str],
+    filters: AlarmFilter = AlarmFilter(),
+    after: tuple[str, str] | None = None,
+    limit: int = 100,
+) -> list[Alarm]:
+    """Alarms of `tenants`, newest first (by raise time, then id)."""
+    where: list[str] = ["tenant_id = ANY(%s)"]
+    params: list[Any] = [list(tenants)]
+    for column in ("status", "acknowledged", "severity", "device_id", "rule_id"):
+        value = getattr(filters, column)
+        if value is not None:
+            where.append(f"{column} = %s")
+            params.append(value)
+    if after is not None:
+        where.append("(raised_at, id) < (%s::timestamptz, %s::uuid)")
+        params += list(after)
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE {' AND '.join(where)} "
+            "ORDER BY raised_at DESC, id DESC LIMIT %s",
+            (*params, limit),
+        ).fetchall()
+    return [_alarm(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class AlarmEvent:
+    """One step of an alarm's history."""
+
+    id: int
+    at: datetime
+    kind: str
+    actor: str
+    detail: dict[str, Any]
+
+
+def alarm_history(conn: psycopg.Connection, tenant_id: str, alarm_id: str) -> list[AlarmEvent]:
+    """An alarm's events, oldest first (UnknownAlarm)."""
+    get_alarm(conn, tenant_id, alarm_id)
+    rows = conn.execute(
+        "SELECT id, at, kind, actor, detail FROM alarm_events WHERE tenant_id = %s AND alarm_id = %s ORDER BY id",
+        (tenant_id, alarm_id),
+    ).fetchall()
+    return [AlarmEvent(*r) for r in rows]
+
+
+def act_on_alarm(
+    conn: psycopg.Connection, tenant_id: str, alarm_id: str, kind: str, actor: str, detail: dict[str, Any]
+) -> Alarm:
+    """A person's action on an alarm (acknowledged, cleared, commented, assigned) and its history row."""
+    alarm = get_alarm(conn, tenant_id, alarm_id)
+    sets = {
+        "acknowledged": "acknowledged = true, acknowledged_at = now(), acknowledged_by = %(actor)s",
+        # Cleared by hand: latched while the rule still holds it up (docstring above).
+        "cleared": "status = 'cleared', cleared_at = now(), cleared_by = %(actor)s, latched = (status = 'active')",
+        "assigned": "assignee = %(assignee)s",
+        "commented": None,
+    }[kind]
+    changed = {
+        "acknowledged": not alarm.acknowledged,
+        "cleared": alarm.status == "active",
+        "assigned": alarm.assignee != detail.get("assignee"),
+        "commented": True,
+    }[kind]
+    if not changed:
+        return alarm
+    with conn.cursor(row_factory=dict_row) as cur:
+        if sets is not None:
+            cur.execute(
+                f"UPDATE alarms SET {sets} WHERE tenant_id = %(tenant)s AND id = %(id)s",
+                {"tenant": tenant_id, "id": alarm_id, "actor": actor, "assignee": detail.get("assignee")},
+            )
+        _event(cur, {"tenant_id": tenant_id, "id": alarm_id}, kind, actor, None, detail)
+    return get_alarm(conn, tenant_id, alarm_id)
+
+
+def record_delivery(
+    conn: psycopg.Connection,
+    alarm: Alarm,
+    state: str,
+    channel: str,
+    target: str,
+    status: str,
+    attempts: int,
+    error: str | None,
+) -> None:
+    """One notification's outcome, in the delivery log."""
+    conn.execute(
+        "INSERT INTO alarm_deliveries (tenant_id, alarm_id, state, channel, target, status, attempts, error) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (alarm.tenant_id, alarm.id, state, channel, target, status, attempts, error),
+    )
+
+
+def list_deliveries(conn: psycopg.Connection, tenant_id: str, alarm_id: str) -> list[dict[str, Any]]:
+    """An alarm's delivery log, oldest first (UnknownAlarm)."""
+    get_alarm(conn, tenant_id, alarm_id)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, at, state, channel, target, status, attempts, error FROM alarm_deliveries "
+            "WHERE tenant_id = %s AND alarm_id = %s ORDER BY id",
+            (tenant_id, alarm_id),
+        ).fetchall()

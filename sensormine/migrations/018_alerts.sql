@@ -1,0 +1,137 @@
+-- Alarm rules, alarms and their history (docs/alerts.md).
+-- Rules belong to a tenant and cascade to its sub-tenants (a sub-tenant's rule of the same name
+-- overrides an inherited one). An alarm belongs to the device's tenant; at most one is open per
+-- rule x device. The evaluator (role sensormine_alerts, made by bootstrap_roles) reads every
+-- tenant's rules and devices and writes every tenant's alarms; API callers read and act on the
+-- alarms of their visible tenants.
+
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sensormine_alerts') THEN
+        RAISE EXCEPTION 'the role sensormine_alerts is missing: run `sensormine db bootstrap` as a superuser first';
+    END IF;
+END $$;
+
+CREATE SEQUENCE alert_rule_revisions;
+
+CREATE TABLE alert_rules (
+    tenant_id    text NOT NULL REFERENCES tenants(id),
+    id           text NOT NULL CHECK (id ~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'),
+    name         text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+    description  text NOT NULL DEFAULT '',
+    severity     text NOT NULL CHECK (severity IN ('critical', 'major', 'minor', 'warning', 'info')),
+    condition    jsonb NOT NULL CHECK (jsonb_typeof(condition) = 'object'),
+    scope        jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(scope) = 'object'),
+    for_s        double precision NOT NULL DEFAULT 0 CHECK (for_s >= 0),
+    enabled      boolean NOT NULL DEFAULT true,
+    cascade      boolean NOT NULL DEFAULT true,
+    notify       jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(notify) = 'object'),  -- {"emails": [...]}
+    revision     bigint NOT NULL DEFAULT nextval('alert_rule_revisions'),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, id),
+    UNIQUE (tenant_id, name)
+);
+CREATE TRIGGER alert_rules_touch BEFORE UPDATE ON alert_rules
+    FOR EACH ROW EXECUTE FUNCTION sensormine_touch_updated_at();
+
+CREATE TABLE alarms (
+    tenant_id        text NOT NULL REFERENCES tenants(id),
+    id               uuid NOT NULL DEFAULT gen_random_uuid(),
+    rule_tenant_id   text NOT NULL,      -- the rule's owner (the tenant or an ancestor)
+    rule_id          text NOT NULL,      -- no foreign key: alarms outlive a deleted rule
+    rule_name        text NOT NULL,
+    severity         text NOT NULL,
+    condition_text   text NOT NULL,
+    device_id        text NOT NULL,
+    status           text NOT NULL CHECK (status IN ('active', 'cleared')),
+    acknowledged     boolean NOT NULL DEFAULT false,
+    -- Cleared by hand while the condition still held: stays the open alarm of its rule x device
+    -- (repeats change nothing) until the condition clears, so the next message does not undo it.
+    latched          boolean NOT NULL DEFAULT false,
+    metric           text,
+    first_value      double precision,
+    last_value       double precision,
+    count            integer NOT NULL DEFAULT 1,
+    raised_at        timestamptz NOT NULL,
+    last_at          timestamptz NOT NULL,
+    cleared_at       timestamptz,
+    cleared_by       text,
+    acknowledged_at  timestamptz,
+    acknowledged_by  text,
+    assignee         text,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE UNIQUE INDEX alarms_open ON alarms (tenant_id, rule_tenant_id, rule_id, device_id)
+    WHERE status = 'active' OR latched;
+CREATE INDEX alarms_by_time ON alarms (tenant_id, raised_at DESC, id);
+CREATE TRIGGER alarms_touch BEFORE UPDATE ON alarms
+    FOR EACH ROW EXECUTE FUNCTION sensormine_touch_updated_at();
+
+CREATE TABLE alarm_events (
+    tenant_id   text NOT NULL,
+    id          bigserial PRIMARY KEY,
+    alarm_id    uuid NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    kind        text NOT NULL CHECK (kind IN ('raised', 'cleared', 'acknowledged', 'commented', 'assigned')),
+    actor       text NOT NULL,   -- 'rule', or who acted (user:<id>, key:<id>, cli)
+    event_id    text,            -- the evaluator's transition id: evaluating a reading again adds nothing
+    detail      jsonb NOT NULL DEFAULT '{}',
+    FOREIGN KEY (tenant_id, alarm_id) REFERENCES alarms (tenant_id, id) ON DELETE CASCADE
+);
+CREATE UNIQUE INDEX alarm_events_event_id ON alarm_events (event_id) WHERE event_id IS NOT NULL;
+CREATE INDEX alarm_events_alarm ON alarm_events (tenant_id, alarm_id, id);
+
+-- Every notification attempt's outcome: the delivery log.
+CREATE TABLE alarm_deliveries (
+    tenant_id    text NOT NULL,
+    id           bigserial PRIMARY KEY,
+    alarm_id     uuid NOT NULL,
+    at           timestamptz NOT NULL DEFAULT now(),
+    state        text NOT NULL,      -- the alarm transition notified: raised, cleared
+    channel      text NOT NULL,      -- email, webhook, sms
+    target       text NOT NULL,
+    status       text NOT NULL CHECK (status IN ('delivered', 'failed', 'dead')),
+    attempts     integer NOT NULL,
+    error        text,
+    FOREIGN KEY (tenant_id, alarm_id) REFERENCES alarms (tenant_id, id) ON DELETE CASCADE
+);
+CREATE INDEX alarm_deliveries_alarm ON alarm_deliveries (tenant_id, alarm_id, id);
+
+ALTER TABLE alarm_deliveries ENABLE ROW LEVEL SECURITY;
+ALTER TABLE alarm_deliveries FORCE ROW LEVEL SECURITY;
+CREATE POLICY alarm_deliveries_tenant_isolation ON alarm_deliveries
+    USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) OR (SELECT sensormine_is_platform()));
+ALTER TABLE alert_rules ENABLE ROW LEVEL SECURITY;
+ALTER TABLE alert_rules FORCE ROW LEVEL SECURITY;
+ALTER TABLE alarms ENABLE ROW LEVEL SECURITY;
+ALTER TABLE alarms FORCE ROW LEVEL SECURITY;
+ALTER TABLE alarm_events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE alarm_events FORCE ROW LEVEL SECURITY;
+CREATE POLICY alert_rules_tenant_isolation ON alert_rules
+    USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) OR (SELECT sensormine_is_platform()));
+CREATE POLICY alarms_tenant_isolation ON alarms
+    USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) OR (SELECT sensormine_is_platform()));
+CREATE POLICY alarm_events_tenant_isolation ON alarm_events
+    USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) OR (SELECT sensormine_is_platform()));
+
+-- API callers: rules are written by the writer role; alarms are acted on (acknowledge, clear,
+-- comment, assign), never created or deleted through the API.
+GRANT SELECT ON alert_rules, alarms, alarm_events, alarm_deliveries TO sensormine_reader;
+GRANT SELECT, INSERT, UPDATE, DELETE ON alert_rules TO sensormine_writer;
+GRANT SELECT, UPDATE ON alarms TO sensormine_writer;
+GRANT SELECT, INSERT ON alarm_events TO sensormine_writer;
+GRANT USAGE ON SEQUENCE alert_rule_revisions, alarm_events_id_seq TO sensormine_writer;
+
+-- The evaluator: every tenant's rules, devices and hierarchy; every tenant's alarms.
+GRANT SELECT ON tenants, devices, device_status, alert_rules TO sensormine_alerts;
+GRANT SELECT, INSERT, UPDATE ON alarms TO sensormine_alerts;
+GRANT SELECT, INSERT ON alarm_events, alarm_deliveries TO sensormine_alerts;
+GRANT USAGE ON SEQUENCE alarm_events_id_seq, alarm_deliveries_id_seq TO sensormine_alerts;
+CREATE POLICY tenants_alerts ON tenants FOR SELECT TO sensormine_alerts USING (true);
+CREATE POLICY devices_alerts ON devices FOR SELECT TO sensormine_alerts USING (true);
+CREATE POLICY device_status_alerts ON device_status FOR SELECT TO sensormine_alerts USING (true);
+CREATE POLICY alert_rules_alerts ON alert_rules FOR SELECT TO sensormine_alerts USING (true);
+CREATE POLICY alarms_alerts ON alarms FOR ALL TO sensormine_alerts USING (true) WITH CHECK (true);
+CREATE POLICY alarm_events_alerts ON alarm_events FOR ALL TO sensormine_alerts USING (true) WITH CHECK (true);
+CREATE POLICY alarm_deliveries_alerts ON alarm_deliveries FOR ALL TO sensormine_alerts USING (true) WITH CHECK (true);

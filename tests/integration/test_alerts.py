@@ -1,0 +1,241 @@
+"""Alarm rules and alarms on real services: rules through the API, readings through HTTP ingest (the
+in-process path evaluates them), the alarm lifecycle in PostgreSQL, absence on a controllable clock."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from sensormine.alerts.processor import AlarmProcessor
+from sensormine.clients.postgres import ALERTS, connect
+from sensormine.devices.registry import create_device
+from sensormine.identity.api_keys import create_api_key
+from sensormine.reading import Reading, datetime_to_us
+from sensormine.settings import Settings
+from sensormine.tenancy.tenants import create_tenant
+from serving.main import create_app
+
+pytestmark = pytest.mark.integration
+
+OVERHEAT = {
+    "id": "overheat",
+    "name": "Motor overheating",
+    "severity": "critical",
+    "condition": {"kind": "threshold", "metric": "temperature", "op": "gt", "value": 90, "hysteresis": 5},
+}
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ingest(client: TestClient, key: str, *points: tuple[int, float]) -> None:
+    items = [{"ts": f"2026-11-26T00:00:{s:02d}Z", "values": {"temperature": v}} for s, v in points]
+    resp = client.post("/api/ingest", content=orjson.dumps(items), headers={"X-Device-Key": key})
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.fixture
+def in_process(settings: Settings) -> Settings:
+    """No Kafka: HTTP ingest writes in-process and the alarm processor evaluates behind it."""
+    return settings.model_copy(update={"kafka_bootstrap": None, "alerts_refresh_s": 0.0})
+
+
+@pytest.fixture
+def acme(conn: psycopg.Connection) -> dict[str, str]:
+    create_tenant(conn, "acme", plan="pro")
+    _, device_key = create_device(conn, "acme", "press-1", device_type="press")
+    keys = {"device": device_key, "operator": create_api_key(conn, "acme", "ops", role="operator")}
+    conn.commit()
+    return keys
+
+
+def test_an_alarm_is_raised_repeated_acknowledged_and_cleared(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        resp = client.post("/api/alerts/rules", json=OVERHEAT, headers=ops)
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["condition_text"] == "temperature > 90"
+        ingest(client, acme["device"], (0, 80.0), (1, 95.0), (2, 97.5))
+        alarms = client.get("/api/alerts/alarms", headers=ops).json()["items"]
+        assert len(alarms) == 1, alarms
+        alarm = alarms[0]
+        assert (alarm["status"], alarm["acknowledged"], alarm["count"], alarm["severity"]) == (
+            "active",
+            False,
+            2,
+            "critical",
+        )
+        assert (alarm["first_value"], alarm["last_value"], alarm["device_id"]) == (95.0, 97.5, "press-1")
+
+        # The same batch again (a retry): readings dedupe, and the alarm does not count them twice.
+        ingest(client, acme["device"], (1, 95.0), (2, 97.5))
+        url = f"/api/alerts/alarms/{alarm['id']}"
+        assert client.get(url, headers=ops).json()["count"] == 2
+
+        assert client.post(f"{url}/acknowledge", headers=ops).json()["acknowledged"] is True
+        assert client.post(f"{url}/comment", json={"text": "cooling fan replaced"}, headers=ops).status_code == 200
+        # 88 is inside the hysteresis band: still up. 84 clears it.
+        ingest(client, acme["device"], (3, 88.0))
+        assert client.get(url, headers=ops).json()["status"] == "active"
+        ingest(client, acme["device"], (4, 84.0))
+        done = client.get(url, headers=ops).json()
+        assert (done["status"], done["cleared_by"], done["last_value"]) == ("cleared", "rule", 84.0)
+        history = [e["kind"] for e in client.get(f"{url}/history", headers=ops).json()]
+        assert history == ["raised", "acknowledged", "commented", "cleared"]
+        # Above the limit again: a new alarm.
+        ingest(client, acme["device"], (5, 99.0))
+        assert len(client.get("/api/alerts/alarms?status=active", headers=ops).json()["items"]) == 1
+    audit = [r[0] for r in conn.execute("SELECT action FROM audit_log ORDER BY id").fetchall()]
+    assert audit == ["alert_rule.create", "alarm.acknowledge", "alarm.comment"]
+
+
+def test_a_manual_clear_is_not_undone_by_the_next_reading(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        assert client.post("/api/alerts/rules", json=OVERHEAT, headers=ops).status_code == 201
+        ingest(client, acme["device"], (1, 95.0))
+        (alarm,) = client.get("/api/alerts/alarms", headers=ops).json()["items"]
+        url = f"/api/alerts/alarms/{alarm['id']}"
+        cleared = client.post(f"{url}/clear", headers=ops).json()
+        assert (cleared["status"], cleared["cleared_by"]) == ("cleared", f"key:{acme['operator'].split('_')[1]}")
+        ingest(client, acme["device"], (2, 96.0), (3, 97.0))  # still hot: no new alarm, no change
+        alarms = client.get("/api/alerts/alarms", headers=ops).json()["items"]
+        assert [(a["id"], a["status"], a["count"]) for a in alarms] == [(alarm["id"], "cleared", 1)]
+        # Nor after a restart: the evaluator restores the hand-cleared alarm as still held up.
+        restarted = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+        try:
+            hot = Reading(
+                "acme", "press-1", "temperature", datetime_to_us(datetime(2026, 11, 26, 0, 0, 3, 500_000)), 98.0
+            )
+            assert restarted.process([hot]) == []
+        finally:
+            restarted.close()
+        assert len(client.get("/api/alerts/alarms", headers=ops).json()["items"]) == 1
+        ingest(client, acme["device"], (4, 50.0), (5, 95.0))  # the condition cleared, then held again
+        alarms = client.get("/api/alerts/alarms", headers=ops).json()["items"]
+        assert [a["status"] for a in alarms] == ["active", "cleared"]
+
+
+def test_rules_cascade_to_sub_tenants_and_a_sub_tenant_overrides_by_name(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    create_tenant(conn, "plant-a", parent_id="acme")
+    create_tenant(conn, "plant-b", parent_id="acme")
+    key_a = create_device(conn, "plant-a", "press-a")[1]
+    key_b = create_device(conn, "plant-b", "press-b")[1]
+    b_ops = {"X-API-Key": create_api_key(conn, "plant-b", "ops", role="operator")}
+    conn.commit()
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        assert client.post("/api/alerts/rules", json=OVERHEAT, headers=ops).status_code == 201
+        quiet = {**OVERHEAT, "id": "quiet", "enabled": False}  # the same name: plant-b switches it off
+        assert client.post("/api/alerts/rules", json=quiet, headers=b_ops).status_code == 201
+        ingest(client, key_a, (1, 95.0))
+        ingest(client, key_b, (1, 95.0))
+        a = client.get("/api/alerts/alarms?tenant_id=plant-a", headers=ops).json()["items"]
+        assert [(x["tenant_id"], x["rule_tenant_id"], x["rule_id"]) for x in a] == [("plant-a", "acme", "overheat")]
+        assert client.get("/api/alerts/alarms?tenant_id=plant-b", headers=ops).json()["items"] == []
+        # plant-b sees its own alarms only; the parent's rules are not its to change.
+        assert client.get("/api/alerts/alarms?tenant_id=plant-a", headers=b_ops).status_code == 404
+        assert (
+            client.patch("/api/alerts/rules/overheat?tenant_id=acme", json={"for_s": 5}, headers=b_ops).status_code
+            == 404
+        )
+
+
+def test_bad_rules_get_problem_answers(in_process: Settings, acme: dict[str, str]) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        bad = client.post(
+            "/api/alerts/rules",
+            json={**OVERHEAT, "condition": {"kind": "threshold", "metric": "t", "op": "gt"}},
+            headers=ops,
+        )
+        assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
+        assert "takes `value`" in bad.json()["detail"]
+        assert client.post("/api/alerts/rules", json=OVERHEAT, headers=ops).status_code == 201
+        again = client.post("/api/alerts/rules", json=OVERHEAT, headers=ops)
+        assert again.status_code == 409 and "already has a rule" in again.json()["detail"]
+        assert client.get("/api/alerts/alarms/not-a-uuid", headers=ops).status_code == 404
+        changed = client.patch("/api/alerts/rules/overheat", json={"for_s": 60}, headers=ops).json()
+        assert changed["condition_text"] == "temperature > 90 for 60 s" and changed["revision"] > 0
+        assert client.delete("/api/alerts/rules/overheat", headers=ops).status_code == 204
+        assert client.get("/api/alerts/rules/overheat", headers=ops).status_code == 404
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_absence_raises_on_the_timer_and_clears_when_the_device_reports(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    silent = {"id": "silent", "severity": "warning", "condition": {"kind": "absence", "after_s": 600}}
+    clock = Clock()
+    with TestClient(create_app(in_process)) as client:
+        assert client.post("/api/alerts/rules", json=silent, headers=ops).status_code == 201
+        processor = AlarmProcessor(lambda: connect(in_process, role=ALERTS), clock=clock, refresh_s=0)
+        try:
+            assert processor.tick() == []  # registered just now: not silent for 600 s yet
+            clock.now += 601
+            (raised,) = processor.tick()
+            assert (raised.kind, raised.alarm.device_id, raised.alarm.rule_id) == ("raised", "press-1", "silent")
+            assert processor.tick() == []  # up once
+            # A second processor (another process) ticking the same moment adds nothing.
+            other = AlarmProcessor(lambda: connect(in_process, role=ALERTS), clock=clock, refresh_s=0)
+            assert other.tick() == []
+            other.close()
+            ingest(client, acme["device"], (1, 20.0))
+            # HTTP ingest records the device's last message (device status, flushed on close).
+            client.app.state.ingest_gate.close()
+            clock.now = time.time() + 1
+            (cleared,) = wait_for(processor.tick, "the absence alarm to clear")
+            assert cleared.kind == "cleared"
+        finally:
+            processor.close()
+
+
+def test_a_restarted_processor_does_not_raise_open_alarms_again(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        assert client.post("/api/alerts/rules", json=OVERHEAT, headers=ops).status_code == 201
+    first = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+    hot = [Reading("acme", "press-1", "temperature", s * 1_000_000, 95.0) for s in range(1, 4)]
+    assert [c.kind for c in first.process(hot[:1])] == ["raised"]
+    first.close()
+    second = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+    assert second.process(hot[1:]) == []  # updates of the open alarm, not a new one
+    # The same reading evaluated again (a replay) changes nothing.
+    again = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+    assert again.process(hot) == []
+    second.close()
+    again.close()
+    rows = conn.execute("SELECT status, count FROM alarms").fetchall()
+    assert rows == [("active", 3)]
+    events = conn.execute("SELECT kind FROM alarm_events").fetchall()
+    assert events == [("raised",)]
