@@ -1,7 +1,7 @@
 """Notification channels for alarms: e-mail (SMTP), signed webhooks and SMS, with their templates.
 
 A channel never raises for a delivery failure: `send` returns a `Delivery` saying what happened
-(docs/alerts.md has the webhook payload, the signature scheme and the retry policy).
+(docs/notifications.md has the webhook payload, the signature scheme and the retry policy).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _json_number(value: float | None) -> float | None:
 
 
 def webhook_payload(n: Notification) -> dict[str, Any]:
-    """The webhook body (version 1, documented in docs/alerts.md)."""
+    """The webhook body (version 1, documented in docs/notifications.md)."""
     return {
         "id": n.event_id,
         "event": n.event,
