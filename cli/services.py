@@ -13,7 +13,7 @@ from sensormine.services.errors import ServiceError
 
 app = typer.Typer(
     help="Start, stop and inspect the local services Sensormine needs "
-    "(PostgreSQL, Mosquitto, Redis, Kafka, S3/moto) on loopback, under a state dir.",
+    "(PostgreSQL, Mosquitto, Redis, Kafka, S3/moto, SMTP/aiosmtpd) on loopback, under a state dir.",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     s3_region: str = "us-east-1"
+    smtp_url: str | None = Field(
+        None,
+        description="Mail server for alarm e-mails, smtp://host:port (the launcher's local aiosmtpd sink); "
+        "unset: the e-mail channel is off.",
+    )
+    smtp_from: str = Field("Sensormine <alerts@sensormine.local>", description="Sender of alarm e-mails.")
     mqtt_client_id: str | None = Field(
         None,
         description="The ingest daemon's MQTT client id, naming its persistent session "

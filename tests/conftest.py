@@ -24,6 +24,7 @@ SERVICE_VARS = (
     "SENSORMINE_KAFKA_BOOTSTRAP",
     "SENSORMINE_REDIS_URL",
     "SENSORMINE_S3_ENDPOINT",
+    "SENSORMINE_SMTP_URL",
 )
 
 
@@ -113,6 +114,7 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         s3_endpoint=services.get("SENSORMINE_S3_ENDPOINT"),
         s3_access_key=services.get("SENSORMINE_S3_ACCESS_KEY", "test"),
         s3_secret_key=services.get("SENSORMINE_S3_SECRET_KEY", "test"),
+        smtp_url=services.get("SENSORMINE_SMTP_URL"),
         lake_uri=str(tmp_path / "lake"),
         mqtt_session_expiry_s=60,  # broker sessions of finished tests go away soon
         jwt_secret="test-signing-secret-" + uuid.uuid4().hex,

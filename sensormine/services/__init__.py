@@ -1,4 +1,5 @@
-"""Local service launcher: PostgreSQL, Mosquitto, Redis, Kafka and S3 (moto) on loopback.
+"""Local service launcher: PostgreSQL, Mosquitto, Redis, Kafka, S3 (moto) and SMTP (aiosmtpd)
+on loopback.
 
 Use `sensormine.services.launcher.up/down/status` from Python or `sensormine services ...`
 (`python -m cli.services`) from a shell; see docs/services.md.

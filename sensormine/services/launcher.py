@@ -23,8 +23,9 @@ from sensormine.services.postgres import Postgres
 from sensormine.services.process import pid_alive
 from sensormine.services.redis import Redis
 from sensormine.services.s3 import S3
+from sensormine.services.smtp import Smtp
 
-ALL_SERVICES = ("postgres", "mosquitto", "redis", "kafka", "s3")
+ALL_SERVICES = ("postgres", "mosquitto", "redis", "kafka", "s3", "smtp")
 
 _CLASSES: dict[str, type[Service]] = {
     "postgres": Postgres,
@@ -32,6 +33,7 @@ _CLASSES: dict[str, type[Service]] = {
     "redis": Redis,
     "kafka": Kafka,
     "s3": S3,
+    "smtp": Smtp,
 }
 
 

@@ -35,6 +35,8 @@ EXPECTED_KEYS = POSTGRES_KEYS | {
     "SENSORMINE_S3_ACCESS_KEY",
     "SENSORMINE_S3_SECRET_KEY",
     "SENSORMINE_S3_REGION",
+    "SENSORMINE_SMTP_URL",
+    "SENSORMINE_SMTP_MAILDIR",
     # Mosquitto runs with its dynamic-security plugin: the launcher's users (docs/device-identity.md).
     "SENSORMINE_MQTT_ADMIN_USERNAME",
     "SENSORMINE_MQTT_ADMIN_PASSWORD",
@@ -84,6 +86,8 @@ def test_env_has_exact_settings(env: dict[str, str], state_dir: Path) -> None:
     assert env["SENSORMINE_S3_ENDPOINT"].startswith("http://127.0.0.1:")
     assert (env["SENSORMINE_S3_ACCESS_KEY"], env["SENSORMINE_S3_SECRET_KEY"]) == ("test", "test")
     assert env["SENSORMINE_S3_REGION"] == "us-east-1"
+    assert env["SENSORMINE_SMTP_URL"].startswith("smtp://127.0.0.1:")
+    assert env["SENSORMINE_SMTP_MAILDIR"] == str(state_dir / "services" / "smtp" / "maildir")
     exported = (state_dir / "services.env").read_text()
     for key, value in env.items():
         assert f"export {key}={value}\n" in exported
@@ -204,6 +208,25 @@ def test_s3_put_get(env: dict[str, str]) -> None:
     s3.create_bucket(Bucket="sensormine-test")
     s3.put_object(Bucket="sensormine-test", Key="a/b.txt", Body=b"lake")
     assert s3.get_object(Bucket="sensormine-test", Key="a/b.txt")["Body"].read() == b"lake"
+
+
+def test_smtp_stores_mail_in_its_maildir(env: dict[str, str]) -> None:
+    import mailbox
+    import smtplib
+    from email.message import EmailMessage
+
+    url = urlparse(env["SENSORMINE_SMTP_URL"])
+    subject = f"launcher test {uuid.uuid4().hex}"
+    msg = EmailMessage()
+    msg["Subject"], msg["From"], msg["To"] = subject, "launcher@sensormine.local", "ops@example.com"
+    msg.set_content("hello-sensormine")
+    with smtplib.SMTP(url.hostname or "127.0.0.1", url.port or 25, timeout=10) as smtp:
+        smtp.send_message(msg, to_addrs=["ops@example.com", "hidden@example.com"])  # the second one as Bcc
+    stored = [m for m in mailbox.Maildir(env["SENSORMINE_SMTP_MAILDIR"], create=False) if m["Subject"] == subject]
+    assert len(stored) == 1  # the server answers 250 only once the message is in new/
+    assert stored[0]["X-RcptTo"] == "ops@example.com, hidden@example.com"
+    assert stored[0]["X-MailFrom"] == "launcher@sensormine.local"
+    assert stored[0].get_payload(decode=True) == b"hello-sensormine\n"
 
 
 def test_second_up_reuses_running_services(env: dict[str, str], state_dir: Path) -> None:
