@@ -19,10 +19,13 @@ from typing import Any
 
 import psycopg
 
+from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
+from sensormine.alerts.notify import EmailChannel
 from sensormine.alerts.rules import Absence, Rule, applicable
 from sensormine.alerts.store import AlarmChange, apply_transitions, list_rules, open_alarms
 from sensormine.reading import Reading
+from sensormine.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +203,27 @@ class AlarmProcessor:
         self._timer.start()
 
     def close(self) -> None:
-        """Stop ticking and close the connection."""
+        """Stop ticking, let the notifications queued so far go out, and close the connection."""
         self._stop.set()
         if self._timer is not None:
             self._timer.join(timeout=10)
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
+        close_notify = getattr(self.notify, "close", None)
+        if close_notify is not None:
+            close_notify()
+
+
+def start_processor(settings: Settings) -> AlarmProcessor:
+    """The processor of a process's write path: its own connection as sensormine_alerts, e-mail through
+    SENSORMINE_SMTP_URL, absence ticks every `alerts_tick_s`."""
+    from sensormine.clients.postgres import ALERTS, connect
+
+    email = EmailChannel(settings.smtp_url, settings.smtp_from) if settings.smtp_url else None
+    dispatcher = Dispatcher(lambda: connect(settings, role=ALERTS), email)
+    processor = AlarmProcessor(
+        lambda: connect(settings, role=ALERTS), refresh_s=settings.alerts_refresh_s, notify=dispatcher
+    )
+    processor.start(settings.alerts_tick_s)
+    return processor

@@ -267,12 +267,11 @@ def make_sink(settings: Settings | None = None) -> ReadingSink:
     settings = settings or get_settings()
     if settings.kafka_bootstrap:
         return KafkaSink(settings)
-    from sensormine.clients.postgres import ALERTS, INGEST, connect
+    from sensormine.clients.postgres import INGEST, connect
 
     if not settings.alerts_in_process:
         return DirectSink(lambda: connect(settings, role=INGEST), settings)
-    from sensormine.alerts.processor import AlarmProcessor
+    from sensormine.alerts.processor import start_processor
 
-    processor = AlarmProcessor(lambda: connect(settings, role=ALERTS), refresh_s=settings.alerts_refresh_s)
-    processor.start(settings.alerts_tick_s)
+    processor = start_processor(settings)
     return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)

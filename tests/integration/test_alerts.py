@@ -3,15 +3,18 @@ in-process path evaluates them), the alarm lifecycle in PostgreSQL, absence on a
 
 from __future__ import annotations
 
+import mailbox
 import time
-from datetime import datetime
+import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.types.json import Jsonb
 
 from sensormine.alerts.processor import AlarmProcessor
 from sensormine.clients.postgres import ALERTS, connect
@@ -239,3 +242,39 @@ def test_a_restarted_processor_does_not_raise_open_alarms_again(
     assert rows == [("active", 3)]
     events = conn.execute("SELECT kind FROM alarm_events").fetchall()
     assert events == [("raised",)]
+
+
+def test_a_raised_alarm_emails_the_rules_recipients_through_the_smtp_server(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str], services: dict[str, str]
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    to = f"ops-{uuid.uuid4().hex[:8]}@acme.example"
+    conn.execute("UPDATE tenants SET branding = %s WHERE id = 'acme'", (Jsonb({"display_name": "ACME Presses"}),))
+    conn.commit()
+    maildir = mailbox.Maildir(services["SENSORMINE_SMTP_MAILDIR"], create=False)
+
+    def mails() -> list[mailbox.MaildirMessage]:
+        return [m for m in maildir if to in (m["X-RcptTo"] or "")]
+
+    with TestClient(create_app(in_process)) as client:
+        rule = {**OVERHEAT, "notify": {"emails": [to]}}
+        assert client.post("/api/alerts/rules", json=rule, headers=ops).status_code == 201
+        ingest(client, acme["device"], (1, 97.25))
+        (raised,) = wait_for(mails, "the alarm e-mail")
+        assert "[CRITICAL]" in raised["Subject"] and "Motor overheating" in raised["Subject"], raised["Subject"]
+        body = raised.as_string()
+        assert "97.25" in body and "press-1" in body and "ACME Presses" in body, body
+        ingest(client, acme["device"], (2, 20.0))
+        wait_for(lambda: len(mails()) == 2, "the cleared e-mail")
+        (alarm,) = client.get("/api/alerts/alarms", headers=ops).json()["items"]
+        url = f"/api/alerts/alarms/{alarm['id']}/deliveries"
+
+        def logged() -> list[dict] | None:
+            got = client.get(url, headers=ops).json()
+            return got if len(got) == 2 else None
+
+        log = wait_for(logged, "both deliveries in the log")
+        assert [(d["state"], d["channel"], d["target"], d["status"], d["attempts"]) for d in log] == [
+            ("raised", "email", to, "delivered", 1),
+            ("cleared", "email", to, "delivered", 1),
+        ]

@@ -8,7 +8,8 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
   route's permission (2xx), and is refused with 403 otherwise.
 
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
-letters and their replays, the audit log, usage and tenant events; the DLQ replay is a real one.
+letters and their replays, the audit log, usage, tenant events, alarm rules, alarms and their
+history; the DLQ replay is a real one.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
 (a grandchild upwards, a sibling across, a parent into another top-level tenant), and
 `test_ingest_and_auth_routes_stay_inside_the_callers_tenant` the routes outside the tenant matrix
@@ -31,6 +32,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from sensormine.alerts.engine import Transition
+from sensormine.alerts.rules import Rule, Scope, parse_condition
+from sensormine.alerts.store import apply_transitions, insert_rule
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.devices.profiles import set_profile
 from sensormine.identity.api_keys import create_api_key
@@ -53,6 +57,7 @@ SCHEMA = {
     "type": "object",
     "properties": {"values": {"type": "object", "properties": {"temperature": {"type": "number"}}}},
 }
+RULE = {"kind": "threshold", "metric": "temperature", "op": "gt", "value": 90}
 MODBUS = {"protocol": "modbus", "host": "127.0.0.1", "points": [{"metric": "p", "address": 0, "data_type": "float32"}]}
 # Routes outside the tenant matrix: no caller (log in, refresh), a device key (ingest), the caller itself.
 OUTSIDE = {
@@ -117,6 +122,19 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/audit"): "audit:read",
     ("GET", "/api/usage"): "usage:read",
     ("GET", "/api/usage/events"): "usage:read",
+    ("POST", "/api/alerts/rules"): "alerts:write",
+    ("GET", "/api/alerts/rules"): "alerts:read",
+    ("GET", "/api/alerts/rules/{rule_id}"): "alerts:read",
+    ("PATCH", "/api/alerts/rules/{rule_id}"): "alerts:write",
+    ("DELETE", "/api/alerts/rules/{rule_id}"): "alerts:write",
+    ("GET", "/api/alerts/alarms"): "alerts:read",
+    ("GET", "/api/alerts/alarms/{alarm_id}"): "alerts:read",
+    ("GET", "/api/alerts/alarms/{alarm_id}/history"): "alerts:read",
+    ("GET", "/api/alerts/alarms/{alarm_id}/deliveries"): "alerts:read",
+    ("POST", "/api/alerts/alarms/{alarm_id}/acknowledge"): "alerts:write",
+    ("POST", "/api/alerts/alarms/{alarm_id}/clear"): "alerts:write",
+    ("POST", "/api/alerts/alarms/{alarm_id}/comment"): "alerts:write",
+    ("POST", "/api/alerts/alarms/{alarm_id}/assign"): "alerts:write",
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
 SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
@@ -150,10 +168,15 @@ BODIES: dict[tuple[str, str], Body] = {
     },
     ("PATCH", "/api/users/{user_id}"): lambda t, u: {"json": {"name": f"renamed-{u}"}},
     ("POST", "/api/keys"): lambda t, u: {"json": {"name": "k", "role": "viewer", "scopes": ["read"], "tenant_id": t}},
+    ("POST", "/api/alerts/rules"): lambda t, u: {"json": {"id": f"r-{u}", "condition": RULE}},
+    ("PATCH", "/api/alerts/rules/{rule_id}"): lambda t, u: {"json": {"severity": "minor"}},
+    ("POST", "/api/alerts/alarms/{alarm_id}/comment"): lambda t, u: {"json": {"text": f"seen {u}"}},
+    ("POST", "/api/alerts/alarms/{alarm_id}/assign"): lambda t, u: {"json": {"assignee": f"someone-{u}"}},
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
     ("DELETE", "/api/devices/{device_id}/profile"),
+    ("DELETE", "/api/alerts/rules/{rule_id}"),
     ("POST", "/api/devices/{device_id}/rotate-key"),
     ("POST", "/api/devices/{device_id}/revoke-key"),
     ("DELETE", "/api/devices/{device_id}"),
@@ -224,7 +247,7 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
     make_tenant(conn, "sibling", ["sibling-d1", "sibling-d2"], parent_id="parent")
     make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child")
     make_tenant(conn, OTHER, [f"{OTHER}-d1", f"{OTHER}-d2"], plan="pro")
-    users, keys = {}, {}
+    users, keys, alarms = {}, {}, {}
     for t in (*TENANTS, OTHER):
         HotStoreWriter(conn).write(readings(t, f"{t}-d1", 3))
         # A pending dead letter whose payload is valid now: a replay re-submits it.
@@ -235,10 +258,13 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         set_profile(conn, t, f"{t}-d1", MODBUS)
         users[t] = create_user(conn, t, f"viewer@{t}.example", "a-long-password", "viewer").id
         keys[t] = create_api_key(conn, t, "spare", role="viewer").split("_")[1]
+        rule = insert_rule(conn, Rule(t, "overheat", "overheat", "major", parse_condition(RULE), Scope()))
+        (raised,) = apply_transitions(conn, [Transition("raise", rule, t, f"{t}-d1", DAY_US, "temperature", 95.0)])
+        alarms[t] = raised.alarm.id
     callers = {r: create_api_key(conn, "child", r, role=r) for r in CALLERS if not r.startswith("user:")}
     create_user(conn, "child", "admin@child.example", "a-long-password", "tenant_admin")
     conn.commit()
-    return {"users": users, "keys": keys, "callers": callers}
+    return {"users": users, "keys": keys, "alarms": alarms, "callers": callers}
 
 
 def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, list]:
@@ -258,6 +284,11 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "audit": "SELECT id, tenant_id, action FROM audit_log WHERE tenant_id = ANY(%s)",
         "usage": "SELECT tenant_id, metric, day, value FROM usage WHERE tenant_id = ANY(%s)",
         "events": "SELECT tenant_id, type FROM tenant_events WHERE tenant_id = ANY(%s)",
+        "alert_rules": "SELECT tenant_id, id, name, severity, revision, enabled FROM alert_rules "
+        "WHERE tenant_id = ANY(%s)",
+        "alarms": "SELECT tenant_id, id, status, acknowledged, latched, assignee, count FROM alarms "
+        "WHERE tenant_id = ANY(%s)",
+        "alarm_events": "SELECT tenant_id, alarm_id, kind FROM alarm_events WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
@@ -272,6 +303,8 @@ def _request(method: str, path: str, params: dict[str, dict], target: str, world
         "version": 1,
         "user_id": world["users"][target],
         "key_id": world["keys"][target],
+        "rule_id": "overheat",
+        "alarm_id": world["alarms"][target],
         "bucket": "1h",
         **DAY,
         **OVERRIDES.get((method, path), {}),

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lake.telemetry import compact_day
-from sensormine.clients.postgres import AUTH, INGEST, LAKE, METERING, READER, WRITER, connect
+from sensormine.clients.postgres import ALERTS, AUTH, INGEST, LAKE, METERING, READER, WRITER, connect
 from sensormine.ingest.sinks import DirectSink
 from sensormine.reading import Reading
 from sensormine.services.postgres import role_url
@@ -46,13 +46,14 @@ def test_a_connection_without_a_scope_reads_and_writes_nothing(conn: psycopg.Con
 @pytest.mark.parametrize(
     ("login", "allowed"),
     [
-        ("sensormine_api", {READER, WRITER, AUTH, INGEST, METERING}),
-        ("sensormine_ingestd", {INGEST}),
+        ("sensormine_api", {READER, WRITER, AUTH, INGEST, METERING, ALERTS}),
+        ("sensormine_ingestd", {INGEST, ALERTS}),
         ("sensormine_dagster", {LAKE}),
+        ("sensormine_streamd", {ALERTS}),
     ],
 )
 def test_each_process_login_takes_only_its_function_roles(settings: Settings, login: str, allowed: set[str]) -> None:
-    for role in (READER, WRITER, AUTH, INGEST, METERING, LAKE):
+    for role in (READER, WRITER, AUTH, INGEST, METERING, LAKE, ALERTS):
         if role in allowed:
             with connect(as_login(settings, login), role=role) as c:
                 assert c.execute("SELECT current_user").fetchone() == (role,)
@@ -117,9 +118,16 @@ def test_function_roles_reach_only_their_tables(conn: psycopg.Connection, settin
                 "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value) VALUES ('acme', 'd1', 'm', now(), 1)"
             )
     with connect(settings, role=AUTH, autocommit=True) as auth:
-        for table in ("telemetry", "audit_log", "usage", "dead_letters"):
+        for table in ("telemetry", "audit_log", "usage", "dead_letters", "alarms", "alert_rules"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 auth.execute(f"SELECT count(*) FROM {table}")
+    with connect(settings, role=ALERTS, autocommit=True) as alerts:
+        assert alerts.execute("SELECT count(*) FROM devices").fetchone() == (1,)  # scopes read the registry
+        for table in ("telemetry", "users", "api_keys", "audit_log", "usage", "dead_letters"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                alerts.execute(f"SELECT count(*) FROM {table}")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # rules are the API's to change
+            alerts.execute("DELETE FROM alert_rules")
 
 
 def test_the_platform_runs_end_to_end_as_its_process_logins(conn: psycopg.Connection, settings: Settings) -> None:

@@ -1,7 +1,8 @@
 """Schemathesis against the app's own OpenAPI document: no 500s, and every response matches its schema.
 
 Runs through the real PostgreSQL (and Redis, when the launcher started it) with a tenant admin's
-API key, over a tenant that has devices, a schema, a profile, a user, a spare key and points. Two
+API key, over a tenant that has devices, a schema, a profile, a user, a spare key, points, an alarm
+rule and an alarm. Two
 generated cases in three get real path parameters (the fixture's ids), so they reach the handlers
 instead of stopping at 404; `test_generated_calls_reached_the_handlers` then checks how many
 routes answered 2xx at least once.
@@ -21,6 +22,9 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
+from sensormine.alerts.engine import Transition
+from sensormine.alerts.rules import Rule, Scope, parse_condition
+from sensormine.alerts.store import apply_transitions, insert_rule
 from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.devices.profiles import set_profile
 from sensormine.identity.api_keys import create_api_key
@@ -28,7 +32,7 @@ from sensormine.identity.users import create_user
 from sensormine.schemas.store import register_schema
 from sensormine.settings import Settings
 from serving.main import create_app
-from tests.factories import make_tenant, readings
+from tests.factories import DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +43,7 @@ RESERVED_DEVICE_IDS = {"status", "import"}
 
 
 SCHEMA = {"type": "object", "properties": {"values": {"type": "object", "properties": {"t": {"type": "number"}}}}}
+RULE = {"kind": "threshold", "metric": "t", "op": "gt", "value": 90}
 MODBUS = {"protocol": "modbus", "host": "127.0.0.1", "points": [{"metric": "p", "address": 0, "data_type": "float32"}]}
 REAL: dict[str, Any] = {}  # path parameter -> a real value of the fixture's world
 REACHED: dict[tuple[str, str], set[int]] = {}  # (method, path) -> the status codes answered
@@ -54,6 +59,8 @@ def admin_key(conn: psycopg.Connection) -> str:
     set_profile(conn, "acme", "press-2", MODBUS)
     user = create_user(conn, "acme", "viewer@acme.example", "a-long-password", "viewer")
     spare = create_api_key(conn, "acme", "spare", role="viewer")
+    rule = insert_rule(conn, Rule("acme", "overheat", "overheat", "major", parse_condition(RULE), Scope()))
+    (raised,) = apply_transitions(conn, [Transition("raise", rule, "acme", "press-1", DAY_US, "t", 95.0)])
     conn.commit()
     REAL.update(
         device_id="press-1",
@@ -62,6 +69,8 @@ def admin_key(conn: psycopg.Connection) -> str:
         tenant_id="acme-east",
         user_id=user.id,
         key_id=spare.split("_")[1],
+        rule_id="overheat",
+        alarm_id=raised.alarm.id,
     )
     return key
 

@@ -122,6 +122,7 @@ def test_postgres_wants_passwords_and_no_login_is_a_superuser(env: dict[str, str
         "sensormine_dagster",
         "sensormine_ingestd",
         "sensormine_owner",
+        "sensormine_streamd",
     ]
     assert all(r[1:] == (False, False, False, False, False) for r in logins), logins
 
