@@ -19,11 +19,14 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 
 from orchestration.webserver import DagsterGraphQLError, DagsterWebserver, dagster_dev_command, prepare_dagster_home
+from sensormine.alerts import usecases as alert_usecases
+from sensormine.alerts.store import DuplicateRule
 from sensormine.clients.dynsec import Dynsec
 from sensormine.clients.postgres import INGEST, connect, ensure_partition_window, migrate_database
 from sensormine.devices import usecases
@@ -47,6 +50,23 @@ FIELD_DEVICES = {
     ("acme", "press-motor"): ("opcua", "motor-1"),
     ("acme", "press-tank"): ("opcua", "tank-1"),
     ("acme", "line-plc"): ("modbus", ""),
+}
+# Alarm rules the simulated motors trip now and then: a bearing knock (vibration x4, about once in
+# 8 minutes per motor) and the winding temperature in the high-load part of its 30-minute cycle.
+DEMO_RULES: dict[str, dict[str, Any]] = {
+    "bearing-knock": {
+        "name": "Bearing knock",
+        "severity": "major",
+        "scope": {"device_type": "motor"},
+        "condition": {"kind": "threshold", "metric": "vibration", "op": "gt", "value": 8, "hysteresis": 2},
+    },
+    "motor-hot": {
+        "name": "Motor running hot",
+        "severity": "critical",
+        "scope": {"device_type": "motor"},
+        "condition": {"kind": "threshold", "metric": "temperature", "op": "gt", "value": 62, "hysteresis": 1},
+        "for_s": 60,
+    },
 }
 REPO = Path(__file__).resolve().parent.parent
 Say = Callable[[str], None]
@@ -101,6 +121,16 @@ def seed(
             usecases.register_device(
                 conn, operator, tenant_id, device_id, device_type=f"{protocol}-demo", broker=broker
             )
+    for tenant_id in DEMO_TENANTS:
+        for rule_id, rule in DEMO_RULES.items():
+            with contextlib.suppress(DuplicateRule):  # seeded by an earlier run
+                alert_usecases.create_rule(
+                    conn,
+                    operator,
+                    tenant_id,
+                    rule_id,
+                    {**rule, "notify": {"emails": [f"operators@{tenant_id}.example"]}},
+                )
     return keys, device_keys
 
 
@@ -149,10 +179,10 @@ def _read_profiles(
 
 def _start_services(state_dir: Path, say: Say) -> dict[str, str]:
     try:
-        return up(["postgres", "mosquitto"], state_dir=state_dir, progress=say)
+        return up(["postgres", "mosquitto", "smtp"], state_dir=state_dir, progress=say)
     except ServiceError as exc:
         say(f"system services unavailable ({str(exc).splitlines()[0]}); using the embedded ones")
-        return up(["postgres", "mosquitto"], state_dir=state_dir, progress=say, embedded=True)
+        return up(["postgres", "mosquitto", "smtp"], state_dir=state_dir, progress=say, embedded=True)
 
 
 def _wait_http(url: str, timeout: float) -> bool:
@@ -278,6 +308,8 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
             f"  PostgreSQL     {services['SENSORMINE_DATABASE_URL']}\n"
             "  Field devices  acme/press-motor, acme/press-tank (OPC UA simulator), acme/line-plc (Modbus simulator);\n"
             "                 their profiles: GET /api/devices/{device}/profile\n"
+            f"  Alarms         {api}/api/alerts/alarms  (rules: {', '.join(DEMO_RULES)}; GET /api/alerts/rules)\n"
+            f"  Alarm e-mails  {services.get('SENSORMINE_SMTP_MAILDIR', '(no SMTP server)')}  (a Maildir)\n"
             + "".join(f"  API key {t:<7}{k}\n" for t, k in keys.items())
             + f"\nTry:\n  curl -H 'X-API-Key: {keys['acme']}' '{example}'\n"
             f"\nLogs in {logs}. Stop with Ctrl-C (services keep running; `sensormine services down` stops them).\n",

@@ -172,6 +172,14 @@ def ingest_consumer() -> None:
     main()
 
 
+@ingest_app.command("alerts")
+def ingest_alerts() -> None:
+    """Run the stream processor: alarm rules on the Kafka telemetry topics (its own consumer group)."""
+    from ingest_daemons.streamproc import main
+
+    main()
+
+
 @app.command("api")
 def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the REST API with uvicorn."""

@@ -117,6 +117,7 @@ class Settings(BaseSettings):
         description="Without Kafka, evaluate alarm rules behind the in-process write path (with Kafka the "
         "stream processor does).",
     )
+    alerts_group: str = Field("sensormine-alerts", description="Consumer group of the stream processor.")
     alerts_tick_s: float = Field(5.0, gt=0, description="How often absence rules are checked.")
     alerts_refresh_s: float = Field(
         2.0, ge=0, description="How often the evaluator checks for changed rules, devices and tenants."
@@ -176,6 +177,10 @@ class Settings(BaseSettings):
     def telemetry_topic(self, tenant_id: str) -> str:
         """Kafka topic that carries one tenant's readings."""
         return f"{self.env}.{tenant_id}.telemetry"
+
+    def alerts_topic(self, tenant_id: str) -> str:
+        """Kafka topic of one tenant's alarm events (raised, cleared)."""
+        return f"{self.env}.{tenant_id}.alerts"
 
     @property
     def telemetry_topic_pattern(self) -> str:

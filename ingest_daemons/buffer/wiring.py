@@ -18,7 +18,8 @@ from ingest_daemons.buffer.sink import (
     DEFAULT_MAX_BYTES,
     BufferedSink,
 )
-from sensormine.ingest.sinks import DirectSink, Done, KafkaSink, ReadingSink
+from sensormine.alerts.processor import watched_sink
+from sensormine.ingest.sinks import Done, KafkaSink, ReadingSink
 from sensormine.settings import Settings, get_settings
 
 log = logging.getLogger("sensormine.ingest.buffer")
@@ -107,9 +108,7 @@ def make_buffered_sink(
         # Backstop above anything librdkafka may take to report (message, request and socket timeouts).
         backstop = link_timeout_s + 2 * request_ms / 1000 + 10
     else:
-        from sensormine.clients.postgres import INGEST, connect
-
-        inner = DirectSink(lambda: connect(settings, role=INGEST), settings)
+        inner = watched_sink(settings)  # in-process: the alarm rules evaluate what it stores
         backstop = DEFAULT_DELIVERY_TIMEOUT_S  # DirectSink is synchronous: it never leaves a message pending
     sink = BufferedSink(inner, path, max_bytes=max_bytes, drop=drop, delivery_timeout_s=backstop, retry_s=retry_s)
     holder.append(sink)

@@ -94,6 +94,7 @@ class Dispatcher:
         for change in changes:
             recipients = list(change.rule.notify.emails)
             target = ", ".join(recipients)
+            error: str | None
             if self.email is None:
                 status, attempts, error = "failed", 0, "no SMTP server configured (SENSORMINE_SMTP_URL)"
             else:

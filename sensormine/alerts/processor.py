@@ -24,6 +24,7 @@ from sensormine.alerts.engine import Engine, Transition, absence_transitions
 from sensormine.alerts.notify import EmailChannel
 from sensormine.alerts.rules import Absence, Rule, applicable
 from sensormine.alerts.store import AlarmChange, apply_transitions, list_rules, open_alarms
+from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
 from sensormine.reading import Reading
 from sensormine.settings import Settings
 
@@ -227,3 +228,15 @@ def start_processor(settings: Settings) -> AlarmProcessor:
     )
     processor.start(settings.alerts_tick_s)
     return processor
+
+
+def watched_sink(settings: Settings) -> ReadingSink:
+    """The write path's sink with the rules watching it: without Kafka (and unless `alerts_in_process`
+    is off) an in-process DirectSink that hands every stored batch to a processor; with Kafka the
+    plain KafkaSink (the stream processor, ingest_daemons/streamproc.py, watches the topics)."""
+    if settings.kafka_bootstrap or not settings.alerts_in_process:
+        return make_sink(settings)
+    from sensormine.clients.postgres import INGEST, connect
+
+    processor = start_processor(settings)
+    return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)

@@ -173,8 +173,8 @@ class DirectSink:
     ) -> None:
         self.settings = settings or get_settings()
         self._connect = connect
-        # Called with the readings once they are stored (the alarm processor, sensormine.alerts): its
-        # failure is logged and loses no reading.
+        # Called with the readings once they are stored (the alarm processor:
+        # sensormine.alerts.processor.watched_sink); its failure is logged and loses no reading.
         self._after_write = after_write
         self._on_close = on_close
         self._conn: psycopg.Connection | None = None
@@ -269,9 +269,4 @@ def make_sink(settings: Settings | None = None) -> ReadingSink:
         return KafkaSink(settings)
     from sensormine.clients.postgres import INGEST, connect
 
-    if not settings.alerts_in_process:
-        return DirectSink(lambda: connect(settings, role=INGEST), settings)
-    from sensormine.alerts.processor import start_processor
-
-    processor = start_processor(settings)
-    return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)
+    return DirectSink(lambda: connect(settings, role=INGEST), settings)

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from sensormine.alerts.processor import watched_sink
 from sensormine.clients.postgres import AUTH, role_scope
 from sensormine.devices.registry import device_key_holder
 from sensormine.devices.status import TrackingSink, tracked
-from sensormine.ingest.sinks import make_sink
 from sensormine.reading import now_us
 from sensormine.settings import Settings
 from sensormine.telemetry.batch import BatchOutcome, parse_csv_batch, parse_json_batch
@@ -58,7 +58,7 @@ class IngestGate:
     def _open(self) -> TrackingSink:
         # Called with the lock held.
         if self._sink is None:
-            self._sink = tracked(make_sink(self.settings), self.settings)
+            self._sink = tracked(watched_sink(self.settings), self.settings)
         return self._sink
 
     def deliver(self, tenant_id: str, device_id: str, outcome: BatchOutcome) -> None:

@@ -16,14 +16,19 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg.types.json import Jsonb
 
+from ingest_daemons.mqtt import MqttDaemon
+from sensormine.alerts import usecases
 from sensormine.alerts.processor import AlarmProcessor
+from sensormine.clients.mqtt import telemetry_topic
 from sensormine.clients.postgres import ALERTS, connect
 from sensormine.devices.registry import create_device
 from sensormine.identity.api_keys import create_api_key
+from sensormine.identity.credentials import operator_identity
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
+from tests.factories import make_tenant, mqtt_publish
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +283,21 @@ def test_a_raised_alarm_emails_the_rules_recipients_through_the_smtp_server(
             ("raised", "email", to, "delivered", 1),
             ("cleared", "email", to, "delivered", 1),
         ]
+
+
+def test_the_mqtt_daemon_raises_alarms_on_its_in_process_path(in_process: Settings, conn: psycopg.Connection) -> None:
+    make_tenant(conn, "acme", ["m1"])
+    conn.commit()
+    with psycopg.connect(in_process.database_url or "") as app:
+        usecases.create_rule(app, operator_identity(app), "acme", "overheat", OVERHEAT)
+    daemon = MqttDaemon(in_process).start()
+    try:
+        body = {"ts": "2026-11-26T10:00:00Z", "values": {"temperature": 93.5}}
+        mqtt_publish(in_process, [(telemetry_topic("acme", "m1"), orjson.dumps(body))])
+        rows = wait_for(
+            lambda: conn.execute("SELECT device_id, status, last_value FROM alarms").fetchall(), "the alarm"
+        )
+        conn.commit()
+    finally:
+        daemon.stop()
+    assert rows == [("m1", "active", 93.5)]

@@ -1,0 +1,132 @@
+"""The stream processor on real Kafka and PostgreSQL: telemetry topic -> alarms in the store and on
+`{env}.{tenant}.alerts`, in its own consumer group; a crash before the offset commit replays the
+batch and changes nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import orjson
+import psycopg
+import pytest
+
+from ingest_daemons.streamproc import StreamProcessor
+from sensormine.alerts import usecases
+from sensormine.clients.kafka import ensure_topics
+from sensormine.identity.credentials import operator_identity
+from sensormine.ingest.sinks import KafkaSink
+from sensormine.reading import Reading
+from sensormine.settings import Settings
+from tests.factories import DAY_US, drain_topic, make_tenant
+from tests.integration.test_alerts import wait_for
+
+pytestmark = pytest.mark.integration
+
+RULE = {
+    "name": "Motor overheating",
+    "severity": "critical",
+    "condition": {"kind": "threshold", "metric": "temperature", "op": "gt", "value": 90, "hysteresis": 5},
+}
+
+
+def points(*values: float, start_s: int = 0) -> list[Reading]:
+    return [Reading("acme", "m1", "temperature", DAY_US + (start_s + i) * 1_000_000, v) for i, v in enumerate(values)]
+
+
+@pytest.fixture
+def kafka(settings: Settings, conn: psycopg.Connection) -> Iterator[Settings]:
+    if not settings.kafka_bootstrap:
+        pytest.skip("needs Kafka (sensormine services up)")
+    make_tenant(conn, "acme", ["m1"])
+    conn.commit()
+    with psycopg.connect(settings.database_url or "") as app:
+        usecases.create_rule(app, operator_identity(app), "acme", "overheat", RULE)
+    ensure_topics([settings.telemetry_topic("acme")], settings=settings)
+    yield settings.model_copy(update={"alerts_refresh_s": 0.0, "alerts_group": f"{settings.env}-alerts"})
+
+
+def publish(settings: Settings, readings: list[Reading]) -> None:
+    sink = KafkaSink(settings)
+    for r in readings:  # one message per reading: batches then split anywhere
+        sink.publish(r.tenant_id, r.device_id, "test", [r])
+    assert sink.flush(30) == 0
+
+
+def run_until(proc: StreamProcessor, done: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=proc.run, args=(done,), daemon=True)
+    thread.start()
+    return thread
+
+
+def alarm_rows(conn: psycopg.Connection) -> list[tuple]:
+    rows = conn.execute("SELECT device_id, status, count, last_value FROM alarms ORDER BY raised_at").fetchall()
+    conn.commit()
+    return rows
+
+
+def test_alarms_from_the_telemetry_topic_land_in_the_store_and_on_the_alerts_topic(
+    kafka: Settings, conn: psycopg.Connection
+) -> None:
+    publish(kafka, points(80, 95, 97, 99))
+    stop = threading.Event()
+    proc = StreamProcessor(kafka)
+    thread = run_until(proc, stop)
+    try:
+        wait_for(lambda: alarm_rows(conn) == [("m1", "active", 3, 99.0)], "the alarm with its repeats")
+        publish(kafka, points(84, start_s=10))
+        wait_for(lambda: alarm_rows(conn) == [("m1", "cleared", 3, 84.0)], "the alarm to clear")
+    finally:
+        stop.set()
+        thread.join(30)
+        proc.close()
+    events = [orjson.loads(m.value()) for m in drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))]
+    assert [(e["event"], e["device_id"], e["rule_id"], e["severity"]) for e in events] == [
+        ("alarm.raised", "m1", "overheat", "critical"),
+        ("alarm.cleared", "m1", "overheat", "critical"),
+    ]
+    assert proc.stats.messages == 5 and proc.stats.published == 2
+
+
+def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
+    kafka: Settings, conn: psycopg.Connection
+) -> None:
+    publish(kafka, points(95, 96, 97))
+    crashed = StreamProcessor(kafka)
+    crashed.consumer.subscribe([kafka.telemetry_topic_pattern])
+    got: list = []
+    wait_for(lambda: got.extend(crashed.consumer.consume(100, timeout=0.5)) or len(got) >= 3, "the messages")
+
+    class KilledBeforeCommit:
+        """The real consumer, except that the process dies where it would commit."""
+
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def commit(self, *_: object, **__: object) -> None:
+            raise RuntimeError("killed before the commit")
+
+    real = crashed.consumer
+    crashed.consumer = KilledBeforeCommit(real)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.process(got)
+    assert alarm_rows(conn) == [("m1", "active", 3, 97.0)]
+    crashed.processor.close()
+    crashed.producer.flush(30)
+    real.close()  # leaves the group without having committed anything
+
+    stop = threading.Event()
+    again = StreamProcessor(kafka)
+    thread = run_until(again, stop)
+    try:
+        wait_for(lambda: again.stats.messages >= 3, "the replayed batch")
+    finally:
+        stop.set()
+        thread.join(30)
+        again.close()
+    assert alarm_rows(conn) == [("m1", "active", 3, 97.0)]  # no second alarm, no extra repeats
+    assert again.stats.raised == 0 and again.stats.published == 0
+    events = conn.execute("SELECT kind, actor FROM alarm_events").fetchall()
+    assert events == [("raised", "rule")]
+    published = drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))
+    assert [orjson.loads(m.value())["event"] for m in published] == ["alarm.raised"]
