@@ -117,6 +117,8 @@ class Settings(BaseSettings):
         description="Without Kafka, evaluate alarm rules behind the in-process write path (with Kafka the "
         "stream processor does).",
     )
+    sms_url: str | None = Field(None, description="HTTP SMS provider endpoint (POST {to, text} with a bearer token).")
+    sms_token: str | None = Field(None, description="Bearer token of the SMS provider.")
     alerts_group: str = Field("sensormine-alerts", description="Consumer group of the stream processor.")
     alerts_tick_s: float = Field(5.0, gt=0, description="How often absence rules are checked.")
     alerts_refresh_s: float = Field(

@@ -15,15 +15,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
+from sensormine.alerts.channels import Policy, list_policies
 from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
-from sensormine.alerts.notify import EmailChannel
+from sensormine.alerts.notify import EmailChannel, HttpSmsProvider
 from sensormine.alerts.rules import Absence, Rule, applicable
-from sensormine.alerts.store import AlarmChange, apply_transitions, list_rules, open_alarms
+from sensormine.alerts.store import AlarmChange, apply_transitions, due_escalations, list_rules, open_alarms
 from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
 from sensormine.reading import Reading
 from sensormine.settings import Settings
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _VERSION = (
     "SELECT (SELECT coalesce(max(revision), 0) FROM alert_rules), (SELECT count(*) FROM alert_rules), "
+    "(SELECT max(created_at) FROM escalation_policies), (SELECT count(*) FROM escalation_policies), "
     "(SELECT max(updated_at) FROM devices), (SELECT count(*) FROM devices), (SELECT count(*) FROM tenants), "
     "(SELECT max(updated_at) FROM tenants)"
 )
@@ -45,6 +48,7 @@ class Directory:
         self.devices: dict[tuple[str, str], tuple[str | None, dict[str, Any]]] = {}
         self.by_tenant: dict[str, list[Rule]] = {}
         self.rules: dict[tuple[str, str], Rule] = {}
+        self.policies: dict[tuple[str, str], Policy] = {}
         self._cache: dict[tuple[str, str], list[Rule]] = {}
 
     def refresh(self, conn: psycopg.Connection) -> bool:
@@ -62,6 +66,7 @@ class Directory:
                 t = parents.get(t)
             ancestry[tenant] = chain
         rules = list_rules(conn, limit=1_000_000)
+        self.policies = {(p.tenant_id, p.id): p for p in list_policies(conn)}
         self.rules = {(r.tenant_id, r.id): r for r in rules}
         self.by_tenant = applicable(rules, ancestry)
         self.devices = {
@@ -139,14 +144,18 @@ class AlarmProcessor:
             if rule is not None:
                 self.engine.restore(rule, tenant, device)
 
-    def _run(self, evaluate: Callable[[psycopg.Connection], list[Transition]]) -> list[AlarmChange]:
+    def _run(
+        self, evaluate: Callable[[psycopg.Connection], tuple[list[Transition], list[AlarmChange]]]
+    ) -> list[AlarmChange]:
         with self._lock:
             try:
                 self._refresh()
                 conn = self._db()
                 with conn.transaction():
-                    transitions = evaluate(conn)
-                    changes = apply_transitions(conn, transitions) if transitions else []
+                    transitions, changes = evaluate(conn)
+                    if transitions:
+                        now = datetime.fromtimestamp(self.clock(), UTC)
+                        changes += apply_transitions(conn, transitions, self.directory.policies, now)
             except psycopg.OperationalError:
                 if self._conn is not None:
                     self._conn.close()
@@ -161,24 +170,31 @@ class AlarmProcessor:
     def process(self, readings: Sequence[Reading]) -> list[AlarmChange]:
         """Evaluate written readings; the alarms raised or cleared."""
 
-        def evaluate(conn: psycopg.Connection) -> list[Transition]:
+        def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
             out: list[Transition] = []
             for r in readings:
                 rules = self.directory.rules_for(r.tenant_id, r.device_id)
                 if rules:
                     out += self.engine.observe(rules, r)
-            return out
+            return out, []
 
         return self._run(evaluate)
 
     def tick(self) -> list[AlarmChange]:
-        """Absence rules against the clock and the stored last-seen times; the alarms raised or cleared."""
+        """Absence rules against the clock and the stored last-seen times, and escalations that are due."""
 
-        def evaluate(conn: psycopg.Connection) -> list[Transition]:
+        def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
+            now = self.clock()
+            due = [
+                AlarmChange("reminder" if reminder else "escalated", alarm, self.directory.rules.get(
+                    (alarm.rule_tenant_id, alarm.rule_id)), level)
+                for alarm, level, reminder in due_escalations(
+                    conn, self.directory.policies, datetime.fromtimestamp(now, UTC)
+                )
+            ]  # fmt: skip
             targets = self.directory.absence_targets()
             if not targets:
-                return []
-            now = self.clock()
+                return [], due
             silent = {
                 (t, d): now - last
                 for t, d, last in conn.execute(
@@ -186,7 +202,7 @@ class AlarmProcessor:
                     "FROM devices d LEFT JOIN device_status s ON s.tenant_id = d.tenant_id AND s.device_id = d.id"
                 ).fetchall()
             }
-            return absence_transitions(targets, silent, set(open_alarms(conn)), int(now * 1_000_000))
+            return absence_transitions(targets, silent, set(open_alarms(conn)), int(now * 1_000_000)), due
 
         return self._run(evaluate)
 
@@ -216,17 +232,20 @@ class AlarmProcessor:
             close_notify()
 
 
-def start_processor(settings: Settings) -> AlarmProcessor:
+def start_processor(settings: Settings, clock: Callable[[], float] = time.time, ticks: bool = True) -> AlarmProcessor:
     """The processor of a process's write path: its own connection as sensormine_alerts, e-mail through
-    SENSORMINE_SMTP_URL, absence ticks every `alerts_tick_s`."""
+    SENSORMINE_SMTP_URL, SMS through SENSORMINE_SMS_URL, ticks (absence, escalation) every `alerts_tick_s`
+    (`ticks=False`: the caller ticks)."""
     from sensormine.clients.postgres import ALERTS, connect
 
     email = EmailChannel(settings.smtp_url, settings.smtp_from) if settings.smtp_url else None
-    dispatcher = Dispatcher(lambda: connect(settings, role=ALERTS), email)
+    sms = HttpSmsProvider(settings.sms_url, settings.sms_token or "") if settings.sms_url else None
+    dispatcher = Dispatcher(lambda: connect(settings, role=ALERTS), email, sms)
     processor = AlarmProcessor(
-        lambda: connect(settings, role=ALERTS), refresh_s=settings.alerts_refresh_s, notify=dispatcher
+        lambda: connect(settings, role=ALERTS), clock=clock, refresh_s=settings.alerts_refresh_s, notify=dispatcher
     )
-    processor.start(settings.alerts_tick_s)
+    if ticks:
+        processor.start(settings.alerts_tick_s)
     return processor
 
 

@@ -193,6 +193,7 @@ class Rule:
     enabled: bool = True
     cascade: bool = True
     notify: Notify = field(default_factory=Notify)
+    policy_id: str | None = None  # an escalation policy of the rule's tenant
     description: str = ""
     revision: int = 0
     created_at: datetime | None = None

@@ -16,15 +16,16 @@ Every function runs in the caller's transaction and role: API callers under row-
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from sensormine.alerts.channels import Policy, due_step, first_step
 from sensormine.alerts.engine import Transition
 from sensormine.alerts.rules import Rule, parse_condition, parse_notify, parse_scope
 from sensormine.reading import us_to_datetime
@@ -43,8 +44,8 @@ class UnknownAlarm(LookupError):
 
 
 _RULE_COLUMNS = (
-    "tenant_id, id, name, severity, condition, scope, for_s, enabled, cascade, notify, description, revision, "
-    "created_at, updated_at"
+    "tenant_id, id, name, severity, condition, scope, for_s, enabled, cascade, notify, policy_id, description, "
+    "revision, created_at, updated_at"
 )
 
 
@@ -60,6 +61,7 @@ def _rule(row: dict[str, Any]) -> Rule:
         enabled=row["enabled"],
         cascade=row["cascade"],
         notify=parse_notify(row["notify"]),
+        policy_id=row["policy_id"],
         description=row["description"],
         revision=row["revision"],
         created_at=row["created_at"],
@@ -79,6 +81,7 @@ def _params(rule: Rule) -> dict[str, Any]:
         "enabled": rule.enabled,
         "cascade": rule.cascade,
         "notify": Jsonb(rule.notify.model_dump(mode="json")),
+        "policy_id": rule.policy_id,
         "description": rule.description,
     }
 
@@ -89,8 +92,8 @@ def insert_rule(conn: psycopg.Connection, rule: Rule) -> Rule:
         with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
                 "INSERT INTO alert_rules (tenant_id, id, name, severity, condition, scope, for_s, enabled, cascade, "
-                "notify, description) VALUES (%(tenant_id)s, %(id)s, %(name)s, %(severity)s, %(condition)s, "
-                "%(scope)s, %(for_s)s, %(enabled)s, %(cascade)s, %(notify)s, %(description)s) "
+                "notify, policy_id, description) VALUES (%(tenant_id)s, %(id)s, %(name)s, %(severity)s, %(condition)s, "
+                "%(scope)s, %(for_s)s, %(enabled)s, %(cascade)s, %(notify)s, %(policy_id)s, %(description)s) "
                 f"RETURNING {_RULE_COLUMNS}",
                 _params(rule),
             ).fetchone()
@@ -109,7 +112,8 @@ def replace_rule(conn: psycopg.Connection, rule: Rule) -> Rule:
             row = cur.execute(
                 "UPDATE alert_rules SET name = %(name)s, severity = %(severity)s, condition = %(condition)s, "
                 "scope = %(scope)s, for_s = %(for_s)s, enabled = %(enabled)s, cascade = %(cascade)s, "
-                "notify = %(notify)s, description = %(description)s, revision = nextval('alert_rule_revisions') "
+                "notify = %(notify)s, policy_id = %(policy_id)s, description = %(description)s, "
+                "revision = nextval('alert_rule_revisions') "
                 f"WHERE tenant_id = %(tenant_id)s AND id = %(id)s RETURNING {_RULE_COLUMNS}",
                 _params(rule),
             ).fetchone()
@@ -186,6 +190,11 @@ class Alarm:
     acknowledged_at: datetime | None
     acknowledged_by: str | None
     assignee: str | None
+    policy_tenant_id: str | None = None
+    policy_id: str | None = None
+    escalation_level: int = 0
+    escalation_from: datetime | None = None
+    next_notify_at: datetime | None = None
 
 
 _ALARM_COLUMNS = ", ".join(Alarm.__dataclass_fields__)
@@ -197,11 +206,12 @@ def _alarm(row: dict[str, Any]) -> Alarm:
 
 @dataclass(frozen=True)
 class AlarmChange:
-    """What a transition did to the store: an alarm raised or cleared (updates are not reported)."""
+    """What to tell people: an alarm raised or cleared (repeats are not reported), escalated or reminded."""
 
-    kind: str  # raised | cleared
+    kind: str  # raised | cleared | escalated | reminder
     alarm: Alarm
-    rule: Rule
+    rule: Rule | None  # None: the rule is gone (escalation of an older alarm)
+    level: int = 1
 
 
 _OPEN = (
@@ -210,9 +220,18 @@ _OPEN = (
 )
 
 
-def apply_transitions(conn: psycopg.Connection, transitions: Sequence[Transition]) -> list[AlarmChange]:
-    """Write the evaluator's transitions (as sensormine_alerts, in the caller's transaction)."""
+def apply_transitions(
+    conn: psycopg.Connection,
+    transitions: Sequence[Transition],
+    policies: Mapping[tuple[str, str], Policy] | None = None,
+    now: datetime | None = None,
+) -> list[AlarmChange]:
+    """Write the evaluator's transitions (as sensormine_alerts, in the caller's transaction).
+
+    A raised alarm whose rule names one of `policies` starts its escalation at `now` (wall clock).
+    """
     changes: list[AlarmChange] = []
+    now = now or datetime.now(UTC)
     with conn.cursor(row_factory=dict_row) as cur:
         for t in transitions:
             key = {"tenant": t.tenant_id, "rule_tenant": t.rule.tenant_id, "rule": t.rule.id, "device": t.device_id}
@@ -222,13 +241,17 @@ def apply_transitions(conn: psycopg.Connection, transitions: Sequence[Transition
                 and cur.execute("SELECT 1 FROM alarm_events WHERE event_id = %s", (t.event_id,)).fetchone()
             ):
                 continue  # evaluated before
-            open_ = cur.execute(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE {_OPEN} FOR UPDATE", key).fetchone()
+            open_ = cur.execute(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE {_OPEN} FOR NO KEY UPDATE", key).fetchone()
             if t.kind == "raise" and open_ is None:
+                policy = (policies or {}).get((t.rule.tenant_id, t.rule.policy_id or ""))
+                step = first_step(policy.spec, now) if policy is not None else None
                 row = cur.execute(
                     "INSERT INTO alarms (tenant_id, id, rule_tenant_id, rule_id, rule_name, severity, condition_text, "
-                    "device_id, status, metric, first_value, last_value, raised_at, last_at) VALUES "
+                    "device_id, status, metric, first_value, last_value, raised_at, last_at, policy_tenant_id, "
+                    "policy_id, escalation_level, escalation_from, next_notify_at) VALUES "
                     "(%(tenant)s, %(id)s, %(rule_tenant)s, %(rule)s, %(name)s, %(severity)s, %(text)s, %(device)s, "
-                    "'active', %(metric)s, %(value)s, %(value)s, %(at)s, %(at)s) "
+                    "'active', %(metric)s, %(value)s, %(value)s, %(at)s, %(at)s, %(ptenant)s, %(policy)s, %(level)s, "
+                    "%(from)s, %(next)s) "
                     # Another process raised it first (absence ticks run wherever a processor runs).
                     "ON CONFLICT (tenant_id, rule_tenant_id, rule_id, device_id) WHERE status = 'active' OR latched "
                     f"DO NOTHING RETURNING {_ALARM_COLUMNS}",
@@ -241,6 +264,11 @@ def apply_transitions(conn: psycopg.Connection, transitions: Sequence[Transition
                         "metric": t.metric,
                         "value": t.value,
                         "at": at,
+                        "ptenant": policy.tenant_id if policy else None,
+                        "policy": policy.id if policy else None,
+                        "level": step.level if step else 0,
+                        "from": now if policy else None,
+                        "next": step.next_at if step else None,
                     },
                 ).fetchone()
                 if row is None:
@@ -260,7 +288,7 @@ def apply_transitions(conn: psycopg.Connection, transitions: Sequence[Transition
                     continue
                 row = cur.execute(
                     "UPDATE alarms SET status = 'cleared', cleared_at = %(at)s, cleared_by = 'rule', "
-                    f"last_value = %(value)s WHERE {_OPEN} RETURNING {_ALARM_COLUMNS}",
+                    f"last_value = %(value)s, next_notify_at = NULL WHERE {_OPEN} RETURNING {_ALARM_COLUMNS}",
                     {**key, "at": at, "value": t.value},
                 ).fetchone()
                 assert row is not None
@@ -364,9 +392,11 @@ def act_on_alarm(
     """A person's action on an alarm (acknowledged, cleared, commented, assigned) and its history row."""
     alarm = get_alarm(conn, tenant_id, alarm_id)
     sets = {
-        "acknowledged": "acknowledged = true, acknowledged_at = now(), acknowledged_by = %(actor)s",
+        "acknowledged": "acknowledged = true, acknowledged_at = now(), acknowledged_by = %(actor)s, "
+        "next_notify_at = NULL",
         # Cleared by hand: latched while the rule still holds it up (docstring above).
-        "cleared": "status = 'cleared', cleared_at = now(), cleared_by = %(actor)s, latched = (status = 'active')",
+        "cleared": "status = 'cleared', cleared_at = now(), cleared_by = %(actor)s, latched = (status = 'active'), "
+        "next_notify_at = NULL",
         "assigned": "assignee = %(assignee)s",
         "commented": None,
     }[kind]
@@ -388,10 +418,47 @@ def act_on_alarm(
     return get_alarm(conn, tenant_id, alarm_id)
 
 
+def due_escalations(
+    conn: psycopg.Connection, policies: Mapping[tuple[str, str], Policy], now: datetime, limit: int = 1000
+) -> list[tuple[Alarm, int, bool]]:
+    """Advance every active, unacknowledged alarm whose next notification is due: (alarm, level, reminder).
+
+    Rows are locked FOR NO KEY UPDATE SKIP LOCKED, so processors ticking at once never notify the same
+    step twice, and a delivery being logged for an alarm (its foreign key share-locks the row) does not
+    hide the alarm from the tick.
+    """
+    out: list[tuple[Alarm, int, bool]] = []
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE next_notify_at <= %s AND status = 'active' "
+            "AND NOT acknowledged ORDER BY next_notify_at LIMIT %s FOR NO KEY UPDATE SKIP LOCKED",
+            (now, limit),
+        ).fetchall()
+        for row in rows:
+            policy = policies.get((row["policy_tenant_id"], row["policy_id"]))
+            if policy is None:  # the policy is gone: nothing more to send
+                cur.execute(
+                    "UPDATE alarms SET next_notify_at = NULL WHERE tenant_id = %s AND id = %s",
+                    (row["tenant_id"], row["id"]),
+                )
+                continue
+            step = due_step(policy.spec, row["escalation_level"], row["escalation_from"] or now, now)
+            updated = cur.execute(
+                "UPDATE alarms SET escalation_level = %s, next_notify_at = %s WHERE tenant_id = %s AND id = %s "
+                f"RETURNING {_ALARM_COLUMNS}",
+                (step.level, step.next_at, row["tenant_id"], row["id"]),
+            ).fetchone()
+            assert updated is not None
+            _event(cur, updated, "reminded" if step.reminder else "escalated", "policy", None, {"level": step.level})
+            out.append((_alarm(updated), step.level, step.reminder))
+    return out
+
+
 def record_delivery(
     conn: psycopg.Connection,
     alarm: Alarm,
     state: str,
+    level: int,
     channel: str,
     target: str,
     status: str,
@@ -400,9 +467,9 @@ def record_delivery(
 ) -> None:
     """One notification's outcome, in the delivery log."""
     conn.execute(
-        "INSERT INTO alarm_deliveries (tenant_id, alarm_id, state, channel, target, status, attempts, error) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        (alarm.tenant_id, alarm.id, state, channel, target, status, attempts, error),
+        "INSERT INTO alarm_deliveries (tenant_id, alarm_id, state, level, channel, target, status, attempts, error) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (alarm.tenant_id, alarm.id, state, level, channel, target, status, attempts, error),
     )
 
 
@@ -411,7 +478,7 @@ def list_deliveries(conn: psycopg.Connection, tenant_id: str, alarm_id: str) -> 
     get_alarm(conn, tenant_id, alarm_id)
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            "SELECT id, at, state, channel, target, status, attempts, error FROM alarm_deliveries "
+            "SELECT id, at, state, level, channel, target, status, attempts, error FROM alarm_deliveries "
             "WHERE tenant_id = %s AND alarm_id = %s ORDER BY id",
             (tenant_id, alarm_id),
         ).fetchall()

@@ -12,11 +12,22 @@ from typing import Any
 
 import psycopg
 
-from sensormine.alerts import store
-from sensormine.alerts.rules import Rule, check_rule, parse_condition, parse_notify, parse_scope
+from sensormine.alerts import channels, store
+from sensormine.alerts.rules import Rule, RuleError, check_rule, parse_condition, parse_notify, parse_scope
 from sensormine.audit import log as audit
 
-RULE_FIELDS = ("name", "severity", "condition", "scope", "for_s", "enabled", "cascade", "notify", "description")
+RULE_FIELDS = (
+    "name",
+    "severity",
+    "condition",
+    "scope",
+    "for_s",
+    "enabled",
+    "cascade",
+    "notify",
+    "policy_id",
+    "description",
+)
 
 
 def _build(tenant_id: str, rule_id: str, fields: Mapping[str, Any]) -> Rule:
@@ -32,10 +43,19 @@ def _build(tenant_id: str, rule_id: str, fields: Mapping[str, Any]) -> Rule:
         enabled=bool(fields.get("enabled", True)),
         cascade=bool(fields.get("cascade", True)),
         notify=parse_notify(fields.get("notify")),
+        policy_id=fields.get("policy_id") or None,
         description=str(fields.get("description") or ""),
     )
     check_rule(rule.id, rule.name, rule.severity, rule.for_s, rule.condition)
     return rule
+
+
+def _check_policy(conn: psycopg.Connection, rule: Rule) -> None:
+    if rule.policy_id is not None:
+        try:
+            channels.get_policy(conn, rule.tenant_id, rule.policy_id)
+        except channels.UnknownChannel as exc:
+            raise RuleError(f"{exc}: a rule escalates through a policy of its own tenant") from None
 
 
 def rule_detail(rule: Rule) -> dict[str, Any]:
@@ -49,6 +69,7 @@ def rule_detail(rule: Rule) -> dict[str, Any]:
         "enabled": rule.enabled,
         "cascade": rule.cascade,
         "notify": rule.notify.model_dump(mode="json"),
+        "policy_id": rule.policy_id,
         "description": rule.description,
     }
 
@@ -59,6 +80,7 @@ def create_rule(
     """Add a rule to a tenant. Raises RuleError (bad rule), DuplicateRule."""
     rule = _build(tenant_id, rule_id, fields)
     with actor.scope(conn, write=True):
+        _check_policy(conn, rule)
         stored = store.insert_rule(conn, rule)
         audit.record(conn, actor, tenant_id, "alert_rule.create", "alert_rule", rule_id, rule_detail(stored))
     return stored
@@ -74,7 +96,9 @@ def change_rule(
     with actor.scope(conn, write=True):
         before = store.get_rule(conn, tenant_id, rule_id)
         merged = {**rule_detail(before), **changes}
-        after = store.replace_rule(conn, replace(_build(tenant_id, rule_id, merged), revision=before.revision))
+        rule = replace(_build(tenant_id, rule_id, merged), revision=before.revision)
+        _check_policy(conn, rule)
+        after = store.replace_rule(conn, rule)
         old, new = rule_detail(before), rule_detail(after)
         diff = {k: {"from": old[k], "to": new[k]} for k in RULE_FIELDS if old[k] != new[k]}
         audit.record(conn, actor, tenant_id, "alert_rule.update", "alert_rule", rule_id, diff)
@@ -102,3 +126,48 @@ def act_on_alarm(
         alarm = store.act_on_alarm(conn, tenant_id, alarm_id, kind, actor.subject, dict(detail or {}))
         audit.record(conn, actor, tenant_id, f"alarm.{action}", "alarm", alarm_id, dict(detail or {}))
     return alarm
+
+
+def create_channel(
+    conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, channel_id: str, kind: str, targets: list[str]
+) -> channels.Channel:
+    """Add a notification channel; a webhook's signing secret is in the answer, this once.
+
+    Raises RuleError (bad targets), DuplicateChannel."""
+    with actor.scope(conn, write=True):
+        made = channels.insert_channel(conn, tenant_id, channel_id, kind, targets)
+        audit.record(conn, actor, tenant_id, "alert_channel.create", "alert_channel", channel_id,
+                     {"kind": kind, "targets": targets})  # fmt: skip
+    return made
+
+
+def remove_channel(conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, channel_id: str) -> None:
+    """Delete a channel. Raises UnknownChannel."""
+    with actor.scope(conn, write=True):
+        channels.delete_channel(conn, tenant_id, channel_id)
+        audit.record(conn, actor, tenant_id, "alert_channel.delete", "alert_channel", channel_id)
+
+
+def create_policy(
+    conn: psycopg.Connection,
+    actor: audit.Actor,
+    tenant_id: str,
+    policy_id: str,
+    name: str,
+    levels: Any,
+    repeat_s: float | None,
+) -> channels.Policy:
+    """Add an escalation policy over the tenant's channels. Raises RuleError, DuplicateChannel."""
+    spec = channels.parse_policy(levels, repeat_s)
+    with actor.scope(conn, write=True):
+        made = channels.insert_policy(conn, tenant_id, policy_id, name or policy_id, spec)
+        audit.record(conn, actor, tenant_id, "escalation_policy.create", "escalation_policy", policy_id,
+                     {"levels": [lv.model_dump() for lv in spec.levels], "repeat_s": spec.repeat_s})  # fmt: skip
+    return made
+
+
+def remove_policy(conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, policy_id: str) -> None:
+    """Delete an escalation policy. Raises UnknownChannel."""
+    with actor.scope(conn, write=True):
+        channels.delete_policy(conn, tenant_id, policy_id)
+        audit.record(conn, actor, tenant_id, "escalation_policy.delete", "escalation_policy", policy_id)

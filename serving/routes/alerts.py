@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 
-from sensormine.alerts import store, usecases
+from sensormine.alerts import channels, store, usecases
 from sensormine.alerts.rules import RULE_ID, Rule, RuleError
 from sensormine.alerts.store import AlarmFilter, DuplicateRule, UnknownAlarm, UnknownRule
 from serving.deps import Caller, ConnDep, authenticate
@@ -48,6 +48,7 @@ class RuleIn(BaseModel):
     enabled: bool = True
     cascade: bool = Field(True, description="Also watch the devices of sub-tenants")
     notify: dict[str, Any] = Field(default_factory=dict, description='{"emails": [...]}: told on raise and clear')
+    policy_id: str | None = Field(None, description="An escalation policy of the tenant (POST /api/alerts/policies)")
     description: str = ""
 
 
@@ -64,6 +65,7 @@ class RulePatch(BaseModel):
     enabled: bool | None = None
     cascade: bool | None = None
     notify: dict[str, Any] | None = None
+    policy_id: str | None = None
     description: str | None = None
 
 
@@ -81,6 +83,7 @@ class RuleOut(BaseModel):
     enabled: bool
     cascade: bool
     notify: dict[str, Any]
+    policy_id: str | None
     description: str
     revision: int
     created_at: datetime | None
@@ -124,6 +127,9 @@ class AlarmOut(BaseModel):
     acknowledged_at: datetime | None
     acknowledged_by: str | None
     assignee: str | None
+    policy_id: str | None = Field(description="The escalation policy it follows")
+    escalation_level: int = Field(description="The last level notified (0: none yet)")
+    next_notify_at: datetime | None = Field(description="When the next level or reminder is due, if any")
 
 
 class AlarmEventOut(BaseModel):
@@ -131,7 +137,7 @@ class AlarmEventOut(BaseModel):
 
     id: int
     at: datetime
-    kind: Literal["raised", "cleared", "acknowledged", "commented", "assigned"]
+    kind: Literal["raised", "cleared", "acknowledged", "commented", "assigned", "escalated", "reminded"]
     actor: str
     detail: dict[str, Any]
 
@@ -142,6 +148,7 @@ class DeliveryOut(BaseModel):
     id: int
     at: datetime
     state: str
+    level: int
     channel: str
     target: str
     status: Literal["delivered", "failed", "dead"]
@@ -223,8 +230,8 @@ def change_rule(
     """Change a rule (a new revision: an alarm already up stays up until the new condition clears it)."""
     tenant = caller.tenant(tenant_id)
     changes = {k: getattr(body, k) for k in body.model_fields_set}
-    if not changes or any(v is None for v in changes.values()):
-        raise Problem(422, "send the fields to change, none of them null")
+    if not changes or any(v is None for k, v in changes.items() if k != "policy_id"):
+        raise Problem(422, "send the fields to change, none of them null (but policy_id: null drops the policy)")
     try:
         return RuleOut.of(usecases.change_rule(conn, caller, tenant, rule_id, changes))
     except (RuleError, DuplicateRule, UnknownRule) as exc:
@@ -330,3 +337,165 @@ def comment(
 def assign(alarm_id: AlarmId, body: AssignIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> AlarmOut:
     """Assign an alarm to someone (null: unassign)."""
     return _act(caller, conn, tenant_id, alarm_id, "assign", {"assignee": body.assignee})
+
+
+class ChannelIn(BaseModel):
+    """A notification channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(examples=["ops-email"])
+    kind: Literal["email", "webhook", "sms"]
+    targets: list[str] = Field(
+        min_length=1, max_length=50, description="E-mail addresses; E.164 numbers; or the one webhook URL"
+    )
+
+
+class ChannelOut(BaseModel):
+    """A channel (its webhook secret is shown only when it is made)."""
+
+    tenant_id: str
+    id: str
+    kind: str
+    targets: list[str]
+    enabled: bool
+    created_at: datetime | None
+
+
+class ChannelCreated(ChannelOut):
+    """A new channel; for a webhook, the secret its requests are signed with (docs/notifications.md)."""
+
+    secret: str | None = Field(description="Shown once: store it now to verify X-Sensormine-Signature")
+
+
+class LevelIn(BaseModel):
+    """One level of a policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_s: float = Field(ge=0, description="Seconds after the raise")
+    channels: list[str] = Field(min_length=1)
+
+
+class PolicyIn(BaseModel):
+    """An escalation policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(examples=["on-call"])
+    name: str | None = None
+    levels: list[LevelIn] = Field(min_length=1, max_length=10)
+    repeat_s: float | None = Field(None, description="Reminders at the last level reached until acknowledged")
+
+
+class PolicyOut(BaseModel):
+    """A stored policy."""
+
+    tenant_id: str
+    id: str
+    name: str
+    levels: list[dict[str, Any]]
+    repeat_s: float | None
+    created_at: datetime | None
+
+
+def _channel_out(c: channels.Channel) -> dict[str, Any]:
+    return {k: getattr(c, k) for k in ("tenant_id", "id", "kind", "targets", "enabled", "created_at")}
+
+
+def _policy_out(p: channels.Policy) -> PolicyOut:
+    levels = [lv.model_dump() for lv in p.spec.levels]
+    return PolicyOut(
+        tenant_id=p.tenant_id, id=p.id, name=p.name, levels=levels, repeat_s=p.spec.repeat_s, created_at=p.created_at
+    )
+
+
+def _channel_problem(exc: Exception) -> Problem:
+    if isinstance(exc, channels.UnknownChannel):
+        return Problem(404, str(exc))
+    if isinstance(exc, channels.DuplicateChannel):
+        return Problem(409, str(exc))
+    return Problem(422, str(exc))
+
+
+@router.post("/channels", response_model=ChannelCreated, status_code=201, responses={409: {}, 422: {}})
+def create_channel(body: ChannelIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> ChannelCreated:
+    """Add a channel: e-mail addresses, SMS numbers, or a webhook URL (its signing secret is answered once)."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        made = usecases.create_channel(conn, caller, tenant, body.id, body.kind, body.targets)
+    except (RuleError, channels.DuplicateChannel) as exc:
+        raise _channel_problem(exc) from None
+    return ChannelCreated(**_channel_out(made), secret=made.secret)
+
+
+@router.get("/channels", response_model=list[ChannelOut])
+def list_channels(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> list[Any]:
+    """The tenant's channels (never their secrets)."""
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        return [_channel_out(c) for c in channels.list_channels(conn, tenant)]
+
+
+@router.get("/channels/{channel_id}", response_model=ChannelOut)
+def read_channel(channel_id: RuleId, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> Any:
+    """One channel."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        with caller.scope(conn):
+            return _channel_out(channels.get_channel(conn, tenant, channel_id))
+    except channels.UnknownChannel as exc:
+        raise _channel_problem(exc) from None
+
+
+@router.delete("/channels/{channel_id}", status_code=204)
+def remove_channel(channel_id: RuleId, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
+    """Delete a channel; policies naming it skip it."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        usecases.remove_channel(conn, caller, tenant, channel_id)
+    except channels.UnknownChannel as exc:
+        raise _channel_problem(exc) from None
+    return Response(status_code=204)
+
+
+@router.post("/policies", response_model=PolicyOut, status_code=201, responses={409: {}, 422: {}})
+def create_policy(body: PolicyIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> PolicyOut:
+    """Add an escalation policy: levels of channels by delay after the raise, reminders until acknowledged."""
+    tenant = caller.tenant(tenant_id)
+    levels = [lv.model_dump() for lv in body.levels]
+    try:
+        made = usecases.create_policy(conn, caller, tenant, body.id, body.name or body.id, levels, body.repeat_s)
+    except (RuleError, channels.DuplicateChannel) as exc:
+        raise _channel_problem(exc) from None
+    return _policy_out(made)
+
+
+@router.get("/policies", response_model=list[PolicyOut])
+def list_policies(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> list[PolicyOut]:
+    """The tenant's escalation policies."""
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        return [_policy_out(p) for p in channels.list_policies(conn, tenant)]
+
+
+@router.get("/policies/{policy_id}", response_model=PolicyOut)
+def read_policy(policy_id: RuleId, caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> PolicyOut:
+    """One escalation policy."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        with caller.scope(conn):
+            return _policy_out(channels.get_policy(conn, tenant, policy_id))
+    except channels.UnknownChannel as exc:
+        raise _channel_problem(exc) from None
+
+
+@router.delete("/policies/{policy_id}", status_code=204)
+def remove_policy(policy_id: RuleId, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
+    """Delete a policy; alarms following it get no more escalations."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        usecases.remove_policy(conn, caller, tenant, policy_id)
+    except channels.UnknownChannel as exc:
+        raise _channel_problem(exc) from None
+    return Response(status_code=204)

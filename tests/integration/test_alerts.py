@@ -18,7 +18,8 @@ from psycopg.types.json import Jsonb
 
 from ingest_daemons.mqtt import MqttDaemon
 from sensormine.alerts import usecases
-from sensormine.alerts.processor import AlarmProcessor
+from sensormine.alerts.notify import verify_signature
+from sensormine.alerts.processor import AlarmProcessor, start_processor
 from sensormine.clients.mqtt import telemetry_topic
 from sensormine.clients.postgres import ALERTS, connect
 from sensormine.devices.registry import create_device
@@ -29,6 +30,8 @@ from sensormine.settings import Settings
 from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 from tests.factories import make_tenant, mqtt_publish
+from tests.integration.test_notify_channels import Receiver
+from tests.integration.test_notify_channels import receiver as receiver  # the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +304,82 @@ def test_the_mqtt_daemon_raises_alarms_on_its_in_process_path(in_process: Settin
     finally:
         daemon.stop()
     assert rows == [("m1", "active", 93.5)]
+
+
+def test_escalation_notifies_level_by_level_reminds_and_stops_on_acknowledge(
+    in_process: Settings,
+    conn: psycopg.Connection,
+    acme: dict[str, str],
+    services: dict[str, str],
+    receiver: Callable[..., Receiver],
+) -> None:
+    ops = {"X-API-Key": acme["operator"]}
+    admins = f"admins-{uuid.uuid4().hex[:8]}@acme.example"
+    maildir = mailbox.Maildir(services["SENSORMINE_SMTP_MAILDIR"], create=False)
+    secret: dict[str, str] = {}
+    hook = receiver(
+        [200], lambda h, b: verify_signature(secret["s"], h["x-sensormine-timestamp"], b, h["x-sensormine-signature"])
+    )
+    clock = Clock()
+    with TestClient(create_app(in_process)) as client:
+        made = client.post(
+            "/api/alerts/channels", json={"id": "hook", "kind": "webhook", "targets": [hook.url]}, headers=ops
+        )
+        assert made.status_code == 201, made.text
+        secret["s"] = made.json()["secret"]
+        assert "secret" not in client.get("/api/alerts/channels/hook", headers=ops).json()
+        mail = {"id": "admins", "kind": "email", "targets": [admins]}
+        assert client.post("/api/alerts/channels", json=mail, headers=ops).status_code == 201
+        policy = {
+            "id": "on-call",
+            "levels": [{"after_s": 0, "channels": ["hook"]}, {"after_s": 900, "channels": ["admins"]}],
+            "repeat_s": 600,
+        }
+        assert client.post("/api/alerts/policies", json=policy, headers=ops).status_code == 201
+        bad = client.post("/api/alerts/rules", json={**OVERHEAT, "policy_id": "nope"}, headers=ops)
+        assert bad.status_code == 422 and "nope" in bad.json()["detail"]
+        assert (
+            client.post("/api/alerts/rules", json={**OVERHEAT, "policy_id": "on-call"}, headers=ops).status_code == 201
+        )
+
+        processor = start_processor(in_process, clock=clock, ticks=False)
+        try:
+            hot = Reading("acme", "press-1", "temperature", 1_000_000, 95.0)
+            (raised,) = processor.process([hot])
+            assert (raised.kind, raised.alarm.escalation_level) == ("raised", 1)
+            wait_for(lambda: hook.requests, "the level-1 webhook")
+            _, body, verified = hook.requests[0]
+            assert verified and orjson.loads(body)["event"] == "alarm.raised"
+            clock.now += 899
+            assert processor.tick() == []  # level 2 is not due yet
+            clock.now += 2
+            # A delivery being logged for the alarm right now (its foreign key share-locks the row)
+            # must not hide the due escalation from the tick.
+            conn.execute(
+                "INSERT INTO alarm_deliveries (tenant_id, alarm_id, state, channel, target, status, attempts) "
+                "VALUES ('acme', %s, 'raised', 'webhook', 'x', 'delivered', 1)",
+                (raised.alarm.id,),
+            )
+            (escalated,) = processor.tick()
+            conn.rollback()
+            assert (escalated.kind, escalated.level) == ("escalated", 2)
+            clock.now += 601
+            (reminded,) = processor.tick()
+            assert (reminded.kind, reminded.level) == ("reminder", 2)
+            wait_for(lambda: len([m for m in maildir if admins in (m["X-RcptTo"] or "")]) == 2, "two e-mails to admins")
+            url = f"/api/alerts/alarms/{raised.alarm.id}"
+            assert client.post(f"{url}/acknowledge", headers=ops).status_code == 200
+            clock.now += 3600
+            assert processor.tick() == []  # acknowledged: no more reminders
+            processor.notify.drain()  # type: ignore[union-attr]
+            log = client.get(f"{url}/deliveries", headers=ops).json()
+            assert [(d["state"], d["level"], d["channel"], d["status"]) for d in log] == [
+                ("raised", 1, "webhook", "delivered"),
+                ("escalated", 2, "email", "delivered"),
+                ("reminder", 2, "email", "delivered"),
+            ]
+            history = [(e["kind"], e["actor"]) for e in client.get(f"{url}/history", headers=ops).json()]
+            assert [k for k, _ in history] == ["raised", "escalated", "reminded", "acknowledged"]
+            assert len(hook.requests) == 1  # level 1 only once
+        finally:
+            processor.close()

@@ -32,6 +32,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from sensormine.alerts.channels import insert_channel, insert_policy, parse_policy
 from sensormine.alerts.engine import Transition
 from sensormine.alerts.rules import Rule, Scope, parse_condition
 from sensormine.alerts.store import apply_transitions, insert_rule
@@ -135,6 +136,14 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("POST", "/api/alerts/alarms/{alarm_id}/clear"): "alerts:write",
     ("POST", "/api/alerts/alarms/{alarm_id}/comment"): "alerts:write",
     ("POST", "/api/alerts/alarms/{alarm_id}/assign"): "alerts:write",
+    ("POST", "/api/alerts/channels"): "alerts:write",
+    ("GET", "/api/alerts/channels"): "alerts:read",
+    ("GET", "/api/alerts/channels/{channel_id}"): "alerts:read",
+    ("DELETE", "/api/alerts/channels/{channel_id}"): "alerts:write",
+    ("POST", "/api/alerts/policies"): "alerts:write",
+    ("GET", "/api/alerts/policies"): "alerts:read",
+    ("GET", "/api/alerts/policies/{policy_id}"): "alerts:read",
+    ("DELETE", "/api/alerts/policies/{policy_id}"): "alerts:write",
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
 SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
@@ -172,11 +181,19 @@ BODIES: dict[tuple[str, str], Body] = {
     ("PATCH", "/api/alerts/rules/{rule_id}"): lambda t, u: {"json": {"severity": "minor"}},
     ("POST", "/api/alerts/alarms/{alarm_id}/comment"): lambda t, u: {"json": {"text": f"seen {u}"}},
     ("POST", "/api/alerts/alarms/{alarm_id}/assign"): lambda t, u: {"json": {"assignee": f"someone-{u}"}},
+    ("POST", "/api/alerts/channels"): lambda t, u: {
+        "json": {"id": f"c-{u}", "kind": "email", "targets": [f"ops@{t}.example"]}
+    },
+    ("POST", "/api/alerts/policies"): lambda t, u: {
+        "json": {"id": f"p-{u}", "levels": [{"after_s": 0, "channels": ["ops"]}]}
+    },
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
     ("DELETE", "/api/devices/{device_id}/profile"),
     ("DELETE", "/api/alerts/rules/{rule_id}"),
+    ("DELETE", "/api/alerts/policies/{policy_id}"),
+    ("DELETE", "/api/alerts/channels/{channel_id}"),
     ("POST", "/api/devices/{device_id}/rotate-key"),
     ("POST", "/api/devices/{device_id}/revoke-key"),
     ("DELETE", "/api/devices/{device_id}"),
@@ -258,6 +275,8 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         set_profile(conn, t, f"{t}-d1", MODBUS)
         users[t] = create_user(conn, t, f"viewer@{t}.example", "a-long-password", "viewer").id
         keys[t] = create_api_key(conn, t, "spare", role="viewer").split("_")[1]
+        insert_channel(conn, t, "ops", "email", [f"ops@{t}.example"])
+        insert_policy(conn, t, "on-call", "on-call", parse_policy([{"after_s": 0, "channels": ["ops"]}], None))
         rule = insert_rule(conn, Rule(t, "overheat", "overheat", "major", parse_condition(RULE), Scope()))
         (raised,) = apply_transitions(conn, [Transition("raise", rule, t, f"{t}-d1", DAY_US, "temperature", 95.0)])
         alarms[t] = raised.alarm.id
@@ -289,6 +308,8 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "alarms": "SELECT tenant_id, id, status, acknowledged, latched, assignee, count FROM alarms "
         "WHERE tenant_id = ANY(%s)",
         "alarm_events": "SELECT tenant_id, alarm_id, kind FROM alarm_events WHERE tenant_id = ANY(%s)",
+        "alert_channels": "SELECT tenant_id, id, kind, targets, secret FROM alert_channels WHERE tenant_id = ANY(%s)",
+        "policies": "SELECT tenant_id, id, levels FROM escalation_policies WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
@@ -304,6 +325,8 @@ def _request(method: str, path: str, params: dict[str, dict], target: str, world
         "user_id": world["users"][target],
         "key_id": world["keys"][target],
         "rule_id": "overheat",
+        "channel_id": "ops",
+        "policy_id": "on-call",
         "alarm_id": world["alarms"][target],
         "bucket": "1h",
         **DAY,

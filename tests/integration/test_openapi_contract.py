@@ -22,6 +22,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
+from sensormine.alerts.channels import insert_channel, insert_policy, parse_policy
 from sensormine.alerts.engine import Transition
 from sensormine.alerts.rules import Rule, Scope, parse_condition
 from sensormine.alerts.store import apply_transitions, insert_rule
@@ -59,6 +60,8 @@ def admin_key(conn: psycopg.Connection) -> str:
     set_profile(conn, "acme", "press-2", MODBUS)
     user = create_user(conn, "acme", "viewer@acme.example", "a-long-password", "viewer")
     spare = create_api_key(conn, "acme", "spare", role="viewer")
+    insert_channel(conn, "acme", "ops", "email", ["ops@acme.example"])
+    insert_policy(conn, "acme", "on-call", "on-call", parse_policy([{"after_s": 0, "channels": ["ops"]}], None))
     rule = insert_rule(conn, Rule("acme", "overheat", "overheat", "major", parse_condition(RULE), Scope()))
     (raised,) = apply_transitions(conn, [Transition("raise", rule, "acme", "press-1", DAY_US, "t", 95.0)])
     conn.commit()
@@ -70,6 +73,8 @@ def admin_key(conn: psycopg.Connection) -> str:
         user_id=user.id,
         key_id=spare.split("_")[1],
         rule_id="overheat",
+        channel_id="ops",
+        policy_id="on-call",
         alarm_id=raised.alarm.id,
     )
     return key
