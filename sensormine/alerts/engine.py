@@ -170,3 +170,29 @@ def absence_transitions(
         elif silent < cond.after_s and is_open:
             out.append(Transition("clear", rule, tenant_id, device_id, now_us))
     return out
+
+
+def replay(rule: Rule, readings: Iterable[Reading]) -> list[Transition]:
+    """What `rule` would have done over stored readings (in event-time order per device): the dry run.
+
+    Absence has no arrival times to go by here: a gap of at least `after_s` between two readings
+    of a device counts as a raise `after_s` into the gap and a clear at the reading that ends it.
+    """
+    cond = rule.condition
+    out: list[Transition] = []
+    if not isinstance(cond, Absence):
+        engine = Engine()
+        for r in readings:
+            out += engine.observe([rule], r)
+        return out
+    last: dict[tuple[str, str], int] = {}
+    gap_us = int(cond.after_s * 1_000_000)
+    for r in readings:
+        key = (r.tenant_id, r.device_id)
+        prev = last.get(key)
+        if prev is not None and r.ts - prev >= gap_us:
+            out.append(Transition("raise", rule, r.tenant_id, r.device_id, prev + gap_us))
+            out.append(Transition("clear", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value))
+        if prev is None or r.ts > prev:
+            last[key] = r.ts
+    return out

@@ -50,6 +50,11 @@ def _build(tenant_id: str, rule_id: str, fields: Mapping[str, Any]) -> Rule:
     return rule
 
 
+def draft_rule(tenant_id: str, fields: Mapping[str, Any]) -> Rule:
+    """A rule as it would be stored, not saved (dry runs). Raises RuleError."""
+    return _build(tenant_id, "draft", {**fields, "name": fields.get("name") or "draft"})
+
+
 def _check_policy(conn: psycopg.Connection, rule: Rule) -> None:
     if rule.policy_id is not None:
         try:

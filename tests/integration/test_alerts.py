@@ -7,7 +7,7 @@ import mailbox
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from ingest_daemons.mqtt import MqttDaemon
 from sensormine.alerts import usecases
 from sensormine.alerts.notify import verify_signature
 from sensormine.alerts.processor import AlarmProcessor, start_processor
+from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.clients.mqtt import telemetry_topic
 from sensormine.clients.postgres import ALERTS, connect
 from sensormine.devices.registry import create_device
@@ -383,3 +384,31 @@ def test_escalation_notifies_level_by_level_reminds_and_stops_on_acknowledge(
             assert len(hook.requests) == 1  # level 1 only once
         finally:
             processor.close()
+
+
+def test_a_dry_run_counts_how_often_a_rule_would_have_fired_on_stored_data(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    now = datetime_to_us(datetime.now(UTC)) // 1_000_000 * 1_000_000
+    minute = 60_000_000
+    values = [50.0] * 60
+    for spike in (10, 30, 50):  # three excursions above 90, each for two minutes
+        values[spike] = values[spike + 1] = 95.0
+    HotStoreWriter(conn).write(
+        [Reading("acme", "press-1", "temperature", now - (60 - i) * minute, v) for i, v in enumerate(values)]
+    )
+    conn.commit()
+    ops = {"X-API-Key": acme["operator"]}
+    with TestClient(create_app(in_process)) as client:
+        body = {"condition": OVERHEAT["condition"], "hours": 2}
+        got = client.post("/api/alerts/rules/dry-run", json=body, headers=ops).json()
+        assert (got["devices"], got["readings"], got["fired"], got["cleared"]) == (1, 60, 3, 3), got
+        assert [e["kind"] for e in got["events"]] == ["raise", "clear"] * 3
+        # Held for two minutes each time: a 3-minute duration never fires.
+        longer = client.post("/api/alerts/rules/dry-run", json={**body, "for_s": 180}, headers=ops).json()
+        assert longer["fired"] == 0
+        silent = {"condition": {"kind": "absence", "after_s": 600}, "hours": 2}
+        assert client.post("/api/alerts/rules/dry-run", json=silent, headers=ops).json()["fired"] == 0
+        # Nothing was stored.
+        assert client.get("/api/alerts/alarms", headers=ops).json()["items"] == []
+        assert client.get("/api/alerts/rules", headers=ops).json()["items"] == []

@@ -124,6 +124,7 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/usage"): "usage:read",
     ("GET", "/api/usage/events"): "usage:read",
     ("POST", "/api/alerts/rules"): "alerts:write",
+    ("POST", "/api/alerts/rules/dry-run"): "alerts:read",
     ("GET", "/api/alerts/rules"): "alerts:read",
     ("GET", "/api/alerts/rules/{rule_id}"): "alerts:read",
     ("PATCH", "/api/alerts/rules/{rule_id}"): "alerts:write",
@@ -179,6 +180,7 @@ BODIES: dict[tuple[str, str], Body] = {
     ("POST", "/api/keys"): lambda t, u: {"json": {"name": "k", "role": "viewer", "scopes": ["read"], "tenant_id": t}},
     ("POST", "/api/alerts/rules"): lambda t, u: {"json": {"id": f"r-{u}", "condition": RULE}},
     ("PATCH", "/api/alerts/rules/{rule_id}"): lambda t, u: {"json": {"severity": "minor"}},
+    ("POST", "/api/alerts/rules/dry-run"): lambda t, u: {"json": {"condition": RULE, "hours": 1}},
     ("POST", "/api/alerts/alarms/{alarm_id}/comment"): lambda t, u: {"json": {"text": f"seen {u}"}},
     ("POST", "/api/alerts/alarms/{alarm_id}/assign"): lambda t, u: {"json": {"assignee": f"someone-{u}"}},
     ("POST", "/api/alerts/channels"): lambda t, u: {
@@ -259,11 +261,12 @@ def test_every_route_declares_the_permission_written_here(settings: Settings) ->
 @pytest.fixture
 def world(conn: psycopg.Connection) -> dict[str, Any]:
     """Four tenants, each with two devices, points, two schemas, a profile, a viewer user and a spare API key."""
-    make_tenant(conn, "parent", ["parent-d1", "parent-d2"], plan="pro")
+    # Enterprise: no request rate limit, so the matrix's bursts of requests are answered, not 429.
+    make_tenant(conn, "parent", ["parent-d1", "parent-d2"], plan="enterprise")
     make_tenant(conn, "child", ["child-d1", "child-d2"], parent_id="parent")
     make_tenant(conn, "sibling", ["sibling-d1", "sibling-d2"], parent_id="parent")
     make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child")
-    make_tenant(conn, OTHER, [f"{OTHER}-d1", f"{OTHER}-d2"], plan="pro")
+    make_tenant(conn, OTHER, [f"{OTHER}-d1", f"{OTHER}-d2"], plan="enterprise")
     users, keys, alarms = {}, {}, {}
     for t in (*TENANTS, OTHER):
         HotStoreWriter(conn).write(readings(t, f"{t}-d1", 3))
