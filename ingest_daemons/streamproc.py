@@ -46,9 +46,11 @@ class StreamStats:
     published: int = 0
 
 
-def alarm_event(change: AlarmChange) -> bytes:
-    """The `{env}.{tenant}.alerts` message of one alarm change (key: the alarm id)."""
+def alarm_event(change: AlarmChange, device: tuple[str | None, dict] | None = None) -> bytes:
+    """The `{env}.{tenant}.alerts` message of one alarm change (key: the alarm id), with the device's
+    type and labels from the registry (`device`: (device_type, metadata))."""
     a = change.alarm
+    kind, labels = device or (None, {})
     at = a.cleared_at if change.kind == "cleared" and a.cleared_at is not None else a.raised_at
     return orjson.dumps(
         {
@@ -57,6 +59,8 @@ def alarm_event(change: AlarmChange) -> bytes:
             "alarm_id": a.id,
             "tenant_id": a.tenant_id,
             "device_id": a.device_id,
+            "device_type": kind,
+            "labels": labels,
             "rule_tenant_id": a.rule_tenant_id,
             "rule_id": a.rule_id,
             "rule_name": a.rule_name,
@@ -97,7 +101,10 @@ class StreamProcessor:
 
         for c in changes:
             self.producer.produce(
-                self.settings.alerts_topic(c.alarm.tenant_id), alarm_event(c), key=c.alarm.id, on_delivery=delivered
+                self.settings.alerts_topic(c.alarm.tenant_id),
+                alarm_event(c, self.processor.directory.devices.get((c.alarm.tenant_id, c.alarm.device_id))),
+                key=c.alarm.id,
+                on_delivery=delivered,
             )
         left = self.producer.flush(30)
         if left or failed:

@@ -39,6 +39,7 @@ def kafka(settings: Settings, conn: psycopg.Connection) -> Iterator[Settings]:
     if not settings.kafka_bootstrap:
         pytest.skip("needs Kafka (sensormine services up)")
     make_tenant(conn, "acme", ["m1"])
+    conn.execute("UPDATE devices SET device_type = 'motor', metadata = '{\"site\": \"north\"}'")
     conn.commit()
     with psycopg.connect(settings.database_url or "") as app:
         usecases.create_rule(app, operator_identity(app), "acme", "overheat", RULE)
@@ -85,6 +86,7 @@ def test_alarms_from_the_telemetry_topic_land_in_the_store_and_on_the_alerts_top
         ("alarm.raised", "m1", "overheat", "critical"),
         ("alarm.cleared", "m1", "overheat", "critical"),
     ]
+    assert (events[0]["device_type"], events[0]["labels"]) == ("motor", {"site": "north"})  # from the registry
     assert proc.stats.messages == 5 and proc.stats.published == 2
 
 
