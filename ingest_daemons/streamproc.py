@@ -2,12 +2,16 @@
 
 It reads every tenant's `{env}.{tenant}.telemetry` topic apart from the hot-store consumer (group
 `alerts_group`), so it scales by partitions and never slows storage. Each batch of messages is
-decoded, evaluated (`sensormine.alerts.processor.AlarmProcessor`: the transitions are written in
-one transaction), the raised and cleared alarms are published to `{env}.{tenant}.alerts`, and only
+decoded and folded into tumbling windows per device x metric (`sensormine.alerts.windows`; closed
+windows go to `{env}.{tenant}.aggregates`, keyed `{device}/{metric}/{window start}`); it is then
+evaluated (`sensormine.alerts.processor.AlarmProcessor`: the transitions are written in one
+transaction), the raised and cleared alarms are published to `{env}.{tenant}.alerts`, and only
 then are the batch's offsets committed to Kafka. A crash therefore replays at most the last batch;
 the alarm store drops what it has already seen (transition ids, last-update times), so a replay
-changes nothing. What a restart loses is in-memory window state (the latest values per metric and
-how long a duration condition has held); open alarms are restored from the store. An alarm event
+changes nothing. What a restart loses is in-memory state: the latest values per metric, how long a
+duration condition has held, and the open aggregate windows (those of the moment of a crash are
+published incomplete or not at all; a replayed batch can publish a window again under the same
+key, so consumers keep the last message per key). Open alarms are restored from the store. An alarm event
 whose publication Kafka does not confirm is logged, not retried: the store has the alarm, but the
 topic misses that event (an outbox over `alarm_events` would close this gap). docs/alerts.md.
 """
@@ -25,6 +29,7 @@ from confluent_kafka import KafkaError, Message, Producer, TopicPartition
 from ingest_daemons.runner import stop_on_signals
 from sensormine.alerts.processor import AlarmProcessor, start_processor
 from sensormine.alerts.store import AlarmChange
+from sensormine.alerts.windows import TumblingWindows, WindowAggregate
 from sensormine.clients.kafka import ensure_topics, make_consumer, make_producer
 from sensormine.clients.postgres import migrate_database
 from sensormine.reading import Reading
@@ -44,6 +49,7 @@ class StreamStats:
     raised: int = 0
     cleared: int = 0
     published: int = 0
+    aggregates: int = 0
 
 
 def alarm_event(change: AlarmChange, device: tuple[str | None, dict] | None = None) -> bytes:
@@ -85,14 +91,36 @@ class StreamProcessor:
         self.consumer = make_consumer(self.settings.alerts_group, self.settings)
         self.producer: Producer = make_producer(self.settings, **{"linger.ms": 5})
         self.stats = StreamStats()
+        self.windows = TumblingWindows(self.settings.aggregate_window_s, self.settings.aggregate_grace_s)
         self.assigned = threading.Event()
         self._topics: set[str] = set()
 
+    def _ensure(self, topics: set[str]) -> None:
+        new = topics - self._topics
+        if new:
+            ensure_topics(sorted(new), settings=self.settings)
+            self._topics |= new
+
+    def _publish_aggregates(self, aggregates: list[WindowAggregate]) -> None:
+        """Closed windows to the aggregates topics (confirmed with the alarm events' flush)."""
+        self._ensure({self.settings.aggregates_topic(a.tenant_id) for a in aggregates})
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.error("a window aggregate was not delivered: %s", err)
+            else:
+                self.stats.aggregates += 1
+
+        for a in aggregates:
+            self.producer.produce(
+                self.settings.aggregates_topic(a.tenant_id),
+                orjson.dumps(a.as_json()),
+                key=f"{a.device_id}/{a.metric}/{a.start_us}",
+                on_delivery=delivered,
+            )
+
     def _publish(self, changes: list[AlarmChange]) -> None:
-        topics = {self.settings.alerts_topic(c.alarm.tenant_id) for c in changes} - self._topics
-        if topics:
-            ensure_topics(sorted(topics), settings=self.settings)
-            self._topics |= topics
+        self._ensure({self.settings.alerts_topic(c.alarm.tenant_id) for c in changes})
         failed: list[KafkaError] = []
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
@@ -127,11 +155,16 @@ class StreamProcessor:
             except PayloadError:
                 self.stats.undecodable += 1  # the hot-store consumer dead-letters it
         self.stats.readings += len(readings)
+        closed = self.windows.add(readings)
+        if closed:
+            self._publish_aggregates(closed)
         changes = self.processor.process(readings) if readings else []
         if changes:
             self.stats.raised += sum(c.kind == "raised" for c in changes)
             self.stats.cleared += sum(c.kind == "cleared" for c in changes)
             self._publish(changes)
+        elif closed:
+            self.producer.flush(30)
         done: dict[tuple[str, int], int] = {}
         for msg in messages:
             if msg.error() is None:
@@ -155,7 +188,10 @@ class StreamProcessor:
         return self.stats
 
     def close(self) -> None:
-        """Leave the group; stop the processor (its ticks and notifications)."""
+        """Publish the windows still open, leave the group, stop the processor (ticks, notifications)."""
+        last = self.windows.flush()
+        if last:
+            self._publish_aggregates(last)
         self.consumer.close()
         self.producer.flush(30)
         self.processor.close()

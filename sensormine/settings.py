@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     )
     sms_url: str | None = Field(None, description="HTTP SMS provider endpoint (POST {to, text} with a bearer token).")
     sms_token: str | None = Field(None, description="Bearer token of the SMS provider.")
+    aggregate_window_s: float = Field(60.0, gt=0, description="Tumbling window of the stream's aggregates topic.")
+    aggregate_grace_s: float = Field(
+        10.0, ge=0, description="How late (event time) a reading may still join its window."
+    )
     alerts_group: str = Field("sensormine-alerts", description="Consumer group of the stream processor.")
     alerts_tick_s: float = Field(5.0, gt=0, description="How often absence rules are checked.")
     alerts_refresh_s: float = Field(
@@ -179,6 +183,10 @@ class Settings(BaseSettings):
     def telemetry_topic(self, tenant_id: str) -> str:
         """Kafka topic that carries one tenant's readings."""
         return f"{self.env}.{tenant_id}.telemetry"
+
+    def aggregates_topic(self, tenant_id: str) -> str:
+        """Kafka topic of one tenant's windowed aggregates per device and metric."""
+        return f"{self.env}.{tenant_id}.aggregates"
 
     def alerts_topic(self, tenant_id: str) -> str:
         """Kafka topic of one tenant's alarm events (raised, cleared)."""

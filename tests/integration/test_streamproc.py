@@ -44,7 +44,14 @@ def kafka(settings: Settings, conn: psycopg.Connection) -> Iterator[Settings]:
     with psycopg.connect(settings.database_url or "") as app:
         usecases.create_rule(app, operator_identity(app), "acme", "overheat", RULE)
     ensure_topics([settings.telemetry_topic("acme")], settings=settings)
-    yield settings.model_copy(update={"alerts_refresh_s": 0.0, "alerts_group": f"{settings.env}-alerts"})
+    yield settings.model_copy(
+        update={
+            "alerts_refresh_s": 0.0,
+            "alerts_group": f"{settings.env}-alerts",
+            "aggregate_window_s": 5.0,
+            "aggregate_grace_s": 0.0,
+        }
+    )
 
 
 def publish(settings: Settings, readings: list[Reading]) -> None:
@@ -88,6 +95,18 @@ def test_alarms_from_the_telemetry_topic_land_in_the_store_and_on_the_alerts_top
     ]
     assert (events[0]["device_type"], events[0]["labels"]) == ("motor", {"site": "north"})  # from the registry
     assert proc.stats.messages == 5 and proc.stats.published == 2
+    published = drain_topic(kafka.kafka_bootstrap or "", kafka.aggregates_topic("acme"))
+    windows = sorted(
+        (orjson.loads(m.value()) for m in published), key=lambda w: w["window_start_us"]
+    )  # keys spread over partitions
+    # [0 s, 5 s) closed when the reading at 10 s came; [10 s, 15 s) at shutdown.
+    assert [(w["window_start_us"] - DAY_US, w["count"], w["min"], w["max"]) for w in windows] == [
+        (0, 4, 80.0, 99.0),
+        (10_000_000, 1, 84.0, 84.0),
+    ]
+    assert windows[0]["avg"] == pytest.approx((80 + 95 + 97 + 99) / 4) and windows[0]["rate_per_s"] == pytest.approx(
+        19 / 3
+    )
 
 
 def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
