@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import psycopg
 from confluent_kafka import Message
 
-from bench.common import checkpoint, database_url_for, rate, say, scratch_database
+from bench.common import checkpoint, database_url_for, loadavg, rate, say, scratch_database
 from ingest_daemons.streamproc import StreamProcessor
 from sensormine.alerts import usecases
 from sensormine.alerts.engine import Engine
@@ -252,7 +252,7 @@ def reference(url: str, messages: list[list[Reading]]) -> tuple[float, int, int]
     t0 = time.perf_counter()
     for readings in messages:
         for r in readings:
-            rules = directory.rules_for(r.tenant_id, r.device_id)
+            rules = directory.rules_reading(r.tenant_id, r.device_id, r.metric)  # as AlarmProcessor.process
             if rules:
                 for t in engine.observe(rules, r):
                     raised += t.kind == "raise"
@@ -366,6 +366,7 @@ class Results:
     raised: list[int] = field(default_factory=list)
     cleared: list[int] = field(default_factory=list)
     alarm_rows: list[int] = field(default_factory=list)
+    counted: list[int] = field(default_factory=list)  # sum of the alarms' counts (raise + repeats)
     published: list[int] = field(default_factory=list)
 
 
@@ -408,7 +409,8 @@ def report(workload: Workload, results: Results, load: list[str]) -> str:
         "",
         f"alarms: expected {results.expected[0]:,} raised and {results.expected[1]:,} cleared (in-memory evaluation); "
         f"the stream processor raised {sorted(set(results.raised))}, cleared {sorted(set(results.cleared))}, "
-        f"alarm rows {sorted(set(results.alarm_rows))}, events published {sorted(set(results.published))}",
+        f"alarm rows {sorted(set(results.alarm_rows))} counting {sorted(set(results.counted))} readings in alarm, "
+        f"events published {sorted(set(results.published))}",
         "",
         f"target >= {TARGET_RATE:,} readings/s (stream processor): {proc:,.0f} -> "
         f"{'met' if proc >= TARGET_RATE else 'NOT met'}",
@@ -441,15 +443,6 @@ def cleanup_kafka(settings: Settings, workload: Workload, groups: list[str]) -> 
                 fut.result(30)
             except Exception as exc:  # a group that never committed has nothing to clean
                 say(f"consumer group cleanup: {exc}")
-
-
-def loadavg() -> str:
-    """The first three fields of /proc/loadavg."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def run(workload: Workload, base_url: str, bootstrap: str, trials: int, timeout_s: float, profile: bool) -> str:
@@ -508,11 +501,12 @@ def run(workload: Workload, base_url: str, bootstrap: str, trials: int, timeout_
                     if proc.stats.readings != workload.total:
                         raise RuntimeError(f"stream processor saw {proc.stats.readings:,} readings")
                     with psycopg.connect(url) as conn:
-                        rows = conn.execute("SELECT count(*) FROM alarms").fetchone()
+                        rows = conn.execute("SELECT count(*), coalesce(sum(count), 0) FROM alarms").fetchone()
                     results.proc_s.append(seconds)
                     results.raised.append(proc.stats.raised)
                     results.cleared.append(proc.stats.cleared)
                     results.alarm_rows.append(rows[0] if rows else -1)
+                    results.counted.append(rows[1] if rows else -1)
                     results.published.append(proc.stats.published)
                     if proc.profiler is not None:
                         profiler = proc.profiler
