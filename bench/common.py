@@ -65,3 +65,12 @@ def checkpoint(url: str) -> None:
 def rate(amount: float, seconds: float) -> float:
     """Amount per second (or any ratio), 0 when the divisor is 0."""
     return amount / seconds if seconds > 0 else 0.0
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (/proc/loadavg): benchmarks share the machine, say how busy it was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sensormine.alerts.rules import Absence, Combined, Rate, Rule, Threshold, leaves, metrics_of
+from sensormine.alerts.rules import Absence, Combined, Rate, Rule, Threshold, leaves
 from sensormine.reading import Reading
 
 Kind = Literal["raise", "update", "clear"]
@@ -97,7 +97,11 @@ class Engine:
 
     def _observe_one(self, rule: Rule, r: Reading) -> Transition | None:
         cond = rule.condition
-        if isinstance(cond, Absence) or r.metric not in metrics_of(cond):
+        # Called for every reading and rule: compare metrics directly rather than build `metrics_of`'s set.
+        if isinstance(cond, Combined):
+            if not any(leaf.metric == r.metric for leaf in cond.conditions):
+                return None
+        elif isinstance(cond, Absence) or cond.metric != r.metric:
             return None
         state = self._state(rule, r.tenant_id, r.device_id)
         seen = state.last.get(r.metric)
@@ -126,7 +130,7 @@ class Engine:
     @staticmethod
     def _holds(cond: Threshold | Rate | Combined, state: _State) -> bool:
         results = []
-        for i, leaf in enumerate(leaves(cond)):
+        for i, leaf in enumerate(cond.conditions if isinstance(cond, Combined) else (cond,)):  # `leaves`
             result = False
             last = state.last.get(leaf.metric)
             if isinstance(leaf, Threshold):

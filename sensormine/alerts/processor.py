@@ -24,7 +24,7 @@ from sensormine.alerts.channels import Policy, list_policies
 from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
 from sensormine.alerts.notify import EmailChannel, HttpSmsProvider
-from sensormine.alerts.rules import Absence, Rule, applicable
+from sensormine.alerts.rules import Absence, Rule, applicable, metrics_of
 from sensormine.alerts.store import AlarmChange, apply_transitions, due_escalations, list_rules, open_alarms
 from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
 from sensormine.reading import Reading
@@ -50,6 +50,7 @@ class Directory:
         self.rules: dict[tuple[str, str], Rule] = {}
         self.policies: dict[tuple[str, str], Policy] = {}
         self._cache: dict[tuple[str, str], list[Rule]] = {}
+        self._by_metric: dict[tuple[str, str], dict[str, list[Rule]]] = {}
 
     def refresh(self, conn: psycopg.Connection) -> bool:
         """Reload when anything changed; whether it did."""
@@ -74,6 +75,7 @@ class Directory:
             for t, d, kind, meta in conn.execute("SELECT tenant_id, id, device_type, metadata FROM devices").fetchall()
         }
         self._cache = {}
+        self._by_metric = {}
         self.version = version
         return True
 
@@ -86,6 +88,19 @@ class Directory:
             found = [r for r in self.by_tenant.get(tenant_id, []) if r.scope.matches(device_id, kind, meta)]
             self._cache[key] = found
         return found
+
+    def rules_reading(self, tenant_id: str, device_id: str, metric: str) -> list[Rule]:
+        """The rules watching a device whose condition reads `metric` (`rules_for`, in its order)."""
+        index = self._by_metric.get((tenant_id, device_id))
+        if index is None:
+            # Per device, metric -> rules: the evaluator then skips, for each reading, every rule of the
+            # device that does not read its metric (the engine would ignore them, one call each).
+            index = {}
+            for r in self.rules_for(tenant_id, device_id):
+                for m in sorted(metrics_of(r.condition)):
+                    index.setdefault(m, []).append(r)
+            self._by_metric[(tenant_id, device_id)] = index
+        return index.get(metric, [])
 
     def absence_targets(self) -> list[tuple[Rule, str, str]]:
         """(rule, tenant, device) for every registered device an absence rule watches."""
@@ -173,7 +188,7 @@ class AlarmProcessor:
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
             out: list[Transition] = []
             for r in readings:
-                rules = self.directory.rules_for(r.tenant_id, r.device_id)
+                rules = self.directory.rules_reading(r.tenant_id, r.device_id, r.metric)
                 if rules:
                     out += self.engine.observe(rules, r)
             return out, []
