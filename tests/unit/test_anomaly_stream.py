@@ -12,7 +12,7 @@ from sensormine.anomaly.registry import bundled_models
 from sensormine.anomaly.stream import StreamScorer
 from sensormine.reading import Reading, readings_to_table
 from tests.factories import DAY_US
-from tests.unit.test_anomaly import mixed_readings
+from tests.unit.test_anomaly_unit import mixed_readings
 
 
 @pytest.fixture(scope="module")
