@@ -34,4 +34,5 @@ bench: services-up  ## benchmarks (figures are recorded in docs/benchmarks.md)
 	. $(STATE)/services.env && $(UV) run python -m bench.ingest && $(UV) run python -m bench.latency \
 	&& $(UV) run python -m bench.compaction && $(UV) run python -m bench.query \
 	&& $(UV) run python -m bench.mqtt && $(UV) run python -m bench.opcua && $(UV) run python -m bench.modbus \
-	&& $(UV) run python -m bench.snapshot && $(UV) run python -m bench.api_latest && $(UV) run python -m bench.api_aggregate
+	&& $(UV) run python -m bench.snapshot && $(UV) run python -m bench.api_latest && $(UV) run python -m bench.api_aggregate \
+	&& $(UV) run python -m bench.anomaly
