@@ -35,4 +35,5 @@ bench: services-up  ## benchmarks (figures are recorded in docs/benchmarks.md)
 	&& $(UV) run python -m bench.compaction && $(UV) run python -m bench.query \
 	&& $(UV) run python -m bench.mqtt && $(UV) run python -m bench.opcua && $(UV) run python -m bench.modbus \
 	&& $(UV) run python -m bench.snapshot && $(UV) run python -m bench.api_latest && $(UV) run python -m bench.api_aggregate \
-	&& $(UV) run python -m bench.streamproc && $(UV) run python -m bench.alert_latency
+	&& $(UV) run python -m bench.streamproc && $(UV) run python -m bench.alert_latency \
+	&& $(UV) run python -m bench.anomaly

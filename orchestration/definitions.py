@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from assets.anomaly import anomaly_models, anomaly_scores, anomaly_scores_complete
 from assets.dbt import sensormine_dbt_models
 from assets.quality import telemetry_quality_checks
 from assets.rollups import telemetry_1h, telemetry_1m
@@ -101,10 +102,25 @@ def telemetry_lake_daily_close_schedule(
     yield from _tenant_day_requests(context, timedelta(days=-1))
 
 
+ANOMALY_SCORE_ASSETS = [anomaly_scores]
+
+anomaly_scores_job = dg.define_asset_job(
+    "anomaly_scores_job",
+    selection=dg.AssetSelection.assets(*ANOMALY_SCORE_ASSETS),
+    partitions_def=telemetry_partitions,
+    description="Score tenant-days of the lake with the newest anomaly model of each device type.",
+)
+
+anomaly_models_job = dg.define_asset_job(
+    "anomaly_models_job",
+    selection=dg.AssetSelection.assets(anomaly_models),
+    description="Train and register one anomaly model version per device type from the lake's recent history.",
+)
+
 defs = dg.Definitions(
-    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models],
-    asset_checks=telemetry_quality_checks,
-    jobs=[telemetry_lake_job, lake_housekeeping_job, dbt_models_job],
+    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores],
+    asset_checks=[*telemetry_quality_checks, anomaly_scores_complete],
+    jobs=[telemetry_lake_job, lake_housekeeping_job, dbt_models_job, anomaly_scores_job, anomaly_models_job],
     schedules=[
         telemetry_lake_hourly_schedule,
         telemetry_lake_daily_close_schedule,

@@ -1,1 +1,1 @@
-"""ONNX anomaly models and scoring (the alerts-and-ML issue); empty until it lands."""
+"""Anomaly detection: features, ONNX models per device type, registry, batch and stream scoring (docs/anomaly.md)."""

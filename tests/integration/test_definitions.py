@@ -9,6 +9,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from assets.anomaly import ANOMALY_MODELS_KEY, ANOMALY_SCORES_KEY
 from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
 from lake.telemetry import read_telemetry
@@ -44,6 +45,12 @@ def test_definitions_load_with_the_expected_objects() -> None:
     checks = {k.name for k in graph.asset_check_keys if k.asset_key == TELEMETRY_LAKE_KEY}
     assert checks >= {"keys_not_null", "rows_in_partition", "values_in_schema_range", "dedupe_key_unique"}
     assert {"hot_lake_parity", "freshness"} <= checks
+    assert graph.get(ANOMALY_SCORES_KEY).parent_keys == {TELEMETRY_LAKE_KEY, ANOMALY_MODELS_KEY}
+    assert graph.get(ANOMALY_SCORES_KEY).partitions_def == graph.get(TELEMETRY_LAKE_KEY).partitions_def
+    assert graph.get(ANOMALY_MODELS_KEY).partitions_def is None
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == ANOMALY_SCORES_KEY} == {"anomaly_scores_complete"}
+    assert defs.resolve_job_def("anomaly_scores_job") is not None
+    assert defs.resolve_job_def("anomaly_models_job") is not None
     crons = {s.name: s.cron_schedule for s in defs.schedules or []}
     assert crons == {
         "telemetry_lake_hourly_schedule": "5 * * * *",
