@@ -107,6 +107,7 @@ NO_TENANT_ROWS = {
     "schema_migrations": "the applied migrations",
     "ingest_offsets": "the consumer's Kafka positions, per consumer group (service bookkeeping)",
     "usage_flushes": "ids of usage batches already added (the ledger's dedupe record; counts live in usage)",
+    "anomaly_models": "models trained per device type across tenants (platform metadata, no API role may read it)",
 }
 
 
