@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sensormine.alerts.rules import Absence, Combined, Rate, Rule, Threshold, leaves
+from sensormine.alerts.rules import Absence, Anomaly, Combined, Rate, Rule, Threshold, leaves
 from sensormine.reading import Reading
 
 Kind = Literal["raise", "update", "clear"]
@@ -52,6 +52,7 @@ class _State:
     latched: list[bool]
     last: dict[str, tuple[int, float]] = field(default_factory=dict)
     prev: dict[str, tuple[int, float]] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # the latest reading's anomaly score per metric
     holding_since: int | None = None
     active: bool = False
     revision: int = 0
@@ -86,16 +87,20 @@ class Engine:
         state = self._states.get((rule.tenant_id, rule.id, tenant_id, device_id))
         return state is not None and state.active
 
-    def observe(self, rules: Sequence[Rule], reading: Reading) -> list[Transition]:
-        """Transitions caused by one reading under the rules that apply to its device."""
+    def observe(self, rules: Sequence[Rule], reading: Reading, score: float | None = None) -> list[Transition]:
+        """Transitions caused by one reading under the rules that apply to its device.
+
+        `score`: the reading's anomaly score, for anomaly conditions (None: not scored; such a
+        condition then does not hold).
+        """
         out: list[Transition] = []
         for rule in rules:
-            t = self._observe_one(rule, reading)
+            t = self._observe_one(rule, reading, score)
             if t is not None:
                 out.append(t)
         return out
 
-    def _observe_one(self, rule: Rule, r: Reading) -> Transition | None:
+    def _observe_one(self, rule: Rule, r: Reading, score: float | None = None) -> Transition | None:
         cond = rule.condition
         # Called for every reading and rule: compare metrics directly rather than build `metrics_of`'s set.
         if isinstance(cond, Combined):
@@ -111,6 +116,10 @@ class Engine:
         if seen is not None:
             state.prev[r.metric] = seen
         state.last[r.metric] = (r.ts, r.value)
+        if score is None:
+            state.scores.pop(r.metric, None)
+        else:
+            state.scores[r.metric] = score
         holds = self._holds(cond, state)
         if not holds:
             state.holding_since = None
@@ -128,7 +137,7 @@ class Engine:
         return None
 
     @staticmethod
-    def _holds(cond: Threshold | Rate | Combined, state: _State) -> bool:
+    def _holds(cond: Threshold | Rate | Anomaly | Combined, state: _State) -> bool:
         results = []
         for i, leaf in enumerate(cond.conditions if isinstance(cond, Combined) else (cond,)):  # `leaves`
             result = False
@@ -136,6 +145,10 @@ class Engine:
             if isinstance(leaf, Threshold):
                 if last is not None:
                     result = leaf.holds(last[1], state.latched[i])
+            elif isinstance(leaf, Anomaly):
+                scored = state.scores.get(leaf.metric)
+                if scored is not None:
+                    result = leaf.holds(scored, state.latched[i])
             else:
                 prev = state.prev.get(leaf.metric)
                 if last is not None and prev is not None and last[0] > prev[0]:

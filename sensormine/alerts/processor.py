@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -24,11 +24,15 @@ from sensormine.alerts.channels import Policy, list_policies
 from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
 from sensormine.alerts.notify import EmailChannel, HttpSmsProvider
-from sensormine.alerts.rules import Absence, Rule, applicable, metrics_of
+from sensormine.alerts.rules import Absence, Rule, applicable, metrics_of, scored_metrics
 from sensormine.alerts.store import AlarmChange, apply_transitions, due_escalations, list_rules, open_alarms
+from sensormine.anomaly.metering import InferenceMeter
 from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
 from sensormine.reading import Reading
 from sensormine.settings import Settings
+
+if TYPE_CHECKING:
+    from sensormine.anomaly.stream import StreamScorer
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ class AlarmProcessor:
         self._conn: psycopg.Connection | None = None
         self.clock = clock
         self.engine = Engine()
+        self.meter = InferenceMeter()
+        self.scorer: StreamScorer | None = None
+        self._models_version: tuple[Any, ...] | None = None
         self.directory = Directory()
         self.refresh_s = refresh_s
         self.notify = notify
@@ -187,16 +194,44 @@ class AlarmProcessor:
 
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
             out: list[Transition] = []
-            for r in readings:
-                rules = self.directory.rules_reading(r.tenant_id, r.device_id, r.metric)
+            watched = [(r, self.directory.rules_reading(r.tenant_id, r.device_id, r.metric)) for r in readings]
+            scores = self._scores(conn, [r for r, rules in watched if any(r.metric in _scored(x) for x in rules)])
+            for r, rules in watched:
                 if rules:
-                    out += self.engine.observe(rules, r)
+                    out += self.engine.observe(rules, r, scores.get(r.key))
             return out, []
 
         return self._run(evaluate)
 
+    def _scores(self, conn: psycopg.Connection, readings: list[Reading]) -> dict[tuple[str, str, str, int], float]:
+        """Anomaly scores of the readings an anomaly condition reads (each counted as an ML inference)."""
+        if not readings:
+            return {}
+        # onnxruntime and onnx take over a second to import: only processes with anomaly rules pay it.
+        from sensormine.anomaly.model import OnnxScorer
+        from sensormine.anomaly.registry import models_for
+        from sensormine.anomaly.stream import StreamScorer
+
+        if self.scorer is None or self._models_version != self.directory.version:
+            types = sorted({kind for kind, _ in self.directory.devices.values() if kind})
+            models = {t: OnnxScorer(rec.onnx) for t, rec in models_for(conn, types).items()}
+            if self.scorer is None:
+                devices = self.directory.devices
+                self.scorer = StreamScorer(models, lambda t, d: devices.get((t, d), (None, {}))[0], self.meter)
+            else:
+                self.scorer.models = models
+            self.scorer.device_type = lambda t, d: self.directory.devices.get((t, d), (None, {}))[0]
+            self._models_version = self.directory.version
+        got = self.scorer.score(readings)
+        return {r.key: s for r, s in zip(readings, got, strict=True) if s is not None}
+
     def tick(self) -> list[AlarmChange]:
-        """Absence rules against the clock and the stored last-seen times, and escalations that are due."""
+        """Absence rules against the clock and the stored last-seen times, and escalations that are due.
+
+        Also writes the ML inferences counted since the last tick to the usage table.
+        """
+        with self._lock:
+            self.meter.flush(self._db())
 
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
             now = self.clock()
@@ -274,3 +309,7 @@ def watched_sink(settings: Settings) -> ReadingSink:
 
     processor = start_processor(settings)
     return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)
+
+
+def _scored(rule: Rule) -> set[str]:
+    return scored_metrics(rule.condition)

@@ -12,8 +12,10 @@ disabled one switches it off there). The scope picks devices by id, by device ty
 - `absence`: the device sent nothing for `after_s` seconds (its last message as the ingest paths
   recorded it in `device_status`, or its registration when it never sent one); evaluated on a
   timer from the stored state, not only when data comes;
-- `all` / `any`: AND / OR of threshold and rate conditions over metrics of one device (each
-  metric's latest value holds until the next one).
+- `anomaly`: the metric's anomaly score (the ONNX model of the device's type, scored on the stream
+  by `sensormine.anomaly.stream.StreamScorer`) above a limit, with hysteresis;
+- `all` / `any`: AND / OR of threshold, rate and anomaly conditions over metrics of one device
+  (each metric's latest value holds until the next one).
 
 `for_s` on the rule is a duration: the condition must hold (in event time) that long before the
 alarm is raised ("above 90 for 5 minutes"). The evaluator is `sensormine.alerts.engine`.
@@ -114,11 +116,28 @@ class Rate(_Strict):
         return r > self.per_s - h if self.op == "gt" else r < self.per_s + h
 
 
-Leaf = Annotated[Threshold | Rate, Field(discriminator="kind")]
+class Anomaly(_Strict):
+    """The metric's anomaly score (the ONNX model of the device's type, sensormine.anomaly) above a limit."""
+
+    kind: Literal["anomaly"] = "anomaly"
+    metric: str = Field(min_length=1, max_length=256)
+    above: float = Field(0.6, gt=0, lt=1, description="Score limit; ordinary points score about 0.4-0.5")
+    hysteresis: float = Field(0.0, ge=0, lt=1)
+
+    def describe(self) -> str:
+        """The condition as people write it."""
+        return f"anomaly score of {self.metric} > {self.above:g}"
+
+    def holds(self, score: float, latched: bool) -> bool:
+        """Whether the condition holds for `score`, given whether it held before."""
+        return score > self.above - (self.hysteresis if latched else 0.0)
+
+
+Leaf = Annotated[Threshold | Rate | Anomaly, Field(discriminator="kind")]
 
 
 class Combined(_Strict):
-    """AND (`all`) or OR (`any`) of threshold and rate conditions over the metrics of one device."""
+    """AND (`all`) or OR (`any`) of threshold, rate and anomaly conditions over the metrics of one device."""
 
     kind: Literal["all", "any"]
     conditions: list[Leaf] = Field(min_length=1, max_length=16)
@@ -139,7 +158,8 @@ class Absence(_Strict):
         return f"no data for {self.after_s:g} s"
 
 
-Condition = Annotated[Threshold | Rate | Combined | Absence, Field(discriminator="kind")]
+Condition = Annotated[Threshold | Rate | Anomaly | Combined | Absence, Field(discriminator="kind")]
+AnyCondition = Threshold | Rate | Anomaly | Combined | Absence
 CONDITION = TypeAdapter(Condition)
 
 
@@ -167,14 +187,19 @@ class Notify(_Strict):
     )
 
 
-def leaves(condition: Threshold | Rate | Combined | Absence) -> list[Threshold | Rate]:
-    """The threshold and rate parts of a condition (none for absence)."""
+def leaves(condition: AnyCondition) -> list[Threshold | Rate | Anomaly]:
+    """The threshold, rate and anomaly parts of a condition (none for absence)."""
     if isinstance(condition, Combined):
         return list(condition.conditions)
-    return [condition] if isinstance(condition, Threshold | Rate) else []
+    return [condition] if isinstance(condition, Threshold | Rate | Anomaly) else []
 
 
-def metrics_of(condition: Threshold | Rate | Combined | Absence) -> set[str]:
+def scored_metrics(condition: AnyCondition) -> set[str]:
+    """The metrics whose anomaly scores a condition reads."""
+    return {leaf.metric for leaf in leaves(condition) if isinstance(leaf, Anomaly)}
+
+
+def metrics_of(condition: AnyCondition) -> set[str]:
     """The metrics whose readings a condition reads (none for absence)."""
     return {leaf.metric for leaf in leaves(condition)}
 
@@ -187,7 +212,7 @@ class Rule:
     id: str
     name: str
     severity: str
-    condition: Threshold | Rate | Combined | Absence
+    condition: AnyCondition
     scope: Scope
     for_s: float = 0.0
     enabled: bool = True
@@ -205,7 +230,7 @@ class Rule:
         return f"{text} for {self.for_s:g} s" if self.for_s else text
 
 
-def parse_condition(value: Any) -> Threshold | Rate | Combined | Absence:
+def parse_condition(value: Any) -> AnyCondition:
     """A condition from its JSON form (RuleError naming what is wrong)."""
     try:
         return CONDITION.validate_python(value)

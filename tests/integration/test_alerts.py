@@ -4,6 +4,7 @@ in-process path evaluates them), the alarm lifecycle in PostgreSQL, absence on a
 from __future__ import annotations
 
 import mailbox
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -412,3 +413,27 @@ def test_a_dry_run_counts_how_often_a_rule_would_have_fired_on_stored_data(
         # Nothing was stored.
         assert client.get("/api/alerts/alarms", headers=ops).json()["items"] == []
         assert client.get("/api/alerts/rules", headers=ops).json()["items"] == []
+
+
+def test_an_anomaly_rule_raises_on_a_vibration_spike_scored_by_the_bundled_model(
+    in_process: Settings, conn: psycopg.Connection
+) -> None:
+    make_tenant(conn, "acme", ["m1"])
+    conn.execute("UPDATE devices SET device_type = 'motor'")
+    conn.commit()
+    knock = {"name": "Bearing knock (model)", "condition": {"kind": "anomaly", "metric": "vibration", "above": 0.6}}
+    with psycopg.connect(in_process.database_url or "") as app:
+        usecases.create_rule(app, operator_identity(app), "acme", "knock", knock)
+    rng = random.Random(1)
+    calm = [Reading("acme", "m1", "vibration", (i + 1) * 1_000_000, 2.8 + rng.gauss(0, 0.2)) for i in range(60)]
+    spike = Reading("acme", "m1", "vibration", 61_000_000, 11.5)
+    processor = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+    try:
+        assert processor.process(calm) == []
+        (raised,) = processor.process([spike])
+        assert (raised.kind, raised.alarm.rule_id, raised.alarm.last_value) == ("raised", "knock", 11.5)
+        processor.tick()  # writes the inferences counted so far
+    finally:
+        processor.close()
+    usage = conn.execute("SELECT tenant_id, value FROM usage WHERE metric = 'ml_inference'").fetchall()
+    assert usage == [("acme", 61)]  # every scored reading is a metered inference

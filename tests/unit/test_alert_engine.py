@@ -208,3 +208,13 @@ def test_scope_by_ids_type_and_labels() -> None:
     assert not scope.matches("d1", "press", {"site": "south"})
     assert not scope.matches("d1", "pump", {"site": "north"})
     assert Scope(devices=["d1"]).matches("d1", None, {}) and not Scope(devices=["d1"]).matches("d2", None, {})
+
+
+def test_an_anomaly_condition_reads_the_readings_scores() -> None:
+    r = rule({"kind": "anomaly", "metric": "vibration", "above": 0.6, "hysteresis": 0.05})
+    engine = Engine()
+    got = []
+    for i, score in enumerate([0.4, 0.65, 0.58, 0.5, None, 0.7]):
+        got += [f"{t.kind}@{i}" for t in engine.observe([r], Reading("acme", "d1", "vibration", i * S, 1.0), score)]
+    # 0.58 stays up within the hysteresis; an unscored reading does not hold.
+    assert got == ["raise@1", "update@2", "clear@3", "raise@5"]
