@@ -25,6 +25,7 @@ from sensormine.alerts.notify import (
     render_text,
     verify_signature,
 )
+from tests.unit.test_notify import notification as example
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +33,9 @@ SECRET = "whsec-" + uuid.uuid4().hex
 
 
 def notification(alarm_id: str) -> Notification:
-    """press-1 too hot, as one tenant's branded alarm."""
-    return Notification(
-        tenant_id="acme",
-        tenant_name="Acme Plastics",
+    """press-1 too hot (the unit tests' example), as one tenant's branded alarm of now."""
+    return example(
         alarm_id=alarm_id,
-        rule_name="Motor overheating",
-        severity="critical",
-        state="raised",
-        device_id="dev-0001",
-        device_name="press-1",
-        metric="temperature",
-        value=97.2,
-        condition="> 90",
         ts=datetime.now(UTC).replace(microsecond=0),
         link=f"https://sensormine.example/alarms/{alarm_id}",
         branding=Branding("Acme Alerts", color="#e4007c"),
