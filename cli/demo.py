@@ -52,13 +52,20 @@ FIELD_DEVICES = {
     ("acme", "line-plc"): ("modbus", ""),
 }
 # Alarm rules the simulated motors trip now and then: a bearing knock (vibration x4, about once in
-# 8 minutes per motor) and the winding temperature in the high-load part of its 30-minute cycle.
+# 8 minutes per motor), caught by a threshold and by the bundled anomaly model, and the winding
+# temperature in the high-load part of its 30-minute cycle.
 DEMO_RULES: dict[str, dict[str, Any]] = {
     "bearing-knock": {
         "name": "Bearing knock",
         "severity": "major",
         "scope": {"device_type": "motor"},
         "condition": {"kind": "threshold", "metric": "vibration", "op": "gt", "value": 8, "hysteresis": 2},
+    },
+    "vibration-anomaly": {
+        "name": "Vibration anomaly (model)",
+        "severity": "minor",
+        "scope": {"device_type": "motor"},
+        "condition": {"kind": "anomaly", "metric": "vibration", "above": 0.6},
     },
     "motor-hot": {
         "name": "Motor running hot",
