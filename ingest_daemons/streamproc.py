@@ -8,10 +8,10 @@ evaluated (`sensormine.alerts.processor.AlarmProcessor`: the transitions are wri
 transaction), the raised and cleared alarms are published to `{env}.{tenant}.alerts`, and only
 then are the batch's offsets committed to Kafka. A crash therefore replays at most the last batch;
 the alarm store drops what it has already seen (transition ids, last-update times), so a replay
-changes nothing. What a restart loses is in-memory state: the latest values per metric, how long a
-duration condition has held, and the open aggregate windows (those of the moment of a crash are
-published incomplete or not at all; a replayed batch can publish a window again under the same
-key, so consumers keep the last message per key). Open alarms are restored from the store. An alarm event
+changes nothing. On start the evaluator restores the open alarms and replays the recent hot store
+to rebuild its state (`AlarmProcessor.warm_up`). What a restart loses is the open aggregate
+windows: those of the moment of a crash are published incomplete or not at all, and a replayed
+batch can publish a window again under the same key, so consumers keep the last message per key. An alarm event
 whose publication Kafka does not confirm is logged, not retried: the store has the alarm, but the
 topic misses that event (an outbox over `alarm_events` would close this gap). docs/alerts.md.
 """

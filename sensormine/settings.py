@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         10.0, ge=0, description="How late (event time) a reading may still join its window."
     )
     alerts_group: str = Field("sensormine-alerts", description="Consumer group of the stream processor.")
+    alerts_warmup_s: float = Field(
+        900.0,
+        ge=0,
+        description="On start, the alarm evaluator replays this much of the hot store (at least the longest "
+        "rule duration plus a minute) to rebuild its state; 0: start empty.",
+    )
     alerts_tick_s: float = Field(5.0, gt=0, description="How often absence rules are checked.")
     alerts_refresh_s: float = Field(
         2.0, ge=0, description="How often the evaluator checks for changed rules, devices and tenants."

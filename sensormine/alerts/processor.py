@@ -125,6 +125,7 @@ class AlarmProcessor:
         clock: Callable[[], float] = time.time,
         refresh_s: float = 2.0,
         notify: Callable[[list[AlarmChange]], None] | None = None,
+        warmup_s: float = 0.0,
     ) -> None:
         self._connect = connect
         self._conn: psycopg.Connection | None = None
@@ -143,6 +144,42 @@ class AlarmProcessor:
         with self._lock:
             self._refresh(force=True)
             self._restore()
+        if warmup_s > 0:
+            self.warm_up(warmup_s)
+
+    def warm_up(self, warmup_s: float, batch: int = 50_000) -> int:
+        """Rebuild the evaluator's state from the hot store: replay the last `warmup_s` seconds (at least
+        the longest `for_s` plus a minute) of every metric a rule reads; returns the readings replayed.
+
+        The replay goes through the same evaluation and store as live readings, so what was already
+        evaluated changes nothing (transition ids, last-update times), while latest values, hysteresis
+        latches and how long a duration condition has held come back, and an alarm the process missed
+        while it was down is raised now.
+        """
+        rules = list(self.directory.rules.values())
+        metrics = sorted({m for r in rules for m in metrics_of(r.condition)})
+        if not metrics:
+            return 0
+        span = max([warmup_s, *(r.for_s + 60 for r in rules)])
+        since = datetime.fromtimestamp(self.clock() - span, UTC)
+        conn = self._connect()
+        replayed = 0
+        try:
+            with conn.transaction(), conn.cursor(name="alarm-warm-up") as cur:
+                cur.itersize = batch
+                cur.execute(
+                    "SELECT tenant_id, device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint, value "
+                    "FROM telemetry WHERE ts >= %s AND metric = ANY(%s) ORDER BY ts",
+                    (since, metrics),
+                )
+                while rows := cur.fetchmany(batch):
+                    readings = [Reading(*row) for row in rows]
+                    self.process(readings)
+                    replayed += len(readings)
+        finally:
+            conn.close()
+        log.info("alarm state rebuilt from %d readings since %s", replayed, since.isoformat())
+        return replayed
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -292,7 +329,11 @@ def start_processor(settings: Settings, clock: Callable[[], float] = time.time, 
     sms = HttpSmsProvider(settings.sms_url, settings.sms_token or "") if settings.sms_url else None
     dispatcher = Dispatcher(lambda: connect(settings, role=ALERTS), email, sms)
     processor = AlarmProcessor(
-        lambda: connect(settings, role=ALERTS), clock=clock, refresh_s=settings.alerts_refresh_s, notify=dispatcher
+        lambda: connect(settings, role=ALERTS),
+        clock=clock,
+        refresh_s=settings.alerts_refresh_s,
+        notify=dispatcher,
+        warmup_s=settings.alerts_warmup_s,
     )
     if ticks:
         processor.start(settings.alerts_tick_s)

@@ -171,8 +171,11 @@ GRANT SELECT, UPDATE ON alarms TO sensormine_writer;
 GRANT SELECT, INSERT ON alarm_events TO sensormine_writer;
 GRANT USAGE ON SEQUENCE alert_rule_revisions, alarm_events_id_seq TO sensormine_writer;
 
--- The evaluator: every tenant's rules, devices and hierarchy; every tenant's alarms.
+-- The evaluator: every tenant's rules, devices and hierarchy, recent readings; every tenant's alarms.
 GRANT SELECT ON tenants, devices, device_status, alert_rules, alert_channels, escalation_policies TO sensormine_alerts;
+-- The evaluator rebuilds its state after a restart by replaying the recent hot store (never writes it).
+GRANT SELECT ON telemetry TO sensormine_alerts;
+CREATE POLICY telemetry_alerts ON telemetry FOR SELECT TO sensormine_alerts USING (true);
 GRANT SELECT, INSERT, UPDATE ON alarms TO sensormine_alerts;
 GRANT SELECT, INSERT ON alarm_events, alarm_deliveries TO sensormine_alerts;
 GRANT USAGE ON SEQUENCE alarm_events_id_seq, alarm_deliveries_id_seq TO sensormine_alerts;

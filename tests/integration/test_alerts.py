@@ -437,3 +437,28 @@ def test_an_anomaly_rule_raises_on_a_vibration_spike_scored_by_the_bundled_model
         processor.close()
     usage = conn.execute("SELECT tenant_id, value FROM usage WHERE metric = 'ml_inference'").fetchall()
     assert usage == [("acme", 61)]  # every scored reading is a metered inference
+
+
+def test_a_restarted_evaluator_rebuilds_its_state_from_the_hot_store(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    """A duration condition that started holding before a crash still fires at the right reading after it."""
+    held = {**OVERHEAT, "id": "held", "name": "Hot for a minute", "for_s": 60}
+    with psycopg.connect(in_process.database_url or "") as app:
+        usecases.create_rule(app, operator_identity(app), "acme", "held", held)
+    now = datetime_to_us(datetime.now(UTC)) // 1_000_000 * 1_000_000
+    hot = [Reading("acme", "press-1", "temperature", now - (120 - s) * 1_000_000, 95.0) for s in range(0, 50, 5)]
+    HotStoreWriter(conn).write(hot)  # stored (and evaluated) before the crash: hot from -120 s to -75 s
+    conn.commit()
+    later = Reading("acme", "press-1", "temperature", now - 50_000_000, 96.0)  # 70 s after it started
+    cold = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0)
+    try:
+        assert cold.process([later]) == []  # without its history it has held for 0 s
+    finally:
+        cold.close()
+    warm = AlarmProcessor(lambda: connect(in_process, role=ALERTS), refresh_s=0, warmup_s=600)
+    try:
+        (raised,) = warm.process([later])
+        assert (raised.kind, raised.alarm.rule_id, raised.alarm.last_value) == ("raised", "held", 96.0)
+    finally:
+        warm.close()

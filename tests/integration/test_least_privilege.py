@@ -123,9 +123,13 @@ def test_function_roles_reach_only_their_tables(conn: psycopg.Connection, settin
                 auth.execute(f"SELECT count(*) FROM {table}")
     with connect(settings, role=ALERTS, autocommit=True) as alerts:
         assert alerts.execute("SELECT count(*) FROM devices").fetchone() == (1,)  # scopes read the registry
-        for table in ("telemetry", "users", "api_keys", "audit_log", "usage", "dead_letters"):
+        for table in ("users", "api_keys", "audit_log", "usage", "dead_letters"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 alerts.execute(f"SELECT count(*) FROM {table}")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # it replays readings, never writes them
+            alerts.execute(
+                "INSERT INTO telemetry (tenant_id, device_id, metric, ts, value) VALUES ('acme', 'd1', 'm', now(), 1)"
+            )
         with pytest.raises(psycopg.errors.InsufficientPrivilege):  # rules are the API's to change
             alerts.execute("DELETE FROM alert_rules")
 
