@@ -114,6 +114,14 @@ def wait_until(check, timeout: float = 30.0, interval: float = 0.05):
     return check()
 
 
+def wait_for(check, what: str, timeout: float = 30.0):
+    """`wait_until`, failing with what was awaited when `timeout` passes; returns the truthy answer."""
+    answer = wait_until(check, timeout)
+    if not answer:
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return answer
+
+
 def sensor_tick(name: str, instance, cursor: str | None = None):
     """One tick of a sensor of `orchestration.definitions.defs`, evaluated as the daemon's code server does.
 

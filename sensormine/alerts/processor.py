@@ -240,6 +240,9 @@ class AlarmProcessor:
 
         return self._run(evaluate)
 
+    def _device_type(self, tenant_id: str, device_id: str) -> str | None:
+        return self.directory.devices.get((tenant_id, device_id), (None, {}))[0]
+
     def _scores(self, conn: psycopg.Connection, readings: list[Reading]) -> dict[tuple[str, str, str, int], float]:
         """Anomaly scores of the readings an anomaly condition reads (each counted as an ML inference)."""
         if not readings:
@@ -253,11 +256,9 @@ class AlarmProcessor:
             types = sorted({kind for kind, _ in self.directory.devices.values() if kind})
             models = {t: OnnxScorer(rec.onnx) for t, rec in models_for(conn, types).items()}
             if self.scorer is None:
-                devices = self.directory.devices
-                self.scorer = StreamScorer(models, lambda t, d: devices.get((t, d), (None, {}))[0], self.meter)
+                self.scorer = StreamScorer(models, self._device_type, self.meter)
             else:
-                self.scorer.models = models
-            self.scorer.device_type = lambda t, d: self.directory.devices.get((t, d), (None, {}))[0]
+                self.scorer.models = models  # the series' feature state carries over
             self._models_version = self.directory.version
         got = self.scorer.score(readings)
         return {r.key: s for r, s in zip(readings, got, strict=True) if s is not None}

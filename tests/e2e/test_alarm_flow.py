@@ -22,8 +22,8 @@ from sensormine.clients.kafka import ensure_topics
 from sensormine.clients.mqtt import telemetry_topic
 from sensormine.settings import Settings
 from serving.main import create_app
-from tests.factories import drain_topic, make_tenant, mqtt_publish
-from tests.integration.test_alerts import OVERHEAT, Clock, wait_for
+from tests.factories import drain_topic, make_tenant, mqtt_publish, wait_for
+from tests.integration.test_alerts import OVERHEAT, Clock
 from tests.integration.test_notify_channels import Receiver
 from tests.integration.test_notify_channels import receiver as receiver  # the fixture
 

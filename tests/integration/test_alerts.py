@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import psycopg
@@ -31,7 +30,7 @@ from sensormine.reading import Reading, datetime_to_us
 from sensormine.settings import Settings
 from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
-from tests.factories import make_tenant, mqtt_publish
+from tests.factories import make_tenant, mqtt_publish, wait_for
 from tests.integration.test_notify_channels import Receiver
 from tests.integration.test_notify_channels import receiver as receiver  # the fixture
 
@@ -43,16 +42,6 @@ OVERHEAT = {
     "severity": "critical",
     "condition": {"kind": "threshold", "metric": "temperature", "op": "gt", "value": 90, "hysteresis": 5},
 }
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ingest(client: TestClient, key: str, *points: tuple[int, float]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import mailbox
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from sensormine.alerts.notify import (
     render_text,
     verify_signature,
 )
+from tests.factories import wait_for
 from tests.unit.test_notify import notification as example
 
 pytestmark = pytest.mark.integration
@@ -40,18 +40,6 @@ def notification(alarm_id: str) -> Notification:
         link=f"https://sensormine.example/alarms/{alarm_id}",
         branding=Branding("Acme Alerts", color="#e4007c"),
     )
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> object:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 # -- e-mail through the launcher's SMTP service ------------------------------------------------------
@@ -72,7 +60,7 @@ def test_email_arrives_in_the_smtp_services_maildir(services: dict[str, str]) ->
     def ours() -> list[mailbox.MaildirMessage]:
         return [m for m in maildir if m["X-Sensormine-Alarm"] == alarm_id]
 
-    stored = wait_for(ours)
+    stored = wait_for(ours, "the e-mail in the Maildir")
     assert isinstance(stored, list) and len(stored) == 1
     msg = stored[0]
     assert msg["Subject"] == "[CRITICAL] Motor overheating on press-1: temperature 97.2 > 90"

@@ -18,8 +18,7 @@ from sensormine.identity.credentials import operator_identity
 from sensormine.ingest.sinks import KafkaSink
 from sensormine.reading import Reading
 from sensormine.settings import Settings
-from tests.factories import DAY_US, drain_topic, make_tenant
-from tests.integration.test_alerts import wait_for
+from tests.factories import DAY_US, drain_topic, make_tenant, wait_for
 
 pytestmark = pytest.mark.integration
 
