@@ -2,18 +2,24 @@
 
 It reads every tenant's `{env}.{tenant}.telemetry` topic apart from the hot-store consumer (group
 `alerts_group`), so it scales by partitions and never slows storage. Each batch of messages is
-decoded and folded into tumbling windows per device x metric (`sensormine.alerts.windows`; closed
-windows go to `{env}.{tenant}.aggregates`, keyed `{device}/{metric}/{window start}`); it is then
-evaluated (`sensormine.alerts.processor.AlarmProcessor`: the transitions are written in one
-transaction), the raised and cleared alarms are published to `{env}.{tenant}.alerts`, and only
-then are the batch's offsets committed to Kafka. A crash therefore replays at most the last batch;
-the alarm store drops what it has already seen (transition ids, last-update times), so a replay
-changes nothing. On start the evaluator restores the open alarms and replays the recent hot store
-to rebuild its state (`AlarmProcessor.warm_up`). What a restart loses is the open aggregate
-windows: those of the moment of a crash are published incomplete or not at all, and a replayed
-batch can publish a window again under the same key, so consumers keep the last message per key. An alarm event
-whose publication Kafka does not confirm is logged, not retried: the store has the alarm, but the
-topic misses that event (an outbox over `alarm_events` would close this gap). docs/alerts.md.
+decoded and folded into tumbling or sliding windows per device x metric (`sensormine.alerts.windows`;
+closed windows go to `{env}.{tenant}.aggregates`, keyed by the window's id, with the device's name,
+type and labels); it is then evaluated (`sensormine.alerts.processor.AlarmProcessor`: the
+transitions are written in one transaction), the raised and cleared alarms are published to
+`{env}.{tenant}.alerts`, and only then are the batch's offsets committed to Kafka. A crash
+therefore replays at most the last batch; the alarm store drops what it has already seen
+(transition ids, last-update times) and the windows what they already hold, so a replay changes
+nothing.
+
+State is rebuilt from the hot store, per partition, whenever partitions are assigned (on start and
+in a rebalance; `StreamProcessor.rebuild`): the open alarms are restored, the recent readings of the
+partitions' devices replayed into the evaluator and the windows. A revoked partition's open windows
+are dropped for its new owner to rebuild; open windows are not published at shutdown either. The
+rebuild first waits for the hot store to hold what this group has handled; it then neither loses
+nor repeats a window (`sensormine.alerts.windows`). An alarm event whose publication Kafka does not
+confirm is logged, not retried: the store has the alarm, but the topic misses that event (an outbox
+over `alarm_events` would close this gap).
+docs/alerts.md and docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -22,21 +28,26 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from ingest_daemons.runner import stop_on_signals
-from sensormine.alerts.processor import AlarmProcessor, start_processor
+from sensormine.alerts.processor import AlarmProcessor, recent_readings, start_processor
 from sensormine.alerts.store import AlarmChange
-from sensormine.alerts.windows import TumblingWindows, WindowAggregate
-from sensormine.clients.kafka import ensure_topics, make_consumer, make_producer
-from sensormine.clients.postgres import migrate_database
+from sensormine.alerts.windows import WindowAggregate, Windows
+from sensormine.clients.hotstore import stored_offsets
+from sensormine.clients.kafka import ensure_topics, make_consumer, make_producer, partition_of
+from sensormine.clients.postgres import ALERTS, connect, migrate_database
 from sensormine.reading import Reading
 from sensormine.settings import Settings, get_settings
 from sensormine.telemetry.payload import PayloadError, decode_envelope
 
 log = logging.getLogger("sensormine.alerts.streamproc")
+
+REBUILD_WAIT_S = 60.0  # how long a rebuild waits for the hot store to catch up with this group
 
 
 @dataclass
@@ -52,11 +63,10 @@ class StreamStats:
     aggregates: int = 0
 
 
-def alarm_event(change: AlarmChange, device: tuple[str | None, dict] | None = None) -> bytes:
+def alarm_event(change: AlarmChange, device: dict[str, Any] | None = None) -> bytes:
     """The `{env}.{tenant}.alerts` message of one alarm change (key: the alarm id), with the device's
-    type and labels from the registry (`device`: (device_type, metadata))."""
+    name, type and labels from the registry (`device`: `Directory.describe`)."""
     a = change.alarm
-    kind, labels = device or (None, {})
     at = a.cleared_at if change.kind == "cleared" and a.cleared_at is not None else a.raised_at
     return orjson.dumps(
         {
@@ -65,8 +75,7 @@ def alarm_event(change: AlarmChange, device: tuple[str | None, dict] | None = No
             "alarm_id": a.id,
             "tenant_id": a.tenant_id,
             "device_id": a.device_id,
-            "device_type": kind,
-            "labels": labels,
+            **(device or {"device_name": None, "device_type": None, "labels": {}}),
             "rule_tenant_id": a.rule_tenant_id,
             "rule_id": a.rule_id,
             "rule_name": a.rule_name,
@@ -87,13 +96,96 @@ class StreamProcessor:
     def __init__(self, settings: Settings | None = None, processor: AlarmProcessor | None = None) -> None:
         self.settings = settings or get_settings()
         migrate_database(self.settings)
-        self.processor = processor or start_processor(self.settings)
+        self.processor = processor or start_processor(self.settings, warm_up=False)
         self.consumer = make_consumer(self.settings.alerts_group, self.settings)
         self.producer: Producer = make_producer(self.settings, **{"linger.ms": 5})
         self.stats = StreamStats()
-        self.windows = TumblingWindows(self.settings.aggregate_window_s, self.settings.aggregate_grace_s)
+        self.windows = Windows(
+            self.settings.aggregate_window_s, self.settings.aggregate_grace_s, self.settings.aggregate_slide_s
+        )
         self.assigned = threading.Event()
         self._topics: set[str] = set()
+        self._owned: set[tuple[str, int]] = set()  # (topic, partition) assigned to this member
+        self._unbuilt: set[tuple[str, int]] = set()  # assigned, state not yet rebuilt from the hot store
+        self._partitions: dict[str, int] = {}  # topic -> partition count
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        got = {(tp.topic, tp.partition) for tp in partitions}
+        self._unbuilt |= got - self._owned
+        self._owned |= got
+        self.assigned.set()
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Offsets are committed after every batch, so nothing handled is left uncommitted here.
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        self._owned -= lost
+        self._unbuilt -= lost
+        dropped = self.windows.forget(lambda series: self._home(series[0], series[1]) in lost)
+        log.info("partitions revoked: %s; %d series' open windows left to their new owner", sorted(lost), dropped)
+
+    def _home(self, tenant_id: str, device_id: str) -> tuple[str, int]:
+        """The (topic, partition) a device's readings travel on (the sinks key them by device id)."""
+        topic = self.settings.telemetry_topic(tenant_id)
+        count = self._partitions.get(topic)
+        if count is None:
+            count = self._partitions[topic] = len(self.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        return topic, partition_of(device_id.encode(), count)
+
+    def _await_hot_store(self, parts: set[tuple[str, int]], timeout_s: float = REBUILD_WAIT_S) -> bool:
+        """Wait until the hot store holds every message this group has handled on `parts` (the hot-store
+        consumer's stored offsets at or past this group's committed ones), so the replay is whole."""
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in self.consumer.committed([TopicPartition(t, p) for t, p in sorted(parts)], timeout=10)
+            if tp.offset >= 0
+        }
+        deadline = time.monotonic() + timeout_s
+        with connect(self.settings, role=ALERTS) as conn:
+            while True:
+                stored = stored_offsets(conn, self.settings.consumer_group)
+                conn.commit()
+                behind = {k: o for k, o in committed.items() if stored.get(k, 0) < o}
+                if not behind:
+                    return True
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "the hot store is behind this group's offsets on %s after %.0f s (is the hot-store "
+                        "consumer running?); rebuilding from what it has: windows of those partitions may be "
+                        "published again, incomplete",
+                        sorted(behind),
+                        timeout_s,
+                    )
+                    return False
+                time.sleep(0.2)
+
+    def rebuild(self) -> int:
+        """Rebuild the state of newly assigned partitions from the hot store (on start, and when a
+        rebalance brings partitions): their devices' readings since the warm-up span go through the
+        evaluator (`AlarmProcessor.warm_up`'s semantics: latches, durations and latest values come
+        back, nothing stored changes twice) and into the windows from a window boundary on, so the
+        open windows are whole again. Kafka then redelivers from the committed offsets; what the
+        replay already covered is recognised (late for the evaluator, duplicates for the windows).
+        Returns the readings replayed."""
+        parts, self._unbuilt = self._unbuilt, set()
+        if not parts or self.settings.alerts_warmup_s <= 0:
+            return 0
+        prefix, suffix = f"{self.settings.env}.", ".telemetry"
+        tenants = sorted({t[len(prefix) : -len(suffix)] for t, _ in parts})
+        width = self.windows.width_us
+        since_us = int(self.processor.replay_since(self.settings.alerts_warmup_s) * 1_000_000)
+        since_us -= since_us % width
+        replayed = 0
+        self._await_hot_store(parts)
+        since = datetime.fromtimestamp(since_us / 1_000_000, UTC)
+        for batch in recent_readings(lambda: connect(self.settings, role=ALERTS), since, tenants=tenants):
+            mine = [r for r in batch if self._home(r.tenant_id, r.device_id) in parts]
+            self.windows.add(mine, floor_us=since_us, replay=True)
+            if mine:
+                self._publish(self.processor.process(mine))
+            replayed += len(mine)
+        self.producer.flush(30)
+        log.info("state of %d partition(s) rebuilt from %d readings of the hot store", len(parts), replayed)
+        return replayed
 
     def _ensure(self, topics: set[str]) -> None:
         new = topics - self._topics
@@ -111,15 +203,20 @@ class StreamProcessor:
             else:
                 self.stats.aggregates += 1
 
+        describe = self.processor.directory.describe
         for a in aggregates:
             self.producer.produce(
                 self.settings.aggregates_topic(a.tenant_id),
-                orjson.dumps(a.as_json()),
-                key=f"{a.device_id}/{a.metric}/{a.start_us}",
+                orjson.dumps({**a.as_json(), **describe(a.tenant_id, a.device_id)}),
+                key=a.id,
                 on_delivery=delivered,
             )
 
     def _publish(self, changes: list[AlarmChange]) -> None:
+        if not changes:
+            return
+        self.stats.raised += sum(c.kind == "raised" for c in changes)
+        self.stats.cleared += sum(c.kind == "cleared" for c in changes)
         self._ensure({self.settings.alerts_topic(c.alarm.tenant_id) for c in changes})
         failed: list[KafkaError] = []
 
@@ -130,7 +227,7 @@ class StreamProcessor:
         for c in changes:
             self.producer.produce(
                 self.settings.alerts_topic(c.alarm.tenant_id),
-                alarm_event(c, self.processor.directory.devices.get((c.alarm.tenant_id, c.alarm.device_id))),
+                alarm_event(c, self.processor.directory.describe(c.alarm.tenant_id, c.alarm.device_id)),
                 key=c.alarm.id,
                 on_delivery=delivered,
             )
@@ -160,8 +257,6 @@ class StreamProcessor:
             self._publish_aggregates(closed)
         changes = self.processor.process(readings) if readings else []
         if changes:
-            self.stats.raised += sum(c.kind == "raised" for c in changes)
-            self.stats.cleared += sum(c.kind == "cleared" for c in changes)
             self._publish(changes)
         elif closed:
             self.producer.flush(30)
@@ -176,10 +271,14 @@ class StreamProcessor:
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> StreamStats:
         """Consume until `stop` (or, with `idle_exit_s`, until no message came for that long)."""
-        self.consumer.subscribe([self.settings.telemetry_topic_pattern], on_assign=lambda c, p: self.assigned.set())
+        self.consumer.subscribe(
+            [self.settings.telemetry_topic_pattern], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         last = time.monotonic()
         while not stop.is_set():
             got = self.consumer.consume(num_messages=5_000, timeout=0.2)
+            if self._unbuilt:
+                self.rebuild()
             if got:
                 last = time.monotonic()
                 self.process(got)
@@ -188,10 +287,8 @@ class StreamProcessor:
         return self.stats
 
     def close(self) -> None:
-        """Publish the windows still open, leave the group, stop the processor (ticks, notifications)."""
-        last = self.windows.flush()
-        if last:
-            self._publish_aggregates(last)
+        """Leave the group and stop the processor (ticks, notifications). Open windows are not published:
+        whoever owns their partitions next rebuilds them from the hot store and closes them whole."""
         self.consumer.close()
         self.producer.flush(30)
         self.processor.close()

@@ -119,7 +119,12 @@ class Settings(BaseSettings):
     )
     sms_url: str | None = Field(None, description="HTTP SMS provider endpoint (POST {to, text} with a bearer token).")
     sms_token: str | None = Field(None, description="Bearer token of the SMS provider.")
-    aggregate_window_s: float = Field(60.0, gt=0, description="Tumbling window of the stream's aggregates topic.")
+    aggregate_window_s: float = Field(60.0, gt=0, description="Window width of the stream's aggregates topic.")
+    aggregate_slide_s: float | None = Field(
+        None,
+        gt=0,
+        description="How often a window starts (it must divide the width): sliding windows; unset: tumbling.",
+    )
     aggregate_grace_s: float = Field(
         10.0, ge=0, description="How late (event time) a reading may still join its window."
     )

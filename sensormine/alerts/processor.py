@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ class Directory:
     def __init__(self) -> None:
         self.version: tuple[Any, ...] | None = None
         self.devices: dict[tuple[str, str], tuple[str | None, dict[str, Any]]] = {}
+        self.names: dict[tuple[str, str], str] = {}
         self.by_tenant: dict[str, list[Rule]] = {}
         self.rules: dict[tuple[str, str], Rule] = {}
         self.policies: dict[tuple[str, str], Policy] = {}
@@ -74,10 +75,9 @@ class Directory:
         self.policies = {(p.tenant_id, p.id): p for p in list_policies(conn)}
         self.rules = {(r.tenant_id, r.id): r for r in rules}
         self.by_tenant = applicable(rules, ancestry)
-        self.devices = {
-            (t, d): (kind, meta or {})
-            for t, d, kind, meta in conn.execute("SELECT tenant_id, id, device_type, metadata FROM devices").fetchall()
-        }
+        rows = conn.execute("SELECT tenant_id, id, device_type, metadata, name FROM devices").fetchall()
+        self.devices = {(t, d): (kind, meta or {}) for t, d, kind, meta, _ in rows}
+        self.names = {(t, d): name for t, d, _, _, name in rows}
         self._cache = {}
         self._by_metric = {}
         self.version = version
@@ -105,6 +105,11 @@ class Directory:
                     index.setdefault(m, []).append(r)
             self._by_metric[(tenant_id, device_id)] = index
         return index.get(metric, [])
+
+    def describe(self, tenant_id: str, device_id: str) -> dict[str, Any]:
+        """What the registry says of a device, for enriching alarm events and aggregates."""
+        kind, labels = self.devices.get((tenant_id, device_id), (None, {}))
+        return {"device_name": self.names.get((tenant_id, device_id)), "device_type": kind, "labels": labels}
 
     def absence_targets(self) -> list[tuple[Rule, str, str]]:
         """(rule, tenant, device) for every registered device an absence rule watches."""
@@ -147,6 +152,11 @@ class AlarmProcessor:
         if warmup_s > 0:
             self.warm_up(warmup_s)
 
+    def replay_since(self, warmup_s: float) -> float:
+        """From when (epoch seconds) a warm-up of `warmup_s` replays: at least the longest `for_s` plus
+        a minute before now."""
+        return self.clock() - max([warmup_s, *(r.for_s + 60 for r in self.directory.rules.values())])
+
     def warm_up(self, warmup_s: float, batch: int = 50_000) -> int:
         """Rebuild the evaluator's state from the hot store: replay the last `warmup_s` seconds (at least
         the longest `for_s` plus a minute) of every metric a rule reads; returns the readings replayed.
@@ -156,28 +166,14 @@ class AlarmProcessor:
         latches and how long a duration condition has held come back, and an alarm the process missed
         while it was down is raised now.
         """
-        rules = list(self.directory.rules.values())
-        metrics = sorted({m for r in rules for m in metrics_of(r.condition)})
+        metrics = sorted({m for r in self.directory.rules.values() for m in metrics_of(r.condition)})
         if not metrics:
             return 0
-        span = max([warmup_s, *(r.for_s + 60 for r in rules)])
-        since = datetime.fromtimestamp(self.clock() - span, UTC)
-        conn = self._connect()
+        since = datetime.fromtimestamp(self.replay_since(warmup_s), UTC)
         replayed = 0
-        try:
-            with conn.transaction(), conn.cursor(name="alarm-warm-up") as cur:
-                cur.itersize = batch
-                cur.execute(
-                    "SELECT tenant_id, device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint, value "
-                    "FROM telemetry WHERE ts >= %s AND metric = ANY(%s) ORDER BY ts",
-                    (since, metrics),
-                )
-                while rows := cur.fetchmany(batch):
-                    readings = [Reading(*row) for row in rows]
-                    self.process(readings)
-                    replayed += len(readings)
-        finally:
-            conn.close()
+        for readings in recent_readings(self._connect, since, metrics=metrics, batch=batch):
+            self.process(readings)
+            replayed += len(readings)
         log.info("alarm state rebuilt from %d readings since %s", replayed, since.isoformat())
         return replayed
 
@@ -320,10 +316,43 @@ class AlarmProcessor:
             close_notify()
 
 
-def start_processor(settings: Settings, clock: Callable[[], float] = time.time, ticks: bool = True) -> AlarmProcessor:
+def recent_readings(
+    connect: Callable[[], psycopg.Connection],
+    since: datetime,
+    metrics: Sequence[str] | None = None,
+    tenants: Sequence[str] | None = None,
+    batch: int = 50_000,
+) -> Iterator[list[Reading]]:
+    """The hot store's readings from `since` (of these metrics, of these tenants; None: all), in
+    event-time order, in batches, through a server-side cursor on a connection of its own."""
+    where: list[str] = ["ts >= %s"]
+    params: list[Any] = [since]
+    for column, values in (("metric", metrics), ("tenant_id", tenants)):
+        if values is not None:
+            where.append(f"{column} = ANY(%s)")
+            params.append(list(values))
+    conn = connect()
+    try:
+        with conn.transaction(), conn.cursor(name="alarm-warm-up") as cur:
+            cur.itersize = batch
+            cur.execute(
+                "SELECT tenant_id, device_id, metric, (extract(epoch FROM ts) * 1000000)::bigint, value "
+                f"FROM telemetry WHERE {' AND '.join(where)} ORDER BY ts",
+                params,
+            )
+            while rows := cur.fetchmany(batch):
+                yield [Reading(*row) for row in rows]
+    finally:
+        conn.close()
+
+
+def start_processor(
+    settings: Settings, clock: Callable[[], float] = time.time, ticks: bool = True, warm_up: bool = True
+) -> AlarmProcessor:
     """The processor of a process's write path: its own connection as sensormine_alerts, e-mail through
     SENSORMINE_SMTP_URL, SMS through SENSORMINE_SMS_URL, ticks (absence, escalation) every `alerts_tick_s`
-    (`ticks=False`: the caller ticks)."""
+    (`ticks=False`: the caller ticks), its state rebuilt from the last `alerts_warmup_s` of the hot store
+    (`warm_up=False`: the caller rebuilds it, as the stream processor does per assigned partition)."""
     from sensormine.clients.postgres import ALERTS, connect
 
     email = EmailChannel(settings.smtp_url, settings.smtp_from) if settings.smtp_url else None
@@ -334,7 +363,7 @@ def start_processor(settings: Settings, clock: Callable[[], float] = time.time, 
         clock=clock,
         refresh_s=settings.alerts_refresh_s,
         notify=dispatcher,
-        warmup_s=settings.alerts_warmup_s,
+        warmup_s=settings.alerts_warmup_s if warm_up else 0.0,
     )
     if ticks:
         processor.start(settings.alerts_tick_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -36,6 +37,12 @@ def make_producer(settings: Settings | None = None, **overrides: Any) -> Produce
     }
     conf.update(overrides)
     return Producer(conf)
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition librdkafka's default partitioner (`consistent_random`) gives a keyed message:
+    the key's CRC-32 modulo the partition count."""
+    return zlib.crc32(key) % partitions
 
 
 def make_consumer(group_id: str, settings: Settings | None = None, **overrides: Any) -> Consumer:
