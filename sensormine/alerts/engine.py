@@ -55,6 +55,7 @@ class _State:
     scores: dict[str, float] = field(default_factory=dict)  # the latest reading's anomaly score per metric
     holding_since: int | None = None
     active: bool = False
+    raised_at: int | None = None  # a restored alarm's raise (event time): older readings cannot clear it
     revision: int = 0
 
 
@@ -76,11 +77,17 @@ class Engine:
             self._states[key] = state
         return state
 
-    def restore(self, rule: Rule, tenant_id: str, device_id: str) -> None:
-        """An alarm of this rule and device is open in the store (after a restart): its condition held."""
+    def restore(self, rule: Rule, tenant_id: str, device_id: str, raised_us: int | None = None) -> None:
+        """An alarm of this rule and device is open in the store (after a restart): its condition held.
+
+        `raised_us`: when it was raised. Readings up to then (a replay of the hot store rebuilding
+        the state) update the latest values but decide nothing: the alarm was not up yet then, and it
+        was raised after them.
+        """
         state = self._state(rule, tenant_id, device_id)
         state.active = True
         state.latched = [True] * len(state.latched)
+        state.raised_at = raised_us
 
     def is_active(self, rule: Rule, tenant_id: str, device_id: str) -> bool:
         """Whether the engine holds this rule's alarm for the device as up."""
@@ -120,6 +127,10 @@ class Engine:
             state.scores.pop(r.metric, None)
         else:
             state.scores[r.metric] = score
+        if state.raised_at is not None:
+            if state.active and r.ts <= state.raised_at:
+                return None  # up to the restored alarm's raise: its latches stay as they were then
+            state.raised_at = None
         holds = self._holds(cond, state)
         if not holds:
             state.holding_since = None

@@ -25,7 +25,14 @@ from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
 from sensormine.alerts.notify import EmailChannel, HttpSmsProvider
 from sensormine.alerts.rules import Absence, Rule, applicable, metrics_of, scored_metrics
-from sensormine.alerts.store import AlarmChange, apply_transitions, due_escalations, list_rules, open_alarms
+from sensormine.alerts.store import (
+    AlarmChange,
+    apply_transitions,
+    due_escalations,
+    list_rules,
+    open_alarm_times,
+    open_alarms,
+)
 from sensormine.anomaly.metering import InferenceMeter
 from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
 from sensormine.reading import Reading
@@ -193,11 +200,11 @@ class AlarmProcessor:
     def _restore(self) -> None:
         conn = self._db()
         with conn.transaction():
-            keys = open_alarms(conn)
-        for rule_tenant, rule_id, tenant, device in keys:
+            raised = open_alarm_times(conn)
+        for (rule_tenant, rule_id, tenant, device), raised_us in raised.items():
             rule = self.directory.rules.get((rule_tenant, rule_id))
             if rule is not None:
-                self.engine.restore(rule, tenant, device)
+                self.engine.restore(rule, tenant, device, raised_us)
 
     def _run(
         self, evaluate: Callable[[psycopg.Connection], tuple[list[Transition], list[AlarmChange]]]

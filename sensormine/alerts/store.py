@@ -316,6 +316,15 @@ def open_alarms(conn: psycopg.Connection) -> list[tuple[str, str, str, str]]:
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
+def open_alarm_times(conn: psycopg.Connection) -> dict[tuple[str, str, str, str], int]:
+    """`open_alarms` with when each was raised (event time, µs)."""
+    rows = conn.execute(
+        "SELECT rule_tenant_id, rule_id, tenant_id, device_id, (extract(epoch FROM raised_at) * 1000000)::bigint "
+        "FROM alarms WHERE status = 'active' OR latched"
+    ).fetchall()
+    return {(a, b, c, d): ts for a, b, c, d, ts in rows}
+
+
 def get_alarm(conn: psycopg.Connection, tenant_id: str, alarm_id: str) -> Alarm:
     """One alarm (UnknownAlarm)."""
     try:

@@ -143,6 +143,19 @@ def test_a_restored_alarm_updates_and_clears_instead_of_raising_again() -> None:
     assert kinds == ["update", "clear"]  # 88 is inside the hysteresis band of a raised alarm
 
 
+def test_readings_replayed_from_before_a_restored_alarm_was_raised_do_not_clear_it() -> None:
+    r = rule({"kind": "any", "conditions": [{"kind": "threshold", "metric": "p", "op": "gt", "value": 8}]})
+    engine = Engine()
+    engine.restore(r, "acme", "d1", raised_us=15 * S)
+    replayed = [("p", 10, 5.0), ("p", 15, 9.0), ("p", 16, 9.5), ("p", 17, 4.0)]
+    kinds = [
+        f"{t.kind}@{t.ts_us // S}"
+        for metric, sec, v in replayed
+        for t in engine.observe([r], Reading("acme", "d1", metric, sec * S, v))
+    ]
+    assert kinds == ["update@16", "clear@17"]  # 10 s is before the raise, 15 s is the raise itself
+
+
 def test_the_same_reading_evaluated_again_has_the_same_event_id() -> None:
     r = rule({"kind": "threshold", "metric": "t", "op": "gt", "value": 90})
     a = Engine().observe([r], Reading("acme", "d1", "t", 7 * S, 95.0))
