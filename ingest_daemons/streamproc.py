@@ -120,16 +120,18 @@ class StreamProcessor:
         lost = {(tp.topic, tp.partition) for tp in partitions}
         self._owned -= lost
         self._unbuilt -= lost
-        dropped = self.windows.forget(lambda series: self._home(series[0], series[1]) in lost)
+        # No metadata request inside a rebalance callback: partition counts come from the cache that
+        # `rebuild` filled; a topic not in it had nothing handled yet.
+        dropped = self.windows.forget(
+            lambda series: self.settings.telemetry_topic(series[0]) in self._partitions
+            and self._home(series[0], series[1]) in lost
+        )
         log.info("partitions revoked: %s; %d series' open windows left to their new owner", sorted(lost), dropped)
 
     def _home(self, tenant_id: str, device_id: str) -> tuple[str, int]:
         """The (topic, partition) a device's readings travel on (the sinks key them by device id)."""
         topic = self.settings.telemetry_topic(tenant_id)
-        count = self._partitions.get(topic)
-        if count is None:
-            count = self._partitions[topic] = len(self.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        return topic, partition_of(device_id.encode(), count)
+        return topic, partition_of(device_id.encode(), self._partitions[topic])
 
     def _await_hot_store(self, parts: set[tuple[str, int]], timeout_s: float = REBUILD_WAIT_S) -> bool:
         """Wait until the hot store holds every message this group has handled on `parts` (the hot-store
@@ -167,6 +169,8 @@ class StreamProcessor:
         replay already covered is recognised (late for the evaluator, duplicates for the windows).
         Returns the readings replayed."""
         parts, self._unbuilt = self._unbuilt, set()
+        for topic in {t for t, _ in parts} - set(self._partitions):
+            self._partitions[topic] = len(self.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         if not parts or self.settings.alerts_warmup_s <= 0:
             return 0
         prefix, suffix = f"{self.settings.env}.", ".telemetry"

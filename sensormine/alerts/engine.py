@@ -56,6 +56,7 @@ class _State:
     holding_since: int | None = None
     active: bool = False
     raised_at: int | None = None  # a restored alarm's raise (event time): older readings cannot clear it
+    instant: list[tuple[int, str, float]] = field(default_factory=list)  # (ts, metric, value) taken, undecided
     revision: int = 0
 
 
@@ -64,6 +65,7 @@ class Engine:
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, str, str, str], _State] = {}
+        self._pending: dict[tuple[str, str, str, str], tuple[Rule, _State]] = {}  # instants to decide
         self.late = 0  # readings ignored as out of order
 
     def _state(self, rule: Rule, tenant_id: str, device_id: str) -> _State:
@@ -100,11 +102,28 @@ class Engine:
         `score`: the reading's anomaly score, for anomaly conditions (None: not scored; such a
         condition then does not hold).
         """
+        return self.observe_many([(reading, rules, score)])
+
+    def observe_many(self, items: Iterable[tuple[Reading, Sequence[Rule], float | None]]) -> list[Transition]:
+        """Transitions caused by readings (each with the rules that apply to its device and its score).
+
+        A condition over several metrics is decided once per instant: the readings of one device at
+        one time (an envelope's metrics) are all taken before it is evaluated, so their order does not
+        matter. An instant is complete when a later reading of the device comes, or at the end of the
+        call; readings of one instant split over two calls are decided twice (once per part).
+        """
         out: list[Transition] = []
-        for rule in rules:
-            t = self._observe_one(rule, reading, score)
-            if t is not None:
-                out.append(t)
+        for reading, rules, score in items:
+            for rule in rules:
+                t = self._observe_one(rule, reading, score)
+                if t is not None:
+                    out.append(t)
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            for key, (rule, state) in pending.items():
+                t = self._decide(rule, state, key[2], key[3])
+                if t is not None:
+                    out.append(t)
         return out
 
     def _observe_one(self, rule: Rule, r: Reading, score: float | None = None) -> Transition | None:
@@ -120,6 +139,10 @@ class Engine:
         if seen is not None and r.ts <= seen[0]:
             self.late += 1
             return None
+        decided = None
+        instant = isinstance(cond, Combined) and len({leaf.metric for leaf in cond.conditions}) > 1
+        if instant and state.instant and state.instant[0][0] < r.ts:
+            decided = self._decide(rule, state, r.tenant_id, r.device_id)  # the device's previous instant
         if seen is not None:
             state.prev[r.metric] = seen
         state.last[r.metric] = (r.ts, r.value)
@@ -127,24 +150,41 @@ class Engine:
             state.scores.pop(r.metric, None)
         else:
             state.scores[r.metric] = score
+        state.instant.append((r.ts, r.metric, r.value))
+        if instant:
+            self._pending[(rule.tenant_id, rule.id, r.tenant_id, r.device_id)] = (rule, state)
+            return decided
+        return self._decide(rule, state, r.tenant_id, r.device_id)
+
+    def _decide(self, rule: Rule, state: _State, tenant_id: str, device_id: str) -> Transition | None:
+        """Evaluate the condition at the instant taken in (`state.instant`, then emptied)."""
+        instant, state.instant = state.instant, []
+        ts = instant[0][0]
         if state.raised_at is not None:
-            if state.active and r.ts <= state.raised_at:
+            if state.active and ts <= state.raised_at:
                 return None  # up to the restored alarm's raise: its latches stay as they were then
             state.raised_at = None
+        cond = rule.condition
+        assert not isinstance(cond, Absence)
         holds = self._holds(cond, state)
+        # The reading the transition names: the instant's first whose part holds (the last one read when none does).
+        _, metric, value = instant[-1]
+        if holds and len(instant) > 1:
+            held = {leaf.metric for leaf, up in zip(leaves(cond), state.latched, strict=True) if up}
+            _, metric, value = next((x for x in instant if x[1] in held), instant[-1])
         if not holds:
             state.holding_since = None
             if state.active:
                 state.active = False
-                return Transition("clear", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
+                return Transition("clear", rule, tenant_id, device_id, ts, metric, value)
             return None
         if state.holding_since is None:
-            state.holding_since = r.ts
+            state.holding_since = ts
         if state.active:
-            return Transition("update", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
-        if r.ts - state.holding_since >= int(rule.for_s * 1_000_000):
+            return Transition("update", rule, tenant_id, device_id, ts, metric, value)
+        if ts - state.holding_since >= int(rule.for_s * 1_000_000):
             state.active = True
-            return Transition("raise", rule, r.tenant_id, r.device_id, r.ts, r.metric, r.value)
+            return Transition("raise", rule, tenant_id, device_id, ts, metric, value)
         return None
 
     @staticmethod
@@ -209,10 +249,7 @@ def replay(rule: Rule, readings: Iterable[Reading]) -> list[Transition]:
     cond = rule.condition
     out: list[Transition] = []
     if not isinstance(cond, Absence):
-        engine = Engine()
-        for r in readings:
-            out += engine.observe([rule], r)
-        return out
+        return Engine().observe_many((r, (rule,), None) for r in readings)
     last: dict[tuple[str, str], int] = {}
     gap_us = int(cond.after_s * 1_000_000)
     for r in readings:

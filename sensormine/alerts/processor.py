@@ -233,12 +233,9 @@ class AlarmProcessor:
         """Evaluate written readings; the alarms raised or cleared."""
 
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
-            out: list[Transition] = []
             watched = [(r, self.directory.rules_reading(r.tenant_id, r.device_id, r.metric)) for r in readings]
             scores = self._scores(conn, [r for r, rules in watched if any(r.metric in _scored(x) for x in rules)])
-            for r, rules in watched:
-                if rules:
-                    out += self.engine.observe(rules, r, scores.get(r.key))
+            out = self.engine.observe_many((r, rules, scores.get(r.key)) for r, rules in watched if rules)
             return out, []
 
         return self._run(evaluate)
@@ -331,7 +328,8 @@ def recent_readings(
     batch: int = 50_000,
 ) -> Iterator[list[Reading]]:
     """The hot store's readings from `since` (of these metrics, of these tenants; None: all), in
-    event-time order, in batches, through a server-side cursor on a connection of its own."""
+    event-time order, in batches that never split one time's readings, through a server-side cursor
+    on a connection of its own."""
     where: list[str] = ["ts >= %s"]
     params: list[Any] = [since]
     for column, values in (("metric", metrics), ("tenant_id", tenants)):
@@ -347,8 +345,19 @@ def recent_readings(
                 f"FROM telemetry WHERE {' AND '.join(where)} ORDER BY ts",
                 params,
             )
+            held: list[Reading] = []
             while rows := cur.fetchmany(batch):
-                yield [Reading(*row) for row in rows]
+                readings = held + [Reading(*row) for row in rows]
+                # The readings of the newest time wait for the next batch: an instant (a device's metrics
+                # at one time) is never split, so a condition over several metrics is decided on all of it.
+                cut = len(readings)
+                while cut > 0 and readings[cut - 1].ts == readings[-1].ts:
+                    cut -= 1
+                held = readings[cut:]
+                if cut:
+                    yield readings[:cut]
+            if held:
+                yield held
     finally:
         conn.close()
 

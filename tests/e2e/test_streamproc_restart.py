@@ -1,6 +1,7 @@
 """SIGKILL the stream processor (`sensormine ingest alerts`, a real process) mid-window, while a duration
-condition is holding, and restart it: the same alarms, alarm events and window aggregates as an
-uninterrupted run of the same rules over the same readings, none lost, none doubled."""
+condition is holding, and restart it; or let a second member join the group there, so partitions
+move: either way the same alarms, alarm events and window aggregates as an uninterrupted run of the
+same rules over the same readings, none lost, none doubled."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from ingest_daemons.streamproc import StreamProcessor
 from sensormine.alerts import usecases
 from sensormine.alerts.engine import replay
 from sensormine.alerts.store import list_rules
@@ -97,9 +102,9 @@ def start_stream_processor(settings: Settings, log: Path) -> subprocess.Popen:
         "SENSORMINE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
         "SENSORMINE_ALERTS_GROUP": settings.alerts_group,
         "SENSORMINE_CONSUMER_GROUP": settings.consumer_group,  # whose stored offsets the rebuild waits for
-        "SENSORMINE_AGGREGATE_WINDOW_S": "5",
-        "SENSORMINE_AGGREGATE_GRACE_S": "0",
-        "SENSORMINE_ALERTS_REFRESH_S": "0",
+        "SENSORMINE_AGGREGATE_WINDOW_S": str(settings.aggregate_window_s),
+        "SENSORMINE_AGGREGATE_GRACE_S": str(settings.aggregate_grace_s),
+        "SENSORMINE_ALERTS_REFRESH_S": str(settings.alerts_refresh_s),
     }
     env.pop("SENSORMINE_SMTP_URL", None)
     cli = Path(sys.executable).with_name("sensormine")
@@ -141,45 +146,75 @@ def expected_alarms(conn: psycopg.Connection, readings: list[Reading]) -> list[t
     return sorted(out)
 
 
-def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_windows(
-    settings: Settings, conn: psycopg.Connection, tmp_path: Path
-) -> None:
+@dataclass
+class Scenario:
+    settings: Settings
+    first: list[list[Reading]]  # the envelopes published before the disruption
+    second: list[list[Reading]]  # and after it
+
+    @property
+    def total(self) -> int:
+        return len(self.first) + len(self.second)
+
+
+@pytest.fixture
+def scenario(settings: Settings, conn: psycopg.Connection, tmp_path: Path) -> Iterator[Scenario]:
+    """The tenant, its rules, its topic, the readings; the hot-store consumer running (the rebuild reads
+    the hot store)."""
     if not settings.kafka_bootstrap:
         pytest.skip("needs Kafka (sensormine services up)")
-    settings = settings.model_copy(update={"alerts_group": f"{settings.env}-alerts"})
+    settings = settings.model_copy(
+        update={
+            "alerts_group": f"{settings.env}-alerts",
+            "aggregate_window_s": 5.0,
+            "aggregate_grace_s": 0.0,
+            "alerts_refresh_s": 0.0,
+            "smtp_url": None,
+        }
+    )
     make_tenant(conn, "acme", list(DEVICES))
     conn.commit()
     with psycopg.connect(settings.database_url or "") as app:
         for rule_id, rule in RULES.items():
             usecases.create_rule(app, operator_identity(app), "acme", rule_id, rule)
-    topic = settings.telemetry_topic("acme")
-    ensure_topics([topic], settings=settings)
-    homes = {partition_of(d.encode(), 4) for d in DEVICES}
-    assert len(homes) > 1, "the devices should spread over partitions"
-
+    ensure_topics([settings.telemetry_topic("acme")], settings=settings)
+    assert len({partition_of(d.encode(), 4) for d in DEVICES}) > 1, "the devices should spread over partitions"
     now_s = int(time.time())
     base_us = (now_s - 300 - now_s % 5) * S  # recent enough for the rebuild's replay (15 min), on a window edge
-    first, second = envelopes(base_us, range(20)), envelopes(base_us, range(20, SECONDS))
-    log = tmp_path / "streamproc.log"
     hot = start_consumer(settings, tmp_path / "consumer.log")
-    procs = [hot]
+    try:
+        yield Scenario(settings, envelopes(base_us, range(20)), envelopes(base_us, range(20, SECONDS)))
+    finally:
+        hot.send_signal(signal.SIGTERM)
+        hot.wait(30)
+
+
+def first_half_handled(sc: Scenario, conn: psycopg.Connection) -> None:
+    wait_for(lambda: committed(sc.settings) == len(sc.first), "the first half handled and committed", 120)
+    wait_for(lambda: hot_rows(conn) == 2 * len(sc.first), "the first half in the hot store", 60)
+    raised_before = conn.execute("SELECT device_id FROM alarms ORDER BY 1").fetchall()
+    conn.commit()
+    assert raised_before == [("m1",), ("m3",), ("m4",)]  # m2's duration is still running
+
+
+def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_windows(
+    scenario: Scenario, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    settings = scenario.settings
+    log = tmp_path / "streamproc.log"
+    procs = []
     try:
         killed = start_stream_processor(settings, log)
         procs.append(killed)
-        publish(settings, first)
-        wait_for(lambda: committed(settings) == len(first), "the first half handled and committed", 120)
-        wait_for(lambda: hot_rows(conn) == 2 * len(first), "the first half in the hot store", 60)
-        raised_before = conn.execute("SELECT device_id FROM alarms ORDER BY 1").fetchall()
-        conn.commit()
-        assert raised_before == [("m1",), ("m3",), ("m4",)]  # m2's duration is still running
+        publish(settings, scenario.first)
+        first_half_handled(scenario, conn)
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
 
-        publish(settings, second)
+        publish(settings, scenario.second)
         restarted = start_stream_processor(settings, log)
         procs.append(restarted)
-        total = len(first) + len(second)
-        wait_for(lambda: committed(settings) == total, "the second half handled and committed", 120)
+        wait_for(lambda: committed(settings) == scenario.total, "the second half handled and committed", 120)
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(60) == 0, log.read_text()[-3000:]
     finally:
@@ -187,8 +222,46 @@ def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_wind
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
+    assert_uninterrupted(scenario, conn)
+    assert "state of 4 partition(s) rebuilt from" in log.read_text()
 
-    readings = sorted((r for batch in first + second for r in batch), key=lambda r: r.ts)
+
+def test_a_member_joining_mid_window_takes_over_partitions_with_their_state(
+    scenario: Scenario, conn: psycopg.Connection
+) -> None:
+    settings = scenario.settings
+    stop = threading.Event()
+    members: list[tuple[StreamProcessor, threading.Thread]] = []
+
+    def join() -> StreamProcessor:
+        member = StreamProcessor(settings)
+        thread = threading.Thread(target=member.run, args=(stop,), daemon=True)
+        thread.start()
+        members.append((member, thread))
+        return member
+
+    try:
+        a = join()
+        publish(settings, scenario.first)
+        first_half_handled(scenario, conn)
+        assert len(a._owned) == 4
+        b = join()
+        wait_for(lambda: a._owned and b._owned and len(a._owned | b._owned) == 4, "the partitions shared", 90)
+        publish(settings, scenario.second)
+        wait_for(lambda: committed(settings) == scenario.total, "the second half handled and committed", 120)
+    finally:
+        stop.set()
+        for member, thread in members:
+            thread.join(30)
+            member.close()
+    assert b.stats.messages > 0 and a.stats.messages > len(scenario.first)  # both did part of the second half
+    assert_uninterrupted(scenario, conn)
+
+
+def assert_uninterrupted(sc: Scenario, conn: psycopg.Connection) -> None:
+    """The store and the topics hold what one uninterrupted run would have produced, once each."""
+    settings = sc.settings
+    readings = sorted((r for batch in sc.first + sc.second for r in batch), key=lambda r: r.ts)
     expected = expected_alarms(conn, readings)
     assert {(a[0], a[1]) for a in expected} == {("overheat", "m1"), ("overheat", "m2"), ("odd", "m3"), ("odd", "m4")}
 
@@ -201,14 +274,15 @@ def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_wind
             "SELECT rule_id, device_id, raised_at, cleared_at, count FROM alarms"
         ).fetchall()
     )
-    assert stored == expected  # m2 raised 3 s after it began to hold, though the kill fell in between
+    assert stored == expected  # m2 raised 3 s after it began to hold, though the disruption fell in between
 
     events = Counter(conn.execute("SELECT alarm_id, kind FROM alarm_events").fetchall())
     assert set(events.values()) == {1}  # no transition stored twice
     assert len(events) == len(expected) + sum(a[3] is not None for a in expected)
+    bootstrap = settings.kafka_bootstrap or ""
     published = Counter(
         (e["event"], e["rule_id"], e["device_id"])
-        for e in (orjson.loads(m.value()) for m in drain_topic(settings.kafka_bootstrap, settings.alerts_topic("acme")))
+        for e in (orjson.loads(m.value()) for m in drain_topic(bootstrap, settings.alerts_topic("acme")))
     )
     assert set(published.values()) == {1}
     assert sorted(published) == sorted(
@@ -217,9 +291,8 @@ def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_wind
 
     whole = Windows(width_s=5, grace_s=0)
     want = {a.id: (a.count, a.min, a.max) for a in whole.add(readings)}
-    got = [orjson.loads(m.value()) for m in drain_topic(settings.kafka_bootstrap, settings.aggregates_topic("acme"))]
+    got = [orjson.loads(m.value()) for m in drain_topic(bootstrap, settings.aggregates_topic("acme"))]
     ids = Counter(w["id"] for w in got)
     assert set(ids.values()) == {1}, [i for i, n in ids.items() if n > 1][:5]  # no window published twice
     assert {w["id"]: (w["count"], w["min"], w["max"]) for w in got} == want  # none lost, none incomplete
     assert len(want) == len(DEVICES) * 2 * (SECONDS // 5 - 1)  # the last window of each series is still open
-    assert "state of 4 partition(s) rebuilt from" in log.read_text()

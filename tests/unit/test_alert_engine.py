@@ -156,6 +156,30 @@ def test_readings_replayed_from_before_a_restored_alarm_was_raised_do_not_clear_
     assert kinds == ["update@16", "clear@17"]  # 10 s is before the raise, 15 s is the raise itself
 
 
+@pytest.mark.parametrize("order", [("p", "t"), ("t", "p")])
+def test_a_condition_over_two_metrics_is_decided_once_per_instant_whatever_the_order(order: tuple[str, str]) -> None:
+    r = rule(
+        {
+            "kind": "any",
+            "conditions": [
+                {"kind": "threshold", "metric": "p", "op": "gt", "value": 8},
+                {"kind": "threshold", "metric": "t", "op": "lt", "value": 10},
+            ],
+        }
+    )
+    values = {0: {"p": 5.0, "t": 80.0}, 1: {"p": 5.0, "t": 5.0}, 2: {"p": 9.0, "t": 80.0}, 3: {"p": 5.0, "t": 80.0}}
+    engine = Engine()
+    got = engine.observe_many(
+        (Reading("acme", "d1", m, sec * S, v[m]), (r,), None) for sec, v in values.items() for m in order
+    )
+    # At 2 s the temperature is back, the pressure high: still up (an update, not a clear and a raise).
+    assert [(t.kind, t.ts_us // S, t.metric) for t in got] == [
+        ("raise", 1, "t"),
+        ("update", 2, "p"),
+        ("clear", 3, order[-1]),
+    ]
+
+
 def test_the_same_reading_evaluated_again_has_the_same_event_id() -> None:
     r = rule({"kind": "threshold", "metric": "t", "op": "gt", "value": 90})
     a = Engine().observe([r], Reading("acme", "d1", "t", 7 * S, 95.0))
