@@ -16,9 +16,11 @@ in a rebalance; `StreamProcessor.rebuild`): the open alarms are restored, the re
 partitions' devices replayed into the evaluator and the windows. A revoked partition's open windows
 are dropped for its new owner to rebuild; open windows are not published at shutdown either. The
 rebuild first waits for the hot store to hold what this group has handled; it then neither loses
-nor repeats a window (`sensormine.alerts.windows`). An alarm event whose publication Kafka does not
-confirm is logged, not retried: the store has the alarm, but the topic misses that event (an outbox
-over `alarm_events` would close this gap).
+nor repeats a window (`sensormine.alerts.windows`). Every raise and clear is queued in
+`alarm_outbox` in the transaction that writes it and taken off when Kafka confirms its event; what
+stays there (Kafka refused it, or the process died in between) is published again after
+`alerts_outbox_retry_s` by whichever member sweeps first, so an event reaches the topic at least once
+(consumers dedupe by its `id`).
 docs/alerts.md and docs/decisions.md.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -97,6 +100,8 @@ class StreamProcessor:
         self.settings = settings or get_settings()
         migrate_database(self.settings)
         self.processor = processor or start_processor(self.settings, warm_up=False)
+        self.processor.outbox = True  # every raise and clear is queued until Kafka confirms its event
+        self._swept = time.monotonic()
         self.consumer = make_consumer(self.settings.alerts_group, self.settings)
         self.producer: Producer = make_producer(self.settings, **{"linger.ms": 5})
         self.stats = StreamStats()
@@ -123,8 +128,10 @@ class StreamProcessor:
         # No metadata request inside a rebalance callback: partition counts come from the cache that
         # `rebuild` filled; a topic not in it had nothing handled yet.
         dropped = self.windows.forget(
-            lambda series: self.settings.telemetry_topic(series[0]) in self._partitions
-            and self._home(series[0], series[1]) in lost
+            lambda series: (
+                self.settings.telemetry_topic(series[0]) in self._partitions
+                and self._home(series[0], series[1]) in lost
+            )
         )
         log.info("partitions revoked: %s; %d series' open windows left to their new owner", sorted(lost), dropped)
 
@@ -216,33 +223,54 @@ class StreamProcessor:
                 on_delivery=delivered,
             )
 
-    def _publish(self, changes: list[AlarmChange]) -> None:
+    def _publish(self, changes: list[AlarmChange], count: bool = True) -> None:
         if not changes:
             return
-        self.stats.raised += sum(c.kind == "raised" for c in changes)
-        self.stats.cleared += sum(c.kind == "cleared" for c in changes)
+        if count:
+            self.stats.raised += sum(c.kind == "raised" for c in changes)
+            self.stats.cleared += sum(c.kind == "cleared" for c in changes)
         self._ensure({self.settings.alerts_topic(c.alarm.tenant_id) for c in changes})
         failed: list[KafkaError] = []
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failed.append(err)
+        confirmed: list[AlarmChange] = []
+
+        def delivered(change: AlarmChange) -> Callable[[KafkaError | None, Message], None]:
+            def done(err: KafkaError | None, _msg: Message) -> None:
+                if err is None:
+                    confirmed.append(change)
+                else:
+                    failed.append(err)
+
+            return done
 
         for c in changes:
             self.producer.produce(
                 self.settings.alerts_topic(c.alarm.tenant_id),
                 alarm_event(c, self.processor.directory.describe(c.alarm.tenant_id, c.alarm.device_id)),
                 key=c.alarm.id,
-                on_delivery=delivered,
+                on_delivery=delivered(c),
             )
         left = self.producer.flush(30)
         if left or failed:
             log.error(
-                "%d alarm event(s) not confirmed by Kafka (errors %s); the alarms are stored",
+                "%d alarm event(s) not confirmed by Kafka (errors %s); they stay in the outbox and go out again "
+                "in %.0f s",
                 left + len(failed),
                 failed[:3],
+                self.settings.alerts_outbox_retry_s,
             )
-        self.stats.published += len(changes) - left - len(failed)
+        self.processor.outbox_done(confirmed)
+        self.stats.published += len(confirmed)
+
+    def sweep_outbox(self) -> int:
+        """Publish again the alarm events queued longer than `alerts_outbox_retry_s` and never confirmed
+        (Kafka refused them, or a process died between its commit and Kafka's confirmation)."""
+        self._swept = time.monotonic()
+        due = self.processor.outbox_due(self.settings.alerts_outbox_retry_s)
+        if due:
+            log.info("publishing %d alarm event(s) again from the outbox", len(due))
+            self._publish(due, count=False)
+        return len(due)
 
     def process(self, messages: list[Message]) -> list[AlarmChange]:
         """Evaluate one batch; publish its alarm changes; commit its offsets."""
@@ -283,6 +311,8 @@ class StreamProcessor:
             got = self.consumer.consume(num_messages=5_000, timeout=0.2)
             if self._unbuilt:
                 self.rebuild()
+            if time.monotonic() - self._swept >= self.settings.alerts_outbox_retry_s:
+                self.sweep_outbox()
             if got:
                 last = time.monotonic()
                 self.process(got)

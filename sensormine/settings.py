@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         10.0, ge=0, description="How late (event time) a reading may still join its window."
     )
     alerts_group: str = Field("sensormine-alerts", description="Consumer group of the stream processor.")
+    alerts_outbox_retry_s: float = Field(
+        30.0,
+        gt=0,
+        description="An alarm event Kafka has not confirmed this long after its alarm changed is published again.",
+    )
     alerts_warmup_s: float = Field(
         900.0,
         ge=0,

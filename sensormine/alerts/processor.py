@@ -32,6 +32,8 @@ from sensormine.alerts.store import (
     list_rules,
     open_alarm_times,
     open_alarms,
+    outbox_done,
+    outbox_due,
 )
 from sensormine.anomaly.metering import InferenceMeter
 from sensormine.ingest.sinks import DirectSink, ReadingSink, make_sink
@@ -141,6 +143,7 @@ class AlarmProcessor:
     ) -> None:
         self._connect = connect
         self._conn: psycopg.Connection | None = None
+        self.outbox = False  # queue raises and clears in alarm_outbox (the stream processor publishes them)
         self.clock = clock
         self.engine = Engine()
         self.meter = InferenceMeter()
@@ -217,7 +220,7 @@ class AlarmProcessor:
                     transitions, changes = evaluate(conn)
                     if transitions:
                         now = datetime.fromtimestamp(self.clock(), UTC)
-                        changes += apply_transitions(conn, transitions, self.directory.policies, now)
+                        changes += apply_transitions(conn, transitions, self.directory.policies, now, self.outbox)
             except psycopg.OperationalError:
                 if self._conn is not None:
                     self._conn.close()
@@ -262,6 +265,20 @@ class AlarmProcessor:
             self._models_version = self.directory.version
         got = self.scorer.score(readings)
         return {r.key: s for r, s in zip(readings, got, strict=True) if s is not None}
+
+    def outbox_due(self, age_s: float, limit: int = 1000) -> list[AlarmChange]:
+        """Queued alarm changes older than `age_s` (wall clock) that no one confirmed: to publish again."""
+        with self._lock:
+            conn = self._db()
+            with conn.transaction():
+                return outbox_due(conn, age_s, limit)
+
+    def outbox_done(self, changes: Sequence[AlarmChange]) -> None:
+        """Published and confirmed: off the outbox."""
+        with self._lock:
+            conn = self._db()
+            with conn.transaction():
+                outbox_done(conn, changes)
 
     def tick(self) -> list[AlarmChange]:
         """Absence rules against the clock and the stored last-seen times, and escalations that are due.

@@ -232,10 +232,13 @@ def apply_transitions(
     transitions: Sequence[Transition],
     policies: Mapping[tuple[str, str], Policy] | None = None,
     now: datetime | None = None,
+    outbox: bool = False,
 ) -> list[AlarmChange]:
     """Write the evaluator's transitions (as sensormine_alerts, in the caller's transaction).
 
     A raised alarm whose rule names one of `policies` starts its escalation at `now` (wall clock).
+    `outbox`: each raise and clear is also queued in `alarm_outbox` for publication (`outbox_due`,
+    `outbox_done`).
     """
     changes: list[AlarmChange] = []
     now = now or datetime.now(UTC)
@@ -282,7 +285,7 @@ def apply_transitions(
                 ).fetchone()
                 if row is None:
                     continue
-                _event(cur, row, "raised", "rule", t.event_id, {"value": t.value, "metric": t.metric})
+                _event(cur, row, "raised", "rule", t.event_id, {"value": t.value, "metric": t.metric}, outbox)
                 changes.append(AlarmChange("raised", _alarm(row), t.rule))
             elif t.kind == "raise" and open_ is not None and open_["status"] == "active":
                 cur.execute(_REPEAT, {**key, "value": t.value, "at": at, "metric": t.metric})
@@ -296,16 +299,66 @@ def apply_transitions(
                     {**key, "at": at, "value": t.value},
                 ).fetchone()
                 assert row is not None
-                _event(cur, row, "cleared", "rule", t.event_id, {"value": t.value, "metric": t.metric})
+                _event(cur, row, "cleared", "rule", t.event_id, {"value": t.value, "metric": t.metric}, outbox)
                 changes.append(AlarmChange("cleared", _alarm(row), t.rule))
     return changes
 
 
-def _event(cur: Any, alarm: dict[str, Any], kind: str, actor: str, event_id: str | None, detail: dict) -> None:
+def _event(
+    cur: Any,
+    alarm: dict[str, Any],
+    kind: str,
+    actor: str,
+    event_id: str | None,
+    detail: dict,
+    outbox: bool = False,
+) -> None:
     cur.execute(
         "INSERT INTO alarm_events (tenant_id, alarm_id, kind, actor, event_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
         (alarm["tenant_id"], alarm["id"], kind, actor, event_id, Jsonb(detail)),
     )
+    if outbox:
+        cur.execute(
+            "INSERT INTO alarm_outbox (tenant_id, alarm_id, kind) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (alarm["tenant_id"], alarm["id"], kind),
+        )
+
+
+def outbox_due(conn: psycopg.Connection, age_s: float, limit: int = 1000) -> list[AlarmChange]:
+    """Alarm changes queued (or last taken) for publication at least `age_s` ago by the database's clock
+    and not confirmed yet, oldest first; each counts an attempt and is due again `age_s` later, so
+    processors sweeping at once never take the same ones."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        queued = cur.execute(
+            # Taken rows are due again only `age_s` later: another processor's sweep leaves them alone meanwhile.
+            "UPDATE alarm_outbox o SET attempts = attempts + 1, due_at = now() FROM ("
+            "  SELECT tenant_id, alarm_id, kind, due_at FROM alarm_outbox "
+            "  WHERE due_at <= now() - make_interval(secs => %s) "
+            "  ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED) due "
+            "WHERE (o.tenant_id, o.alarm_id, o.kind) = (due.tenant_id, due.alarm_id, due.kind) "
+            "RETURNING o.tenant_id, o.alarm_id, o.kind, due.due_at AS queued",
+            (age_s, limit),
+        ).fetchall()
+        if not queued:
+            return []
+        rows = cur.execute(
+            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE (tenant_id, id) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::uuid[]))",
+            ([q["tenant_id"] for q in queued], [q["alarm_id"] for q in queued]),
+        ).fetchall()
+    alarms = {(r["tenant_id"], r["id"]): _alarm(r) for r in rows}
+    queued.sort(key=lambda q: q["queued"])
+    return [AlarmChange(q["kind"], alarms[(q["tenant_id"], q["alarm_id"])], None) for q in queued]
+
+
+def outbox_done(conn: psycopg.Connection, changes: Sequence[AlarmChange]) -> None:
+    """Kafka confirmed these alarm changes: off the outbox."""
+    if changes:
+        conn.execute(
+            "DELETE FROM alarm_outbox WHERE (tenant_id, alarm_id, kind) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::uuid[], %s::text[]))",
+            ([c.alarm.tenant_id for c in changes], [c.alarm.id for c in changes], [c.kind for c in changes]),
+        )
 
 
 def open_alarms(conn: psycopg.Connection) -> list[tuple[str, str, str, str]]:

@@ -94,6 +94,7 @@ def test_alarms_from_the_telemetry_topic_land_in_the_store_and_on_the_alerts_top
     ]
     assert (events[0]["device_type"], events[0]["labels"]) == ("motor", {"site": "north"})  # from the registry
     assert proc.stats.messages == 5 and proc.stats.published == 2
+    assert conn.execute("SELECT count(*) FROM alarm_outbox").fetchone() == (0,)  # both confirmed
     published = drain_topic(kafka.kafka_bootstrap or "", kafka.aggregates_topic("acme"))
     windows = sorted(
         (orjson.loads(m.value()) for m in published), key=lambda w: w["window_start_us"]
@@ -153,3 +154,40 @@ def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
     assert events == [("raised", "rule")]
     published = drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))
     assert [orjson.loads(m.value())["event"] for m in published] == ["alarm.raised"]
+
+
+def test_an_alarm_event_lost_with_the_process_is_published_from_the_outbox(
+    kafka: Settings, conn: psycopg.Connection
+) -> None:
+    publish(kafka, points(95, 96, 97))
+    crashed = StreamProcessor(kafka)
+    crashed.consumer.subscribe([kafka.telemetry_topic_pattern])
+    got: list = []
+    wait_for(lambda: got.extend(crashed.consumer.consume(100, timeout=0.5)) or len(got) >= 3, "the messages")
+
+    def killed(*_: object, **__: object) -> None:
+        raise RuntimeError("killed after the commit, before Kafka confirmed the event")
+
+    crashed._publish = killed  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.process(got)
+    assert alarm_rows(conn) == [("m1", "active", 3, 97.0)]
+    assert conn.execute("SELECT kind, attempts FROM alarm_outbox").fetchall() == [("raised", 0)]
+    conn.commit()
+    crashed.processor.close()
+    crashed.consumer.close()  # nothing committed: the batch comes again, and changes nothing
+
+    stop = threading.Event()
+    again = StreamProcessor(kafka.model_copy(update={"alerts_outbox_retry_s": 0.5}))
+    thread = run_until(again, stop)
+    try:
+        wait_for(lambda: again.stats.published == 1, "the event from the outbox")
+        wait_for(lambda: again.stats.messages >= 3, "the replayed batch")
+    finally:
+        stop.set()
+        thread.join(30)
+        again.close()
+    assert again.stats.raised == 0  # the replay raised nothing new: the event came from the outbox
+    assert conn.execute("SELECT count(*) FROM alarm_outbox").fetchone() == (0,)
+    events = [orjson.loads(m.value()) for m in drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))]
+    assert [(e["event"], e["value"]) for e in events] == [("alarm.raised", 97.0)]
