@@ -251,8 +251,7 @@ def reference(url: str, messages: list[list[Reading]]) -> tuple[float, int, int]
     raised = cleared = 0
     t0 = time.perf_counter()
     for readings in messages:  # as AlarmProcessor.process, one message at a time
-        watched = [(r, directory.rules_reading(r.tenant_id, r.device_id, r.metric), None) for r in readings]
-        for t in engine.observe_many(w for w in watched if w[1]):
+        for t in engine.observe_many((r, rules, None) for r, rules, _ in directory.watching(readings)):
             raised += t.kind == "raise"
             cleared += t.kind == "clear"
     return time.perf_counter() - t0, raised, cleared
@@ -349,7 +348,7 @@ def stream_processor(settings: Settings, total: int, timeout_s: float, profile: 
 def reset_alarms(url: str) -> None:
     """Empty the alarm store for the next trial (rules, devices and tenants stay)."""
     with psycopg.connect(url) as conn:
-        conn.execute("TRUNCATE alarm_deliveries, alarm_events, alarms")
+        conn.execute("TRUNCATE alarm_outbox, alarm_deliveries, alarm_events, alarms")
 
 
 @dataclass

@@ -127,12 +127,7 @@ class Engine:
         return out
 
     def _observe_one(self, rule: Rule, r: Reading, score: float | None = None) -> Transition | None:
-        cond = rule.condition
-        # Called for every reading and rule: compare metrics directly rather than build `metrics_of`'s set.
-        if isinstance(cond, Combined):
-            if not any(leaf.metric == r.metric for leaf in cond.conditions):
-                return None
-        elif isinstance(cond, Absence) or cond.metric != r.metric:
+        if r.metric not in rule.reads:  # absence reads none
             return None
         state = self._state(rule, r.tenant_id, r.device_id)
         seen = state.last.get(r.metric)
@@ -140,7 +135,7 @@ class Engine:
             self.late += 1
             return None
         decided = None
-        instant = isinstance(cond, Combined) and len({leaf.metric for leaf in cond.conditions}) > 1
+        instant = rule.by_instant
         if instant and state.instant and state.instant[0][0] < r.ts:
             decided = self._decide(rule, state, r.tenant_id, r.device_id)  # the device's previous instant
         if seen is not None:

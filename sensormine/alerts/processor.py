@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,7 @@ class Directory:
         self.rules: dict[tuple[str, str], Rule] = {}
         self.policies: dict[tuple[str, str], Policy] = {}
         self._cache: dict[tuple[str, str], list[Rule]] = {}
-        self._by_metric: dict[tuple[str, str], dict[str, list[Rule]]] = {}
+        self._by_metric: dict[tuple[str, str], dict[str, tuple[list[Rule], bool]]] = {}
 
     def refresh(self, conn: psycopg.Connection) -> bool:
         """Reload when anything changed; whether it did."""
@@ -102,18 +102,33 @@ class Directory:
             self._cache[key] = found
         return found
 
-    def rules_reading(self, tenant_id: str, device_id: str, metric: str) -> list[Rule]:
-        """The rules watching a device whose condition reads `metric` (`rules_for`, in its order)."""
+    def metric_index(self, tenant_id: str, device_id: str) -> dict[str, tuple[list[Rule], bool]]:
+        """Per metric of a device: the rules watching the device whose condition reads it (`rules_for`, in
+        its order), and whether one of them reads its anomaly score. Built once per device: the
+        evaluator then skips, for each reading, every rule of the device that does not read its metric."""
         index = self._by_metric.get((tenant_id, device_id))
         if index is None:
-            # Per device, metric -> rules: the evaluator then skips, for each reading, every rule of the
-            # device that does not read its metric (the engine would ignore them, one call each).
-            index = {}
+            rules: dict[str, list[Rule]] = {}
             for r in self.rules_for(tenant_id, device_id):
-                for m in sorted(metrics_of(r.condition)):
-                    index.setdefault(m, []).append(r)
+                for m in sorted(r.reads):
+                    rules.setdefault(m, []).append(r)
+            index = {m: (rs, any(m in scored_metrics(r.condition) for r in rs)) for m, rs in rules.items()}
             self._by_metric[(tenant_id, device_id)] = index
-        return index.get(metric, [])
+        return index
+
+    def watching(self, readings: Iterable[Reading]) -> list[tuple[Reading, list[Rule], bool]]:
+        """The readings some rule reads, each with those rules and whether one reads its anomaly score."""
+        out = []
+        tenant = device = None
+        index: dict[str, tuple[list[Rule], bool]] = {}
+        for r in readings:
+            if r.device_id != device or r.tenant_id != tenant:  # an envelope's readings share their device
+                tenant, device = r.tenant_id, r.device_id
+                index = self.metric_index(tenant, device)
+            found = index.get(r.metric)
+            if found is not None:
+                out.append((r, *found))
+        return out
 
     def describe(self, tenant_id: str, device_id: str) -> dict[str, Any]:
         """What the registry says of a device, for enriching alarm events and aggregates."""
@@ -236,10 +251,11 @@ class AlarmProcessor:
         """Evaluate written readings; the alarms raised or cleared."""
 
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
-            watched = [(r, self.directory.rules_reading(r.tenant_id, r.device_id, r.metric)) for r in readings]
-            scores = self._scores(conn, [r for r, rules in watched if any(r.metric in _scored(x) for x in rules)])
-            out = self.engine.observe_many((r, rules, scores.get(r.key)) for r, rules in watched if rules)
-            return out, []
+            watched = self.directory.watching(readings)
+            scores = self._scores(conn, [r for r, _, scored in watched if scored])
+            if scores:
+                return self.engine.observe_many((r, rules, scores.get(r.key)) for r, rules, _ in watched), []
+            return self.engine.observe_many((r, rules, None) for r, rules, _ in watched), []
 
         return self._run(evaluate)
 
@@ -413,7 +429,3 @@ def watched_sink(settings: Settings) -> ReadingSink:
 
     processor = start_processor(settings)
     return DirectSink(lambda: connect(settings, role=INGEST), settings, processor.process, processor.close)
-
-
-def _scored(rule: Rule) -> set[str]:
-    return scored_metrics(rule.condition)

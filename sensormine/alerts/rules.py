@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -223,6 +224,16 @@ class Rule:
     revision: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    @cached_property
+    def reads(self) -> frozenset[str]:
+        """The metrics whose readings the condition reads (`metrics_of`, computed once)."""
+        return frozenset(metrics_of(self.condition))
+
+    @cached_property
+    def by_instant(self) -> bool:
+        """Whether the condition reads several metrics, so it is decided once per instant (the engine)."""
+        return len(self.reads) > 1
 
     def describe(self) -> str:
         """The whole condition, with its duration."""

@@ -26,45 +26,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sensormine.reading import Reading
 
 Series = tuple[str, str, str]  # (tenant, device, metric)
 _NEVER = -(2**62)
+_FOREVER = 2**62
 
 
-@dataclass
 class _Acc:
-    count: int = 0
-    total: float = 0.0
-    m2: float = 0.0
-    mean: float = 0.0
-    lo: float = math.inf
-    hi: float = -math.inf
-    first: tuple[int, float] | None = None
-    last: tuple[int, float] | None = None
-    seen: set[int] = field(default_factory=set)
+    """One open window's running aggregate."""
+
+    __slots__ = ("count", "first_ts", "first_v", "hi", "last_ts", "last_v", "lo", "m2", "mean", "seen", "total")
+
+    def __init__(self, ts: int, v: float) -> None:
+        self.count, self.total, self.m2, self.mean, self.lo, self.hi = 1, v, 0.0, v, v, v
+        self.first_ts = self.last_ts = ts
+        self.first_v = self.last_v = v
+        self.seen = {ts}
 
     def add(self, ts: int, v: float) -> bool:
         """Fold one reading in; False when the window already holds a reading at `ts`."""
-        if ts in self.seen:
+        seen = self.seen
+        if ts in seen:
             return False
-        self.seen.add(ts)
+        seen.add(ts)
         self.count += 1
         self.total += v
         delta = v - self.mean
         self.mean += delta / self.count
         self.m2 += delta * (v - self.mean)  # Welford
-        self.lo, self.hi = min(self.lo, v), max(self.hi, v)
-        if self.first is None or ts < self.first[0]:
-            self.first = (ts, v)
-        if self.last is None or ts >= self.last[0]:
-            self.last = (ts, v)
+        if v < self.lo:
+            self.lo = v
+        elif v > self.hi:
+            self.hi = v
+        if ts < self.first_ts:
+            self.first_ts, self.first_v = ts, v
+        if ts >= self.last_ts:
+            self.last_ts, self.last_v = ts, v
         return True
 
 
-@dataclass(frozen=True)
+class _Series:
+    """One series' open windows and watermarks."""
+
+    __slots__ = ("closed_before", "due", "emitted_upto", "next_end", "rebuilt", "watermark", "windows")
+
+    def __init__(self) -> None:
+        self.windows: dict[int, _Acc] = {}
+        self.watermark = _NEVER  # the newest event time taken
+        self.closed_before = _NEVER  # windows starting before this are emitted (or before a replay's floor)
+        self.next_end = _FOREVER  # the earliest end of an open window
+        self.rebuilt = False  # replayed, no live reading yet
+        self.emitted_upto = _NEVER  # windows ending by this were emitted before a restart
+        self.due = False  # in this call's list of series to close
+
+
+@dataclass(slots=True)
 class WindowAggregate:
     """One closed window of one series."""
 
@@ -114,11 +133,7 @@ class Windows:
         if self.slide_us <= 0 or self.width_us % self.slide_us:
             raise ValueError("the slide must be > 0 and divide the window width")
         self.grace_us = int(grace_s * 1_000_000)
-        self._open: dict[Series, dict[int, _Acc]] = {}
-        self._watermark: dict[Series, int] = {}
-        self._closed_before: dict[Series, int] = {}  # series -> windows starting before this are emitted
-        self._rebuilt: set[Series] = set()  # replayed, no live reading yet
-        self._emitted_upto: dict[Series, int] = {}  # series -> windows ending by this were emitted before a restart
+        self._series: dict[Series, _Series] = {}
         self.late = 0
         self.duplicates = 0
 
@@ -131,101 +146,116 @@ class Windows:
         window boundary): windows starting before the floor would be incomplete, so they are neither
         opened nor counted as late, and no window is closed (see the module's docstring).
         """
-        touched: set[Series] = set()
-        width, slide = self.width_us, self.slide_us
+        due: list[tuple[Series, _Series]] = []
+        width, slide, grace = self.width_us, self.slide_us, self.grace_us
+        tumbling = width == slide
+        all_series = self._series
         for r in readings:
-            series = (r.tenant_id, r.device_id, r.metric)
+            key = (r.tenant_id, r.device_id, r.metric)
+            st = all_series.get(key)
+            if st is None:
+                st = all_series[key] = _Series()
+            ts = r.ts
             if replay:
-                self._rebuilt.add(series)
-            elif series in self._rebuilt:
-                self._rebuilt.discard(series)
-                self._handled_before(series, r.ts)
-            closed_before = self._closed_before.get(series, _NEVER)
-            if floor_us is not None and closed_before < floor_us:
-                closed_before = self._closed_before[series] = floor_us  # live readings too, from now on
-            last_start = r.ts - r.ts % slide
-            windows = self._open.get(series)
-            taken = False
-            for start in range(last_start, last_start - width, -slide):
-                if start < closed_before:
-                    break
-                if windows is None:
-                    windows = self._open[series] = {}
-                acc = windows.get(start)
-                if acc is None:
-                    acc = windows[start] = _Acc()
-                taken |= acc.add(r.ts, r.value)
+                st.rebuilt = True
+                if floor_us is not None and st.closed_before < floor_us:
+                    st.closed_before = floor_us  # live readings too, from now on
+            elif st.rebuilt:
+                st.rebuilt = False
+                self._handled_before(st, ts)
+            last_start = ts - ts % slide
+            windows = st.windows
+            if tumbling:
+                if last_start < st.closed_before:
+                    taken = False
+                else:
+                    acc = windows.get(last_start)
+                    if acc is None:
+                        windows[last_start] = _Acc(ts, r.value)
+                        if last_start + width < st.next_end:
+                            st.next_end = last_start + width
+                        taken = True
+                    else:
+                        taken = acc.add(ts, r.value)
+            else:
+                taken = False
+                for start in range(last_start, last_start - width, -slide):
+                    if start < st.closed_before:
+                        break
+                    acc = windows.get(start)
+                    if acc is None:
+                        windows[start] = _Acc(ts, r.value)
+                        if start + width < st.next_end:
+                            st.next_end = start + width
+                        taken = True
+                    else:
+                        taken |= acc.add(ts, r.value)
             if not taken:
-                if last_start < closed_before:
+                if last_start < st.closed_before:
                     if floor_us is None or last_start >= floor_us:
                         self.late += 1
-                else:
-                    self.duplicates += 1
-                    if not replay:
-                        touched.add(series)  # a replayed reading seen live: the windows it closes close now
-                continue
-            if r.ts > self._watermark.get(series, _NEVER):
-                self._watermark[series] = r.ts
-            if not replay:
-                touched.add(series)
+                    continue
+                self.duplicates += 1  # a replayed reading seen live: the windows it closes close now
+            elif ts > st.watermark:
+                st.watermark = ts
+            if not replay and not st.due and st.watermark - grace >= st.next_end:
+                st.due = True
+                due.append((key, st))
         out: list[WindowAggregate] = []
-        for series in touched:
-            out += self._close(series, self._watermark[series] - self.grace_us)
+        for key, st in due:
+            st.due = False
+            self._close(key, st, st.watermark - grace, out)
         return out
 
     def flush(self) -> list[WindowAggregate]:
         """Close every open window (the end of a finite stream)."""
         out: list[WindowAggregate] = []
-        for series in list(self._open):
-            if series in self._rebuilt:  # replayed and never heard from since: every replayed reading was handled
-                self._rebuilt.discard(series)
-                self._handled_before(series, 2**62)
-            out += self._close(series, 2**62)
+        for key, st in list(self._series.items()):
+            if st.rebuilt:  # replayed and never heard from since: every replayed reading was handled
+                st.rebuilt = False
+                self._handled_before(st, _FOREVER)
+            self._close(key, st, _FOREVER, out)
         return out
 
-    def _handled_before(self, series: Series, ts: int) -> None:
+    def _handled_before(self, st: _Series, ts: int) -> None:
         """`ts` is the series' first reading after a restart: the replayed readings before it were handled,
         and every window that the newest of them closed was emitted."""
-        handled = max((t for acc in self._open.get(series, {}).values() for t in acc.seen if t < ts), default=None)
+        handled = max((t for acc in st.windows.values() for t in acc.seen if t < ts), default=None)
         if handled is not None:
-            self._emitted_upto[series] = handled - self.grace_us
+            st.emitted_upto = handled - self.grace_us
 
     def forget(self, owned_elsewhere: Callable[[Series], bool]) -> int:
         """Drop, unemitted, the open windows of the series another process now owns (a partition
         revoked in a rebalance: its new owner rebuilds them); how many series were dropped."""
-        gone = [s for s in self._open if owned_elsewhere(s)]
-        for series in gone:
-            del self._open[series]
-            self._watermark.pop(series, None)
-            self._closed_before.pop(series, None)
-            self._rebuilt.discard(series)
-            self._emitted_upto.pop(series, None)
+        gone = [key for key, st in self._series.items() if st.windows and owned_elsewhere(key)]
+        for key in gone:
+            del self._series[key]
         return len(gone)
 
-    def _close(self, series: Series, upto_us: int) -> list[WindowAggregate]:
-        windows = self._open.get(series, {})
-        emitted_upto = self._emitted_upto.get(series, _NEVER)
-        out = []
-        for start in sorted(s for s in windows if s + self.width_us <= upto_us):
+    def _close(self, key: Series, st: _Series, upto_us: int, out: list[WindowAggregate]) -> None:
+        windows, width = st.windows, self.width_us
+        ends = sorted(start for start in windows if start + width <= upto_us)
+        for start in ends:
             acc = windows.pop(start)
-            self._closed_before[series] = max(self._closed_before.get(series, _NEVER), start + self.slide_us)
-            if start + self.width_us <= emitted_upto:
+            if start + self.slide_us > st.closed_before:
+                st.closed_before = start + self.slide_us
+            if start + width <= st.emitted_upto:
                 continue  # emitted before the restart
-            assert acc.first is not None and acc.last is not None
-            span_s = (acc.last[0] - acc.first[0]) / 1_000_000
+            span_s = (acc.last_ts - acc.first_ts) / 1_000_000
+            n = acc.count
             out.append(
                 WindowAggregate(
-                    *series,
-                    start_us=start,
-                    width_us=self.width_us,
-                    count=acc.count,
-                    min=acc.lo,
-                    max=acc.hi,
-                    avg=acc.total / acc.count,
-                    stddev=math.sqrt(acc.m2 / (acc.count - 1)) if acc.count > 1 else None,
-                    rate_per_s=(acc.last[1] - acc.first[1]) / span_s if span_s > 0 else None,
+                    key[0],
+                    key[1],
+                    key[2],
+                    start,
+                    width,
+                    n,
+                    acc.lo,
+                    acc.hi,
+                    acc.total / n,
+                    math.sqrt(acc.m2 / (n - 1)) if n > 1 else None,
+                    (acc.last_v - acc.first_v) / span_s if span_s > 0 else None,
                 )
             )
-        if not windows:
-            self._open.pop(series, None)
-        return out
+        st.next_end = min(windows) + width if windows else _FOREVER

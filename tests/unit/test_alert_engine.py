@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -191,12 +192,8 @@ def test_an_edited_rule_keeps_an_alarm_up_until_the_new_condition_clears() -> No
     engine = Engine()
     r = rule({"kind": "threshold", "metric": "t", "op": "gt", "value": 90})
     assert [t.kind for t in engine.observe([r], Reading("acme", "d1", "t", 1 * S, 95.0))] == ["raise"]
-    edited = Rule(
-        **{
-            **r.__dict__,
-            "condition": parse_condition({"kind": "threshold", "metric": "t", "op": "gt", "value": 99}),
-            "revision": 2,
-        }
+    edited = replace(
+        r, condition=parse_condition({"kind": "threshold", "metric": "t", "op": "gt", "value": 99}), revision=2
     )
     assert [t.kind for t in engine.observe([edited], Reading("acme", "d1", "t", 2 * S, 95.0))] == ["clear"]
 

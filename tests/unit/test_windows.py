@@ -74,7 +74,7 @@ def test_a_reading_seen_again_is_not_counted_twice() -> None:
 def test_a_replay_from_a_floor_opens_no_incomplete_window() -> None:
     w = Windows(width_s=10, grace_s=0)
     # The hot store replayed from 10 s: the window [0, 10) would miss what came before the floor.
-    assert w.add([r(9, 1.0), r(12, 2.0), r(15, 3.0)], floor_us=10 * S) == []
+    assert w.add([r(9, 1.0), r(12, 2.0), r(15, 3.0)], floor_us=10 * S, replay=True) == []
     assert w.late == 0
     w.add([r(8, 5.0)])  # live, older than the floor: late, not a window of one reading
     assert w.late == 1
