@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import psycopg
 
 from sensormine.alerts.channels import Policy, list_policies
@@ -65,6 +66,7 @@ class Directory:
         self.policies: dict[tuple[str, str], Policy] = {}
         self._cache: dict[tuple[str, str], list[Rule]] = {}
         self._by_metric: dict[tuple[str, str], dict[str, tuple[list[Rule], bool]]] = {}
+        self._described: dict[tuple[str, str], bytes] = {}
 
     def refresh(self, conn: psycopg.Connection) -> bool:
         """Reload when anything changed; whether it did."""
@@ -88,6 +90,7 @@ class Directory:
         self.devices = {(t, d): (kind, meta or {}) for t, d, kind, meta, _ in rows}
         self.names = {(t, d): name for t, d, _, _, name in rows}
         self._cache = {}
+        self._described = {}
         self._by_metric = {}
         self.version = version
         return True
@@ -134,6 +137,15 @@ class Directory:
         """What the registry says of a device, for enriching alarm events and aggregates."""
         kind, labels = self.devices.get((tenant_id, device_id), (None, {}))
         return {"device_name": self.names.get((tenant_id, device_id)), "device_type": kind, "labels": labels}
+
+    def describe_json(self, tenant_id: str, device_id: str) -> bytes:
+        """`describe` as the tail of a JSON object (`,"device_name":...}`), made once per device: the stream
+        processor appends it to every aggregate of the device."""
+        key = (tenant_id, device_id)
+        found = self._described.get(key)
+        if found is None:
+            found = self._described[key] = b"," + orjson.dumps(self.describe(tenant_id, device_id))[1:]
+        return found
 
     def absence_targets(self) -> list[tuple[Rule, str, str]]:
         """(rule, tenant, device) for every registered device an absence rule watches."""

@@ -221,6 +221,7 @@ _OPEN = (
 
 
 # A repeat while the alarm is up: count it and keep the latest value (never older than the stored one).
+_SEEN = "SELECT event_id FROM alarm_events WHERE event_id = ANY(%s)"
 _REPEAT = (
     "UPDATE alarms SET count = count + 1, last_value = %(value)s, last_at = %(at)s, metric = %(metric)s "
     f"WHERE {_OPEN} AND status = 'active' AND last_at < %(at)s"
@@ -243,6 +244,11 @@ def apply_transitions(
     changes: list[AlarmChange] = []
     now = now or datetime.now(UTC)
     with conn.cursor(row_factory=dict_row) as cur:
+        # Raises and clears evaluated before (a replayed batch) are found in one query, not one each.
+        ids = [t.event_id for t in transitions if t.kind != "update"]
+        seen = (
+            {row["event_id"] for row in cur.execute(_SEEN, (ids,)).fetchall()} if ids else set()  # type: ignore[arg-type]
+        )
         for t in transitions:
             key = {"tenant": t.tenant_id, "rule_tenant": t.rule.tenant_id, "rule": t.rule.id, "device": t.device_id}
             at = us_to_datetime(t.ts_us)
@@ -251,10 +257,10 @@ def apply_transitions(
                 # no need to read the alarm first (one round trip per repeat instead of two).
                 cur.execute(_REPEAT, {**key, "value": t.value, "at": at, "metric": t.metric})
                 continue
-            if cur.execute("SELECT 1 FROM alarm_events WHERE event_id = %s", (t.event_id,)).fetchone():
+            if t.event_id in seen:
                 continue  # evaluated before
-            open_ = cur.execute(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE {_OPEN} FOR NO KEY UPDATE", key).fetchone()
-            if t.kind == "raise" and open_ is None:
+            seen.add(t.event_id)
+            if t.kind == "raise":
                 policy = (policies or {}).get((t.rule.tenant_id, t.rule.policy_id or ""))
                 step = first_step(policy.spec, now) if policy is not None else None
                 row = cur.execute(
@@ -264,7 +270,8 @@ def apply_transitions(
                     "(%(tenant)s, %(id)s, %(rule_tenant)s, %(rule)s, %(name)s, %(severity)s, %(text)s, %(device)s, "
                     "'active', %(metric)s, %(value)s, %(value)s, %(at)s, %(at)s, %(ptenant)s, %(policy)s, %(level)s, "
                     "%(from)s, %(next)s) "
-                    # Another process raised it first (absence ticks run wherever a processor runs).
+                    # Open already: raised by another process first (absence ticks run wherever a processor
+                    # runs), or cleared by hand while the condition held (latched).
                     "ON CONFLICT (tenant_id, rule_tenant_id, rule_id, device_id) WHERE status = 'active' OR latched "
                     f"DO NOTHING RETURNING {_ALARM_COLUMNS}",
                     {
@@ -283,22 +290,21 @@ def apply_transitions(
                         "next": step.next_at if step else None,
                     },
                 ).fetchone()
-                if row is None:
+                if row is None:  # an active one counts this as a repeat; a latched one stays as it is
+                    cur.execute(_REPEAT, {**key, "value": t.value, "at": at, "metric": t.metric})
                     continue
                 _event(cur, row, "raised", "rule", t.event_id, {"value": t.value, "metric": t.metric}, outbox)
                 changes.append(AlarmChange("raised", _alarm(row), t.rule))
-            elif t.kind == "raise" and open_ is not None and open_["status"] == "active":
-                cur.execute(_REPEAT, {**key, "value": t.value, "at": at, "metric": t.metric})
-            elif t.kind == "clear" and open_ is not None:
-                if open_["status"] == "cleared":  # cleared by hand before: the condition is over now
-                    cur.execute(f"UPDATE alarms SET latched = false WHERE {_OPEN}", key)
-                    continue
+            else:
                 row = cur.execute(
                     "UPDATE alarms SET status = 'cleared', cleared_at = %(at)s, cleared_by = 'rule', "
-                    f"last_value = %(value)s, next_notify_at = NULL WHERE {_OPEN} RETURNING {_ALARM_COLUMNS}",
+                    f"last_value = %(value)s, next_notify_at = NULL WHERE {_OPEN} AND status = 'active' "
+                    f"RETURNING {_ALARM_COLUMNS}",
                     {**key, "at": at, "value": t.value},
                 ).fetchone()
-                assert row is not None
+                if row is None:  # cleared by hand before (or not open): the condition is over now
+                    cur.execute(f"UPDATE alarms SET latched = false WHERE {_OPEN} AND status = 'cleared'", key)
+                    continue
                 _event(cur, row, "cleared", "rule", t.event_id, {"value": t.value, "metric": t.metric}, outbox)
                 changes.append(AlarmChange("cleared", _alarm(row), t.rule))
     return changes
@@ -313,15 +319,26 @@ def _event(
     detail: dict,
     outbox: bool = False,
 ) -> None:
-    cur.execute(
-        "INSERT INTO alarm_events (tenant_id, alarm_id, kind, actor, event_id, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-        (alarm["tenant_id"], alarm["id"], kind, actor, event_id, Jsonb(detail)),
+    insert = (
+        "INSERT INTO alarm_events (tenant_id, alarm_id, kind, actor, event_id, detail) "
+        "VALUES (%(tenant)s, %(alarm)s, %(kind)s, %(actor)s, %(event)s, %(detail)s)"
     )
-    if outbox:
-        cur.execute(
-            "INSERT INTO alarm_outbox (tenant_id, alarm_id, kind) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-            (alarm["tenant_id"], alarm["id"], kind),
+    if outbox:  # the same statement queues it for publication
+        insert = (
+            f"WITH event AS ({insert}) INSERT INTO alarm_outbox (tenant_id, alarm_id, kind) "
+            "VALUES (%(tenant)s, %(alarm)s, %(kind)s) ON CONFLICT DO NOTHING"
         )
+    cur.execute(
+        insert,
+        {
+            "tenant": alarm["tenant_id"],
+            "alarm": alarm["id"],
+            "kind": kind,
+            "actor": actor,
+            "event": event_id,
+            "detail": Jsonb(detail),
+        },
+    )
 
 
 def outbox_due(conn: psycopg.Connection, age_s: float, limit: int = 1000) -> list[AlarmChange]:
