@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mailbox
 import os
 import signal
 import subprocess
@@ -299,7 +300,11 @@ def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False
                 "line-plc (Modbus)": f"{api}/api/query/telemetry?device_id=line-plc&metric=motor.temperature"
                 f"&start={start}&end={end}",
             }
-            return _check({"motor-1 (MQTT)": example, **field}, keys["acme"], say)
+            if _check({"motor-1 (MQTT)": example, **field}, keys["acme"], say):
+                return 1
+            return _check_alarm(
+                api, keys["acme"], device_keys["acme/motor-1"], services.get("SENSORMINE_SMTP_MAILDIR"), say
+            )
         dagster_line = (
             f"  Dagster UI     http://127.0.0.1:{dagster_port}  (the tenants are partitions within a minute;\n"
             "                 lake/telemetry is compacted hourly, or materialize today's partitions)\n"
@@ -364,6 +369,43 @@ def _check_tenant_partitions(dagster_url: str, say: Say, timeout: float = 120) -
                 return True
             time.sleep(1)
     return False
+
+
+def _check_alarm(api: str, key: str, device_key: str, maildir: str | None, say: Say, timeout: float = 90) -> int:
+    """0 once a bearing knock sent as motor-1 (POST /api/ingest with its device key) raised the
+    `bearing-knock` alarm (GET /api/alerts/alarms) and its e-mail reached the local inbox."""
+    knock = json.dumps({"ts": datetime.now(UTC).isoformat(), "values": {"vibration": 12.0}}).encode()
+    req = urllib.request.Request(
+        f"{api}/api/ingest", data=knock, headers={"X-Device-Key": device_key, "Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        accepted = json.load(resp)["accepted_items"]
+    if accepted != 1:
+        say(f"check failed: the knock was not accepted ({accepted} items)")
+        return 1
+    alarms = f"{api}/api/alerts/alarms?device_id=motor-1&rule_id=bearing-knock"
+    deadline = time.monotonic() + timeout
+    raised = mailed = False
+    while time.monotonic() < deadline and not (raised and mailed):
+        if not raised:
+            try:
+                with urllib.request.urlopen(urllib.request.Request(alarms, headers={"X-API-Key": key}), timeout=5) as r:
+                    raised = bool(json.load(r)["items"])
+            except (urllib.error.URLError, OSError, KeyError, ValueError):
+                pass
+            if raised:
+                say("check passed for alarms: a bearing knock raised bearing-knock on motor-1")
+        if raised and not mailed:
+            mailed = maildir is None or any(
+                "Bearing knock" in (m["Subject"] or "") for m in mailbox.Maildir(maildir, create=False)
+            )
+            if mailed and maildir is not None:
+                say(f"check passed for alarm e-mail: in {maildir}")
+        time.sleep(0.5)
+    if not (raised and mailed):
+        say(f"check failed: {'no e-mail of the alarm' if raised else 'no alarm of the knock'} within {timeout:.0f} s")
+        return 1
+    return 0
 
 
 def _check(urls: dict[str, str], key: str, say: Say, timeout: float = 90) -> int:
