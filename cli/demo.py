@@ -214,7 +214,7 @@ def _tail(path: Path, n: int = 20) -> str:
 
 
 def run_demo(api_port: int = 8000, dagster_port: int = 3000, check: bool = False, with_dagster: bool = True) -> int:
-    """Run until Ctrl-C (or, with `check`, until one simulated point is served by the API)."""
+    """Run until Ctrl-C (or, with `check`, until simulated points are served by the API and a knock raised an alarm)."""
     state_dir = Path(os.environ.get("SENSORMINE_STATE_DIR", Path.cwd() / ".sensormine")).absolute()
     say = lambda msg: print(f"[demo] {msg}", flush=True)  # noqa: E731
     services = _start_services(state_dir, say)

@@ -1,4 +1,5 @@
-"""`sensormine demo` starts: simulated MQTT, OPC UA and Modbus readings reach the API; tenants become partitions."""
+"""`sensormine demo` starts: simulated MQTT, OPC UA and Modbus readings reach the API; tenants become partitions;
+a knock raises an alarm whose e-mail reaches the local inbox."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def test_demo_serves_simulated_readings(services: dict[str, str]) -> None:
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A knock sent as motor-1 raised its alarm, and the e-mail reached the local inbox.
+    assert "check passed for alarms: a bearing knock raised" in proc.stdout, proc.stdout[-3000:]
+    assert "check passed for alarm e-mail" in proc.stdout, proc.stdout[-3000:]
     for device in ("motor-1 (MQTT)", "press-motor (OPC UA)", "line-plc (Modbus)"):
         assert f"check passed for {device}" in proc.stdout, proc.stdout[-3000:]
     # The daemon's tenant sensor made the seeded tenants partitions (it failed every tick once).
