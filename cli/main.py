@@ -192,7 +192,9 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 def demo(
     port: int = typer.Option(8000, help="API port."),
     dagster_port: int = typer.Option(3000, help="Dagster UI port."),
-    check: bool = typer.Option(False, help="Exit 0 once a simulated point is served by the API (smoke test)."),
+    check: bool = typer.Option(
+        False, help="Exit 0 once simulated points are served by the API and a knock raised an alarm (smoke test)."
+    ),
     dagster: bool = typer.Option(True, help="Also run the Dagster UI."),
 ) -> None:
     """Run the whole platform on its embedded defaults with simulated devices for two tenants."""

@@ -44,9 +44,11 @@ from sensormine.alerts.windows import WindowAggregate, Windows
 from sensormine.clients.hotstore import stored_offsets
 from sensormine.clients.kafka import ensure_topics, make_consumer, make_producer, partition_of
 from sensormine.clients.postgres import ALERTS, connect, migrate_database
-from sensormine.reading import Reading
+from sensormine.reading import Reading, now_us
+from sensormine.schemas.validation import SchemaDirectory
 from sensormine.settings import Settings, get_settings
 from sensormine.telemetry.payload import PayloadError, decode_envelope
+from sensormine.telemetry.validation import validate_message
 
 log = logging.getLogger("sensormine.alerts.streamproc")
 
@@ -60,6 +62,7 @@ class StreamStats:
     messages: int = 0
     readings: int = 0
     undecodable: int = 0
+    rejected: int = 0  # valid envelopes the hot store would not accept (limits, schema): not evaluated
     raised: int = 0
     cleared: int = 0
     published: int = 0
@@ -102,6 +105,8 @@ class StreamProcessor:
         self.processor = processor or start_processor(self.settings, warm_up=False)
         self.processor.outbox = True  # every raise and clear is queued until Kafka confirms its event
         self._swept = time.monotonic()
+        self.schemas = SchemaDirectory(lambda: connect(self.settings, role=ALERTS))
+        self.schemas.refresh()
         self.consumer = make_consumer(self.settings.alerts_group, self.settings)
         self.producer: Producer = make_producer(self.settings, **{"linger.ms": 5})
         self.stats = StreamStats()
@@ -270,17 +275,39 @@ class StreamProcessor:
             self._publish(due, count=False)
         return len(due)
 
+    def _rejected(self, decoded: list[Reading], now: int) -> bool:
+        """Whether the hot-store consumer dead-letters this message (`validate_message`, then the device
+        type's latest schema, reloaded once before a verdict against it): its readings raise nothing."""
+        if validate_message(decoded, self.settings, now) is not None:
+            return True
+        r = decoded[0]  # an envelope is one device's
+        if self.schemas.for_device(r.tenant_id, r.device_id) is None:
+            return False
+        if self.schemas.check(r.tenant_id, r.device_id, decoded) is None:
+            return False
+        return not (
+            self.schemas.refresh_if_older(1.0) and self.schemas.check(r.tenant_id, r.device_id, decoded) is None
+        )
+
     def process(self, messages: list[Message]) -> list[AlarmChange]:
         """Evaluate one batch; publish its alarm changes; commit its offsets."""
         readings: list[Reading] = []
+        if self.schemas.due():
+            self.schemas.refresh()
+        now = now_us()
         for msg in messages:
             if msg.error() is not None:
                 continue
             self.stats.messages += 1
             try:
-                readings += decode_envelope(msg.value() or b"")
+                decoded = decode_envelope(msg.value() or b"")
             except PayloadError:
                 self.stats.undecodable += 1  # the hot-store consumer dead-letters it
+                continue
+            if self._rejected(decoded, now):
+                self.stats.rejected += 1
+                continue
+            readings += decoded
         self.stats.readings += len(readings)
         closed = self.windows.add(readings)
         if closed:

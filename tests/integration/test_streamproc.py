@@ -191,3 +191,24 @@ def test_an_alarm_event_lost_with_the_process_is_published_from_the_outbox(
     assert conn.execute("SELECT count(*) FROM alarm_outbox").fetchone() == (0,)
     events = [orjson.loads(m.value()) for m in drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))]
     assert [(e["event"], e["value"]) for e in events] == [("alarm.raised", 97.0)]
+
+
+def test_readings_the_hot_store_rejects_raise_no_alarm(kafka: Settings, conn: psycopg.Connection) -> None:
+    from sensormine.schemas.store import register_schema
+
+    schema = {"type": "object", "properties": {"values": {"properties": {"temperature": {"maximum": 150}}}}}
+    register_schema(conn, "acme", "motor", schema)
+    conn.commit()
+    # 900 breaks the motor schema (a broken sensor, not a hot motor); 95 then raises as usual.
+    publish(kafka, points(80, 900, 95, start_s=0))
+    stop = threading.Event()
+    proc = StreamProcessor(kafka)
+    thread = run_until(proc, stop)
+    try:
+        wait_for(lambda: proc.stats.messages >= 3, "the messages")
+    finally:
+        stop.set()
+        thread.join(30)
+        proc.close()
+    assert proc.stats.rejected == 1
+    assert alarm_rows(conn) == [("m1", "active", 1, 95.0)]  # raised at 95, not at 900
