@@ -117,6 +117,35 @@ anomaly_models_job = dg.define_asset_job(
     description="Train and register one anomaly model version per device type from the lake's recent history.",
 )
 
+
+@dg.schedule(
+    name="anomaly_scores_daily_schedule",
+    job=anomaly_scores_job,
+    cron_schedule="0 1 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="At 01:00 UTC, after the daily close, score yesterday's lake partition of every tenant.",
+)
+def anomaly_scores_daily_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """Yesterday's partition of every tenant, closed at 00:30."""
+    yield from _tenant_day_requests(context, timedelta(days=-1))
+
+
+@dg.schedule(
+    name="anomaly_models_weekly_schedule",
+    job=anomaly_models_job,
+    cron_schedule="0 2 * * 0",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="On Sundays at 02:00 UTC, retrain each device type's anomaly model on the last 7 days of "
+    "the lake (a type with too little history keeps its current version).",
+)
+def anomaly_models_weekly_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    """One training run a week, keyed by its day."""
+    tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
+    return dg.RunRequest(run_key=f"anomaly-models-{tick.date().isoformat()}")
+
+
 defs = dg.Definitions(
     assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores],
     asset_checks=[*telemetry_quality_checks, anomaly_scores_complete],
@@ -126,6 +155,8 @@ defs = dg.Definitions(
         telemetry_lake_daily_close_schedule,
         lake_housekeeping_schedule,
         dbt_models_daily_schedule,
+        anomaly_scores_daily_schedule,
+        anomaly_models_weekly_schedule,
     ],
     sensors=[tenant_partitions_sensor, hot_data_sensor, failed_quality_checks_sensor],
     resources=build_resources(),

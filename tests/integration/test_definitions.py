@@ -57,6 +57,8 @@ def test_definitions_load_with_the_expected_objects() -> None:
         "telemetry_lake_daily_close_schedule": "30 0 * * *",
         "lake_housekeeping_schedule": "30 3 * * *",
         "dbt_models_daily_schedule": "30 1 * * *",
+        "anomaly_scores_daily_schedule": "0 1 * * *",
+        "anomaly_models_weekly_schedule": "0 2 * * 0",
     }
     sensors = {s.name for s in defs.sensors or []}
     assert sensors == {"tenant_partitions_sensor", "hot_data_sensor", "failed_quality_checks_sensor"}
@@ -167,6 +169,16 @@ def test_hourly_schedule_requests_today_for_every_tenant(dagster_instance: dg.Da
     assert [r.partition_key for r in hourly.run_requests or []] == ["2026-11-27|acme", "2026-11-27|globex"]
     yesterday = (after_midnight - timedelta(days=1)).date().isoformat()
     assert [r.partition_key for r in daily.run_requests or []] == [f"{yesterday}|acme", f"{yesterday}|globex"]
+
+
+def test_anomaly_schedules_score_yesterday_and_retrain_weekly(dagster_instance: dg.DagsterInstance) -> None:
+    dagster_instance.add_dynamic_partitions("tenants", ["globex", "acme"])
+    one_am = datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
+    scores = schedule_tick("anomaly_scores_daily_schedule", dagster_instance, one_am)
+    assert [r.partition_key for r in scores.run_requests or []] == ["2026-11-26|acme", "2026-11-26|globex"]
+    sunday = datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
+    (training,) = schedule_tick("anomaly_models_weekly_schedule", dagster_instance, sunday).run_requests or []
+    assert training.run_key == "anomaly-models-2026-11-29" and not training.partition_key
 
 
 def test_hourly_schedule_skips_without_tenants(dagster_instance: dg.DagsterInstance) -> None:
