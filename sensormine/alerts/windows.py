@@ -82,6 +82,16 @@ class _Series:
         self.emitted_upto = _NEVER  # windows ending by this were emitted before a restart
         self.due = False  # in this call's list of series to close
 
+    def take(self, start: int, width: int, ts: int, v: float) -> bool:
+        """Fold a reading into the window starting at `start` (opened if new); False for a duplicate."""
+        acc = self.windows.get(start)
+        if acc is not None:
+            return acc.add(ts, v)
+        self.windows[start] = _Acc(ts, v)
+        if start + width < self.next_end:
+            self.next_end = start + width
+        return True
+
 
 @dataclass(slots=True)
 class WindowAggregate:
@@ -164,32 +174,14 @@ class Windows:
                 st.rebuilt = False
                 self._handled_before(st, ts)
             last_start = ts - ts % slide
-            windows = st.windows
             if tumbling:
-                if last_start < st.closed_before:
-                    taken = False
-                else:
-                    acc = windows.get(last_start)
-                    if acc is None:
-                        windows[last_start] = _Acc(ts, r.value)
-                        if last_start + width < st.next_end:
-                            st.next_end = last_start + width
-                        taken = True
-                    else:
-                        taken = acc.add(ts, r.value)
+                taken = last_start >= st.closed_before and st.take(last_start, width, ts, r.value)
             else:
                 taken = False
                 for start in range(last_start, last_start - width, -slide):
                     if start < st.closed_before:
                         break
-                    acc = windows.get(start)
-                    if acc is None:
-                        windows[start] = _Acc(ts, r.value)
-                        if start + width < st.next_end:
-                            st.next_end = start + width
-                        taken = True
-                    else:
-                        taken |= acc.add(ts, r.value)
+                    taken |= st.take(start, width, ts, r.value)
             if not taken:
                 if last_start < st.closed_before:
                     if floor_us is None or last_start >= floor_us:

@@ -5,7 +5,7 @@ batch and changes nothing."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import psycopg
@@ -66,6 +66,28 @@ def run_until(proc: StreamProcessor, done: threading.Event) -> threading.Thread:
     return thread
 
 
+def consumed_by_a_member(settings: Settings, readings: list[Reading]) -> tuple[StreamProcessor, list]:
+    """Publish readings; a member that has consumed their messages and handled none yet."""
+    publish(settings, readings)
+    member = StreamProcessor(settings)
+    member.consumer.subscribe([settings.telemetry_topic_pattern])
+    got: list = []
+    wait_for(lambda: got.extend(member.consumer.consume(100, timeout=0.5)) or len(got) >= len(readings), "the messages")
+    return member, got
+
+
+def run_briefly(proc: StreamProcessor, until: Callable[[], object], what: str) -> None:
+    """Run a member until `until` holds, then stop and close it."""
+    stop = threading.Event()
+    thread = run_until(proc, stop)
+    try:
+        wait_for(until, what)
+    finally:
+        stop.set()
+        thread.join(30)
+        proc.close()
+
+
 def alarm_rows(conn: psycopg.Connection) -> list[tuple]:
     rows = conn.execute("SELECT device_id, status, count, last_value FROM alarms ORDER BY raised_at").fetchall()
     conn.commit()
@@ -115,11 +137,7 @@ def test_alarms_from_the_telemetry_topic_land_in_the_store_and_on_the_alerts_top
 def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
     kafka: Settings, conn: psycopg.Connection
 ) -> None:
-    publish(kafka, points(95, 96, 97))
-    crashed = StreamProcessor(kafka)
-    crashed.consumer.subscribe([kafka.telemetry_topic_pattern])
-    got: list = []
-    wait_for(lambda: got.extend(crashed.consumer.consume(100, timeout=0.5)) or len(got) >= 3, "the messages")
+    crashed, got = consumed_by_a_member(kafka, points(95, 96, 97))
 
     class KilledBeforeCommit:
         """The real consumer, except that the process dies where it would commit."""
@@ -139,15 +157,8 @@ def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
     crashed.producer.flush(30)
     real.close()  # leaves the group without having committed anything
 
-    stop = threading.Event()
     again = StreamProcessor(kafka)
-    thread = run_until(again, stop)
-    try:
-        wait_for(lambda: again.stats.messages >= 3, "the replayed batch")
-    finally:
-        stop.set()
-        thread.join(30)
-        again.close()
+    run_briefly(again, lambda: again.stats.messages >= 3, "the replayed batch")
     assert alarm_rows(conn) == [("m1", "active", 3, 97.0)]  # no second alarm, no extra repeats
     assert again.stats.raised == 0 and again.stats.published == 0
     events = conn.execute("SELECT kind, actor FROM alarm_events").fetchall()
@@ -159,11 +170,7 @@ def test_a_crash_before_the_offset_commit_replays_the_batch_and_changes_nothing(
 def test_an_alarm_event_lost_with_the_process_is_published_from_the_outbox(
     kafka: Settings, conn: psycopg.Connection
 ) -> None:
-    publish(kafka, points(95, 96, 97))
-    crashed = StreamProcessor(kafka)
-    crashed.consumer.subscribe([kafka.telemetry_topic_pattern])
-    got: list = []
-    wait_for(lambda: got.extend(crashed.consumer.consume(100, timeout=0.5)) or len(got) >= 3, "the messages")
+    crashed, got = consumed_by_a_member(kafka, points(95, 96, 97))
 
     def killed(*_: object, **__: object) -> None:
         raise RuntimeError("killed after the commit, before Kafka confirmed the event")
@@ -177,16 +184,10 @@ def test_an_alarm_event_lost_with_the_process_is_published_from_the_outbox(
     crashed.processor.close()
     crashed.consumer.close()  # nothing committed: the batch comes again, and changes nothing
 
-    stop = threading.Event()
     again = StreamProcessor(kafka.model_copy(update={"alerts_outbox_retry_s": 0.5}))
-    thread = run_until(again, stop)
-    try:
-        wait_for(lambda: again.stats.published == 1, "the event from the outbox")
-        wait_for(lambda: again.stats.messages >= 3, "the replayed batch")
-    finally:
-        stop.set()
-        thread.join(30)
-        again.close()
+    run_briefly(
+        again, lambda: again.stats.published == 1 and again.stats.messages >= 3, "the outbox's event and the replay"
+    )
     assert again.stats.raised == 0  # the replay raised nothing new: the event came from the outbox
     assert conn.execute("SELECT count(*) FROM alarm_outbox").fetchone() == (0,)
     events = [orjson.loads(m.value()) for m in drain_topic(kafka.kafka_bootstrap or "", kafka.alerts_topic("acme"))]
@@ -201,14 +202,7 @@ def test_readings_the_hot_store_rejects_raise_no_alarm(kafka: Settings, conn: ps
     conn.commit()
     # 900 breaks the motor schema (a broken sensor, not a hot motor); 95 then raises as usual.
     publish(kafka, points(80, 900, 95, start_s=0))
-    stop = threading.Event()
     proc = StreamProcessor(kafka)
-    thread = run_until(proc, stop)
-    try:
-        wait_for(lambda: proc.stats.messages >= 3, "the messages")
-    finally:
-        stop.set()
-        thread.join(30)
-        proc.close()
+    run_briefly(proc, lambda: proc.stats.messages >= 3, "the messages")
     assert proc.stats.rejected == 1
     assert alarm_rows(conn) == [("m1", "active", 1, 95.0)]  # raised at 95, not at 900
