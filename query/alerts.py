@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -11,8 +11,8 @@ import psycopg
 
 from query.points import query_points
 from sensormine.alerts.engine import Transition, replay
-from sensormine.alerts.rules import Rule, metrics_of
-from sensormine.clients.postgres import tenant_scope
+from sensormine.alerts.rules import Rule, metrics_of, scored_metrics
+from sensormine.clients.postgres import ALERTS, connect, tenant_scope
 from sensormine.devices.registry import list_devices
 from sensormine.reading import Reading
 from sensormine.settings import Settings
@@ -42,9 +42,12 @@ def dry_run(
     rule: Rule,
     start: datetime,
     end: datetime,
+    score: bool = True,
 ) -> DryRun:
     """Replay the tenant's readings of the devices in the rule's scope through the evaluator.
 
+    A rule that reads anomaly scores has the readings scored as on the stream (`anomaly_scores`;
+    `score=False`: such conditions never hold).
     Nothing is written; raises ValueError when the scope covers more than MAX_DEVICES devices.
     """
     with tenant_scope(conn, visible):
@@ -62,4 +65,34 @@ def dry_run(
         Reading(tenant_id, d, m, us, v)
         for d, m, us, v in frame.select("device_id", "metric", "us", "value").iter_rows()
     ]
-    return DryRun(len(devices), len(readings), replay(rule, readings))
+    scored = scored_metrics(rule.condition)
+    scores = None
+    if score and scored:
+        scores = anomaly_scores(settings, {d.id: d.device_type for d in devices}, readings, scored)
+    return DryRun(len(devices), len(readings), replay(rule, readings, scores))
+
+
+def anomaly_scores(
+    settings: Settings, types: Mapping[str, str | None], readings: Sequence[Reading], metrics: set[str]
+) -> list[float | None]:
+    """Scores of the readings of `metrics` (None for the others, and where a device's type has no
+    model), by the models the stream processor uses, in time order per series as on the stream.
+
+    The models are platform data (trained across tenants): they are loaded as the evaluator's role
+    and never leave the process; every scored reading is metered as an ML inference of its tenant.
+    """
+    # onnxruntime takes over a second to import: only dry runs of anomaly rules pay it.
+    from sensormine.anomaly.metering import InferenceMeter
+    from sensormine.anomaly.model import OnnxScorer
+    from sensormine.anomaly.registry import models_for
+    from sensormine.anomaly.stream import StreamScorer
+
+    meter = InferenceMeter()
+    with connect(settings, role=ALERTS) as conn:
+        with conn.transaction():
+            records = models_for(conn, sorted({t for t in types.values() if t}))
+        models = {t: OnnxScorer(rec.onnx) for t, rec in records.items()}
+        scorer = StreamScorer(models, lambda _tenant, device: types.get(device), meter)
+        got = iter(scorer.score([r for r in readings if r.metric in metrics]))
+        meter.flush(conn)
+    return [next(got) if r.metric in metrics else None for r in readings]

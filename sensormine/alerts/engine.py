@@ -235,7 +235,7 @@ def absence_transitions(
     return out
 
 
-def replay(rule: Rule, readings: Iterable[Reading]) -> list[Transition]:
+def replay(rule: Rule, readings: Sequence[Reading], scores: Sequence[float | None] | None = None) -> list[Transition]:
     """What `rule` would have done over stored readings (in event-time order per device): the dry run.
 
     Absence has no arrival times to go by here: a gap of at least `after_s` between two readings
@@ -244,7 +244,8 @@ def replay(rule: Rule, readings: Iterable[Reading]) -> list[Transition]:
     cond = rule.condition
     out: list[Transition] = []
     if not isinstance(cond, Absence):
-        return Engine().observe_many((r, (rule,), None) for r in readings)
+        scored = scores if scores is not None else [None] * len(readings)
+        return Engine().observe_many((r, (rule,), s) for r, s in zip(readings, scored, strict=True))
     last: dict[tuple[str, str], int] = {}
     gap_us = int(cond.after_s * 1_000_000)
     for r in readings:

@@ -428,6 +428,26 @@ def test_an_anomaly_rule_raises_on_a_vibration_spike_scored_by_the_bundled_model
     assert usage == [("acme", 61)]  # every scored reading is a metered inference
 
 
+def test_a_dry_run_scores_an_anomaly_rule_with_the_streams_model_and_meters_it(
+    in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
+) -> None:
+    conn.execute("UPDATE devices SET device_type = 'motor' WHERE id = 'press-1'")
+    now = datetime_to_us(datetime.now(UTC)) // 1_000_000 * 1_000_000
+    rng = random.Random(1)
+    values = [2.8 + rng.gauss(0, 0.2) for _ in range(60)] + [11.5]  # calm, then a bearing knock
+    HotStoreWriter(conn).write(
+        [Reading("acme", "press-1", "vibration", now - (61 - i) * 1_000_000, v) for i, v in enumerate(values)]
+    )
+    conn.commit()
+    with TestClient(create_app(in_process)) as client:
+        body = {"condition": {"kind": "anomaly", "metric": "vibration", "above": 0.6}, "hours": 1}
+        got = client.post("/api/alerts/rules/dry-run", json=body, headers={"X-API-Key": acme["operator"]}).json()
+    assert (got["readings"], got["fired"]) == (61, 1), got
+    assert got["events"][0]["value"] == 11.5
+    usage = conn.execute("SELECT tenant_id, value FROM usage WHERE metric = 'ml_inference'").fetchall()
+    assert usage == [("acme", 61)]  # the dry run's inferences are metered like the stream's
+
+
 def test_a_restarted_evaluator_rebuilds_its_state_from_the_hot_store(
     in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
 ) -> None:
