@@ -169,20 +169,13 @@ class HotStoreConsumer:
             self._schema_generation = self.schemas.generation
         return True
 
-    def _topic_tenant(self, topic: str | None) -> str | None:
-        """The tenant whose telemetry topic this is, or None."""
-        prefix, suffix = f"{self.settings.env}.", ".telemetry"
-        if topic and topic.startswith(prefix) and topic.endswith(suffix) and len(topic) > len(prefix) + len(suffix):
-            return topic[len(prefix) : -len(suffix)]
-        return None
-
     def _reject(self, msg: Message, reason: str, extra: Headers | None = None) -> None:
         self.stats.rejected += 1
         key = msg.key()
         topic = msg.topic()
         origin = f"{topic}[{msg.partition()}]@{msg.offset()}"
         device = key.decode(errors="replace") if key else None
-        headers = dlq_headers("consumer", origin, reason, self._topic_tenant(topic), device)
+        headers = dlq_headers("consumer", origin, reason, self.settings.tenant_of_telemetry_topic(topic), device)
         # A replayed message that fails again says which dead letter it came from.
         headers += [(k, v) for k, v in _headers(msg) if k == "replay_of"]
         headers += extra or []

@@ -185,8 +185,7 @@ class StreamProcessor:
             self._partitions[topic] = len(self.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         if not parts or self.settings.alerts_warmup_s <= 0:
             return 0
-        prefix, suffix = f"{self.settings.env}.", ".telemetry"
-        tenants = sorted({t[len(prefix) : -len(suffix)] for t, _ in parts})
+        tenants = sorted({self.settings.tenant_of_telemetry_topic(t) or "" for t, _ in parts})
         width = self.windows.width_us
         since_us = int(self.processor.replay_since(self.settings.alerts_warmup_s) * 1_000_000)
         since_us -= since_us % width

@@ -200,6 +200,13 @@ class Settings(BaseSettings):
         """Kafka topic that carries one tenant's readings."""
         return f"{self.env}.{tenant_id}.telemetry"
 
+    def tenant_of_telemetry_topic(self, topic: str | None) -> str | None:
+        """The tenant whose telemetry topic `topic` is (`telemetry_topic`'s inverse), or None."""
+        prefix, suffix = f"{self.env}.", ".telemetry"
+        if topic and topic.startswith(prefix) and topic.endswith(suffix) and len(topic) > len(prefix) + len(suffix):
+            return topic[len(prefix) : -len(suffix)]
+        return None
+
     def aggregates_topic(self, tenant_id: str) -> str:
         """Kafka topic of one tenant's windowed aggregates per device and metric."""
         return f"{self.env}.{tenant_id}.aggregates"

@@ -25,14 +25,13 @@ from sensormine.alerts.channels import Policy, list_policies
 from sensormine.alerts.dispatch import Dispatcher
 from sensormine.alerts.engine import Engine, Transition, absence_transitions
 from sensormine.alerts.notify import EmailChannel, HttpSmsProvider
-from sensormine.alerts.rules import Absence, Rule, applicable, metrics_of, scored_metrics
+from sensormine.alerts.rules import Absence, Rule, applicable, scored_metrics
 from sensormine.alerts.store import (
     AlarmChange,
     apply_transitions,
     due_escalations,
     list_rules,
     open_alarm_times,
-    open_alarms,
     outbox_done,
     outbox_due,
 )
@@ -203,7 +202,7 @@ class AlarmProcessor:
         latches and how long a duration condition has held come back, and an alarm the process missed
         while it was down is raised now.
         """
-        metrics = sorted({m for r in self.directory.rules.values() for m in metrics_of(r.condition)})
+        metrics = sorted({m for r in self.directory.rules.values() for m in r.reads})
         if not metrics:
             return 0
         since = datetime.fromtimestamp(self.replay_since(warmup_s), UTC)
@@ -265,9 +264,7 @@ class AlarmProcessor:
         def evaluate(conn: psycopg.Connection) -> tuple[list[Transition], list[AlarmChange]]:
             watched = self.directory.watching(readings)
             scores = self._scores(conn, [r for r, _, scored in watched if scored])
-            if scores:
-                return self.engine.observe_many((r, rules, scores.get(r.key)) for r, rules, _ in watched), []
-            return self.engine.observe_many((r, rules, None) for r, rules, _ in watched), []
+            return self.engine.observe_many((r, rules, scores.get(r.key)) for r, rules, _ in watched), []
 
         return self._run(evaluate)
 
@@ -295,7 +292,7 @@ class AlarmProcessor:
         return {r.key: s for r, s in zip(readings, got, strict=True) if s is not None}
 
     def outbox_due(self, age_s: float, limit: int = 1000) -> list[AlarmChange]:
-        """Queued alarm changes older than `age_s` (wall clock) that no one confirmed: to publish again."""
+        """Queued alarm changes older than `age_s` (the database's clock) that no one confirmed: to publish again."""
         with self._lock:
             conn = self._db()
             with conn.transaction():
@@ -335,7 +332,7 @@ class AlarmProcessor:
                     "FROM devices d LEFT JOIN device_status s ON s.tenant_id = d.tenant_id AND s.device_id = d.id"
                 ).fetchall()
             }
-            return absence_transitions(targets, silent, set(open_alarms(conn)), int(now * 1_000_000)), due
+            return absence_transitions(targets, silent, set(open_alarm_times(conn)), int(now * 1_000_000)), due
 
         return self._run(evaluate)
 

@@ -378,16 +378,9 @@ def outbox_done(conn: psycopg.Connection, changes: Sequence[AlarmChange]) -> Non
         )
 
 
-def open_alarms(conn: psycopg.Connection) -> list[tuple[str, str, str, str]]:
-    """(rule tenant, rule, tenant, device) of every open alarm: up, or cleared by hand while its condition held."""
-    rows = conn.execute(
-        "SELECT rule_tenant_id, rule_id, tenant_id, device_id FROM alarms WHERE status = 'active' OR latched"
-    ).fetchall()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
-
-
 def open_alarm_times(conn: psycopg.Connection) -> dict[tuple[str, str, str, str], int]:
-    """`open_alarms` with when each was raised (event time, µs)."""
+    """(rule tenant, rule, tenant, device) of every open alarm (up, or cleared by hand while its condition
+    held) -> when it was raised (event time, µs)."""
     rows = conn.execute(
         "SELECT rule_tenant_id, rule_id, tenant_id, device_id, (extract(epoch FROM raised_at) * 1000000)::bigint "
         "FROM alarms WHERE status = 'active' OR latched"

@@ -112,13 +112,6 @@ def _headers(msg: Message) -> dict[str, str]:
     return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in pairs if v is not None}
 
 
-def _tenant_of_topic(topic: str, settings: Settings) -> str | None:
-    prefix, suffix = f"{settings.env}.", ".telemetry"
-    if topic.startswith(prefix) and topic.endswith(suffix) and len(topic) > len(prefix) + len(suffix):
-        return topic[len(prefix) : -len(suffix)]
-    return None
-
-
 def _from_message(msg: Message, settings: Settings, replayed: dict[tuple[int, int], datetime]) -> DeadLetter:
     headers = _headers(msg)
     partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
@@ -126,7 +119,7 @@ def _from_message(msg: Message, settings: Settings, replayed: dict[tuple[int, in
     key = msg.key()
     tenant = headers.get("tenant_id")
     if tenant is None and origin and "[" in origin:  # a consumer reject from before it named the tenant
-        tenant = _tenant_of_topic(origin.split("[", 1)[0], settings)
+        tenant = settings.tenant_of_telemetry_topic(origin.split("[", 1)[0])
     device = headers.get("device_id") or (key.decode("utf-8", "replace") if key else None)
     stamp = headers.get("rejected_at_us", "")
     if stamp.isascii() and stamp.isdigit():
