@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
+from types import TracebackType
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -23,3 +26,41 @@ def report_until(stop: threading.Event, report: Callable[[], None], every_s: flo
     """Call `report` every `every_s` seconds until `stop` is set."""
     while not stop.wait(every_s):
         report()
+
+
+class CollectBetweenBatches:
+    """Run Python's cycle collector between batches instead of whenever allocations pile up.
+
+    A daemon that keeps a large, slowly changing state (the stream processor's windows and rule
+    state: hundreds of thousands of objects) pays for every automatic full collection, which walks
+    all of it: in `bench.streamproc` 42 full collections took 8 s of a 26 s run. Inside this
+    context the automatic collector is off; reference counting still frees everything that is not
+    in a cycle at once, `between_batches()` collects the young generations (cheap: only what the
+    batch left alive) and, every `full_every_s`, the whole heap, so cyclic garbage is still freed.
+    """
+
+    def __init__(self, full_every_s: float = 60.0) -> None:
+        self.full_every_s = full_every_s
+        self._was_enabled = True
+        self._full_at = time.monotonic()
+
+    def __enter__(self) -> CollectBetweenBatches:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        self._full_at = time.monotonic()
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        if self._was_enabled:
+            gc.enable()
+
+    def between_batches(self) -> None:
+        """Collect the young generations; the whole heap when `full_every_s` has passed."""
+        now = time.monotonic()
+        if now - self._full_at >= self.full_every_s:
+            gc.collect()
+            self._full_at = now
+        else:
+            gc.collect(1)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sensormine.alerts.rules import Absence, Anomaly, Combined, Rate, Rule, Threshold, leaves
+from sensormine.alerts.rules import Absence, Anomaly, Rule, Threshold
 from sensormine.reading import Reading
 
 Kind = Literal["raise", "update", "clear"]
@@ -47,7 +47,7 @@ class Transition:
         return (self.rule.tenant_id, self.rule.id, self.tenant_id, self.device_id)
 
 
-@dataclass
+@dataclass(slots=True)
 class _State:
     latched: list[bool]
     last: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class Engine:
             # A new or edited rule starts afresh, except that an alarm already up stays up until the
             # (new) condition no longer holds.
             active = state.active if state is not None else False
-            state = _State(latched=[active] * len(leaves(rule.condition)), active=active, revision=rule.revision)
+            state = _State(latched=[active] * len(rule.leaves), active=active, revision=rule.revision)
             self._states[key] = state
         return state
 
@@ -113,43 +113,48 @@ class Engine:
         call; readings of one instant split over two calls are decided twice (once per part).
         """
         out: list[Transition] = []
-        for reading, rules, score in items:
+        states, pending = self._states, self._pending
+        for r, rules, score in items:
+            metric, ts, tenant_id, device_id = r.metric, r.ts, r.tenant_id, r.device_id
             for rule in rules:
-                t = self._observe_one(rule, reading, score)
-                if t is not None:
-                    out.append(t)
-        if self._pending:
-            pending, self._pending = self._pending, {}
+                if metric not in rule.reads:  # absence reads none
+                    continue
+                key = (rule.tenant_id, rule.id, tenant_id, device_id)
+                state = states.get(key)
+                if state is None or state.revision != rule.revision:
+                    state = self._state(rule, tenant_id, device_id)
+                last = state.last
+                seen = last.get(metric)
+                if seen is not None and ts <= seen[0]:
+                    self.late += 1
+                    continue
+                instant = rule.by_instant
+                if instant and state.instant and state.instant[0][0] < ts:
+                    t = self._decide(rule, state, tenant_id, device_id)  # the device's previous instant
+                    if t is not None:
+                        out.append(t)
+                if seen is not None:
+                    state.prev[metric] = seen
+                last[metric] = (ts, r.value)
+                if score is None:
+                    if state.scores:
+                        state.scores.pop(metric, None)
+                else:
+                    state.scores[metric] = score
+                state.instant.append((ts, metric, r.value))
+                if instant:
+                    pending[key] = (rule, state)
+                else:
+                    t = self._decide(rule, state, tenant_id, device_id)
+                    if t is not None:
+                        out.append(t)
+        if pending:
+            self._pending = {}
             for key, (rule, state) in pending.items():
                 t = self._decide(rule, state, key[2], key[3])
                 if t is not None:
                     out.append(t)
         return out
-
-    def _observe_one(self, rule: Rule, r: Reading, score: float | None = None) -> Transition | None:
-        if r.metric not in rule.reads:  # absence reads none
-            return None
-        state = self._state(rule, r.tenant_id, r.device_id)
-        seen = state.last.get(r.metric)
-        if seen is not None and r.ts <= seen[0]:
-            self.late += 1
-            return None
-        decided = None
-        instant = rule.by_instant
-        if instant and state.instant and state.instant[0][0] < r.ts:
-            decided = self._decide(rule, state, r.tenant_id, r.device_id)  # the device's previous instant
-        if seen is not None:
-            state.prev[r.metric] = seen
-        state.last[r.metric] = (r.ts, r.value)
-        if score is None:
-            state.scores.pop(r.metric, None)
-        else:
-            state.scores[r.metric] = score
-        state.instant.append((r.ts, r.metric, r.value))
-        if instant:
-            self._pending[(rule.tenant_id, rule.id, r.tenant_id, r.device_id)] = (rule, state)
-            return decided
-        return self._decide(rule, state, r.tenant_id, r.device_id)
 
     def _decide(self, rule: Rule, state: _State, tenant_id: str, device_id: str) -> Transition | None:
         """Evaluate the condition at the instant taken in (`state.instant`, then emptied)."""
@@ -159,13 +164,11 @@ class Engine:
             if state.active and ts <= state.raised_at:
                 return None  # up to the restored alarm's raise: its latches stay as they were then
             state.raised_at = None
-        cond = rule.condition
-        assert not isinstance(cond, Absence)
-        holds = self._holds(cond, state)
+        holds = self._holds(rule, state)
         # The reading the transition names: the instant's first whose part holds (the last one read when none does).
         _, metric, value = instant[-1]
         if holds and len(instant) > 1:
-            held = {leaf.metric for leaf, up in zip(leaves(cond), state.latched, strict=True) if up}
+            held = {leaf.metric for leaf, up in zip(rule.leaves, state.latched, strict=True) if up}
             _, metric, value = next((x for x in instant if x[1] in held), instant[-1])
         if not holds:
             state.holding_since = None
@@ -177,34 +180,33 @@ class Engine:
             state.holding_since = ts
         if state.active:
             return Transition("update", rule, tenant_id, device_id, ts, metric, value)
-        if ts - state.holding_since >= int(rule.for_s * 1_000_000):
+        if ts - state.holding_since >= rule.for_us:
             state.active = True
             return Transition("raise", rule, tenant_id, device_id, ts, metric, value)
         return None
 
     @staticmethod
-    def _holds(cond: Threshold | Rate | Anomaly | Combined, state: _State) -> bool:
-        results = []
-        for i, leaf in enumerate(cond.conditions if isinstance(cond, Combined) else (cond,)):  # `leaves`
+    def _holds(rule: Rule, state: _State) -> bool:
+        """Whether the condition holds now; every part's latch is updated (hysteresis)."""
+        latched, last_of = state.latched, state.last
+        held_any, held_all = False, True
+        for i, leaf in enumerate(rule.leaves):
             result = False
-            last = state.last.get(leaf.metric)
-            if isinstance(leaf, Threshold):
-                if last is not None:
-                    result = leaf.holds(last[1], state.latched[i])
-            elif isinstance(leaf, Anomaly):
-                scored = state.scores.get(leaf.metric)
-                if scored is not None:
-                    result = leaf.holds(scored, state.latched[i])
-            else:
-                prev = state.prev.get(leaf.metric)
-                if last is not None and prev is not None and last[0] > prev[0]:
-                    rate = (last[1] - prev[1]) / ((last[0] - prev[0]) / 1_000_000)
-                    result = leaf.holds(rate, state.latched[i])
-            state.latched[i] = result
-            results.append(result)
-        if isinstance(cond, Combined) and cond.kind == "any":
-            return any(results)
-        return all(results)
+            last = last_of.get(leaf.metric)
+            if last is not None:
+                if isinstance(leaf, Threshold):
+                    result = leaf.holds(last[1], latched[i])
+                elif isinstance(leaf, Anomaly):
+                    scored = state.scores.get(leaf.metric)
+                    result = scored is not None and leaf.holds(scored, latched[i])
+                else:
+                    prev = state.prev.get(leaf.metric)
+                    if prev is not None and last[0] > prev[0]:
+                        result = leaf.holds((last[1] - prev[1]) / ((last[0] - prev[0]) / 1_000_000), latched[i])
+            latched[i] = result
+            held_any |= result
+            held_all &= result
+        return held_any if rule.any_of else held_all
 
 
 def absence_transitions(

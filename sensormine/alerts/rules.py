@@ -231,6 +231,21 @@ class Rule:
         return frozenset(metrics_of(self.condition))
 
     @cached_property
+    def leaves(self) -> tuple[Threshold | Rate | Anomaly, ...]:
+        """The condition's parts (`leaves`, computed once; none for absence)."""
+        return tuple(leaves(self.condition))
+
+    @cached_property
+    def any_of(self) -> bool:
+        """Whether one part holding is enough (an `any` combination)."""
+        return isinstance(self.condition, Combined) and self.condition.kind == "any"
+
+    @cached_property
+    def for_us(self) -> int:
+        """`for_s` in microseconds."""
+        return int(self.for_s * 1_000_000)
+
+    @cached_property
     def by_instant(self) -> bool:
         """Whether the condition reads several metrics, so it is decided once per instant (the engine)."""
         return len(self.reads) > 1

@@ -243,7 +243,9 @@ def apply_transitions(
     """
     changes: list[AlarmChange] = []
     now = now or datetime.now(UTC)
-    with conn.cursor(row_factory=dict_row) as cur:
+    # Pipeline mode: statements whose result nothing reads (repeats, events) go out without waiting
+    # for the server; only a raise or a clear waits for its row (and for what was queued before it).
+    with conn.pipeline(), conn.cursor(row_factory=dict_row) as cur:
         # Raises and clears evaluated before (a replayed batch) are found in one query, not one each.
         ids = [t.event_id for t in transitions if t.kind != "update"]
         seen = (

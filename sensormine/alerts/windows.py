@@ -95,41 +95,21 @@ class _Series:
 
 @dataclass(slots=True)
 class WindowAggregate:
-    """One closed window of one series."""
+    """One closed window of one series; its fields, in order, are the aggregates-topic message body
+    (`orjson.dumps` of it; the stream processor appends the device's type and labels)."""
 
+    id: str  # "{device}/{metric}/{window_start_us}/{window_us}": the series and window, the message key
     tenant_id: str
     device_id: str
     metric: str
-    start_us: int
-    width_us: int
+    window_start_us: int
+    window_us: int
     count: int
     min: float
     max: float
     avg: float
     stddev: float | None  # None for a single reading
     rate_per_s: float | None  # (last - first) / seconds between them; None for a single instant
-
-    @property
-    def id(self) -> str:
-        """The series and window; the aggregates topic's message key."""
-        return f"{self.device_id}/{self.metric}/{self.start_us}/{self.width_us}"
-
-    def as_json(self) -> dict[str, object]:
-        """The aggregates-topic message body (the stream processor adds the device's type and labels)."""
-        return {
-            "id": self.id,
-            "tenant_id": self.tenant_id,
-            "device_id": self.device_id,
-            "metric": self.metric,
-            "window_start_us": self.start_us,
-            "window_us": self.width_us,
-            "count": self.count,
-            "min": self.min,
-            "max": self.max,
-            "avg": self.avg,
-            "stddev": self.stddev,
-            "rate_per_s": self.rate_per_s,
-        }
 
 
 class Windows:
@@ -237,6 +217,7 @@ class Windows:
             n = acc.count
             out.append(
                 WindowAggregate(
+                    f"{key[1]}/{key[2]}/{start}/{width}",
                     key[0],
                     key[1],
                     key[2],

@@ -14,7 +14,9 @@ from datetime import UTC, date, datetime
 
 import psycopg
 
-ML_INFERENCE = "ml_inference"
+from sensormine.metering.ledger import ML_INFERENCE
+
+__all__ = ["ML_INFERENCE", "InferenceMeter", "meter_inference"]
 
 
 def meter_inference(conn: psycopg.Connection, flush_id: str, counts: Mapping[tuple[str, date], int]) -> bool:

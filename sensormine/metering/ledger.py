@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 API_CALLS = "api_calls"
+ML_INFERENCE = "ml_inference"  # readings scored by an anomaly model (sensormine.anomaly.metering)
 
 
 DEFAULT_FLUSH_INTERVAL_S = 5.0

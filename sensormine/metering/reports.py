@@ -1,4 +1,8 @@
-"""What a tenant used in a month against its plan: the quota group's standing and the subtree's breakdown."""
+"""What a tenant used in a month against its plan: the quota group's standing and the subtree's breakdown.
+
+Metered so far: API calls (the API's counters, flushed) and ML inferences (scored rows of the
+stream processor, the batch scoring asset and dry runs; `sensormine.anomaly.metering`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,19 @@ from datetime import date, datetime
 import psycopg
 
 from sensormine.metering.calendar import next_month_start
-from sensormine.metering.ledger import API_CALLS, usage_in_month
+from sensormine.metering.ledger import API_CALLS, ML_INFERENCE, usage_in_month
 from sensormine.tenancy.tenants import visible_tenant_ids
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Metered counts of one tenant (or quota group) over a day or a month."""
+
+    api_calls: int = 0
+    ml_inference: int = 0
+
+
+METRICS = {API_CALLS: "api_calls", ML_INFERENCE: "ml_inference"}  # usage.metric -> Counts field
 
 
 @dataclass(frozen=True)
@@ -19,10 +34,14 @@ class MonthUsage:
     tenant_id: str
     quota_tenant: str  # whose plan and quota apply
     plan: str
-    group_api_calls: int  # the quota group's calls in the month
+    group: Counts  # the quota group's counts in the month
     group_devices: int  # the quota group's registered devices
-    by_day: list[tuple[date, int]]  # the tenant's own calls per day
-    by_tenant: list[tuple[str, int, int]]  # (tenant, calls, devices) for the tenant and each sub-tenant
+    by_day: list[tuple[date, Counts]]  # the tenant's own counts per day (days with any)
+    by_tenant: list[tuple[str, Counts, int]]  # (tenant, counts, devices) for the tenant and each sub-tenant
+
+
+def _counts(rows: list[tuple[str, int]]) -> Counts:
+    return Counts(**{METRICS[m]: int(v) for m, v in rows})
 
 
 def month_usage(conn: psycopg.Connection, tenant_id: str, first: datetime) -> MonthUsage:
@@ -32,28 +51,33 @@ def month_usage(conn: psycopg.Connection, tenant_id: str, first: datetime) -> Mo
     row = conn.execute("SELECT * FROM sensormine_device_quota_usage(%s)", (tenant_id,)).fetchone()
     assert row is not None
     quota_tenant, plan_name, group_devices = row
-    calls: dict[str, int] = dict(
-        conn.execute(
-            "SELECT tenant_id, sum(value) FROM usage WHERE metric = %s AND day >= %s AND day < %s "
-            "AND tenant_id = ANY(%s) GROUP BY tenant_id",
-            (API_CALLS, start, end, subtree),
-        ).fetchall()
-    )
+    metrics = list(METRICS)
+    per_tenant: dict[str, list[tuple[str, int]]] = {}
+    for tenant, metric, value in conn.execute(
+        "SELECT tenant_id, metric, sum(value) FROM usage WHERE metric = ANY(%s) AND day >= %s AND day < %s "
+        "AND tenant_id = ANY(%s) GROUP BY tenant_id, metric",
+        (metrics, start, end, subtree),
+    ).fetchall():
+        per_tenant.setdefault(tenant, []).append((metric, value))
     devices: dict[str, int] = dict(
         conn.execute(
             "SELECT tenant_id, count(*) FROM devices WHERE tenant_id = ANY(%s) GROUP BY tenant_id", (subtree,)
         ).fetchall()
     )
-    days = conn.execute(
-        "SELECT day, value FROM usage WHERE metric = %s AND tenant_id = %s AND day >= %s AND day < %s ORDER BY day",
-        (API_CALLS, tenant_id, start, end),
-    ).fetchall()
+    per_day: dict[date, list[tuple[str, int]]] = {}
+    for day, metric, value in conn.execute(
+        "SELECT day, metric, value FROM usage WHERE metric = ANY(%s) AND tenant_id = %s AND day >= %s AND day < %s "
+        "ORDER BY day",
+        (metrics, tenant_id, start, end),
+    ).fetchall():
+        per_day.setdefault(day, []).append((metric, value))
+    group = Counts(**{METRICS[m]: usage_in_month(conn, quota_tenant, m, first) for m in metrics})
     return MonthUsage(
         tenant_id=tenant_id,
         quota_tenant=quota_tenant,
         plan=plan_name,
-        group_api_calls=usage_in_month(conn, quota_tenant, API_CALLS, first),
+        group=group,
         group_devices=int(group_devices),
-        by_day=[(d, int(v)) for d, v in days],
-        by_tenant=[(t, int(calls.get(t, 0)), int(devices.get(t, 0))) for t in subtree],
+        by_day=[(d, _counts(rows)) for d, rows in per_day.items()],
+        by_tenant=[(t, _counts(per_tenant.get(t, [])), int(devices.get(t, 0))) for t in subtree],
     )

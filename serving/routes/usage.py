@@ -1,4 +1,4 @@
-"""Usage of a tenant against its plan (API calls, devices) and the events its admins should hear about."""
+"""Usage of a tenant against its plan (API calls, devices, ML inferences) and the events its admins should hear of."""
 
 from __future__ import annotations
 
@@ -30,17 +30,19 @@ class Allowance(BaseModel):
 
 
 class DayCount(BaseModel):
-    """API calls of one day."""
+    """Metered counts of one day."""
 
     day: date
     api_calls: int
+    ml_inference: int = Field(description="Readings scored by an anomaly model")
 
 
 class TenantCount(BaseModel):
-    """API calls and devices of one tenant of the subtree in the month (for chargeback)."""
+    """Metered counts and devices of one tenant of the subtree in the month (for chargeback)."""
 
     tenant_id: str
     api_calls: int
+    ml_inference: int
     devices: int
 
 
@@ -53,7 +55,11 @@ class UsageOut(BaseModel):
     quota_tenant: str = Field(description="Whose plan and quota apply (the nearest tenant up with its own plan)")
     api_calls: Allowance = Field(description="The quota group's calls this month (live for the current month)")
     devices: Allowance = Field(description="The quota group's registered devices")
-    by_day: list[DayCount] = Field(description="The tenant's own calls per day (flushed counts)")
+    ml_inference: Allowance = Field(
+        description="The quota group's readings scored by anomaly models this month (stream, batch and dry runs); "
+        "metered for billing, limited by no plan yet"
+    )
+    by_day: list[DayCount] = Field(description="The tenant's own counts per day with any (flushed counts)")
     by_tenant: list[TenantCount] = Field(description="The tenant and each sub-tenant (flushed counts)")
 
 
@@ -91,7 +97,7 @@ def usage(
     first, label = _month(month)
     with caller.scope(conn):
         used_in_month = month_usage(conn, tenant, first)
-    used = used_in_month.group_api_calls
+    used = used_in_month.group.api_calls
     quotas: Quotas | None = getattr(request.app.state, "quotas", None)
     if quotas is not None and label == month_label(datetime.now(UTC)):
         live = quotas.backend.month_count(used_in_month.quota_tenant, label)
@@ -104,8 +110,9 @@ def usage(
         quota_tenant=used_in_month.quota_tenant,
         api_calls=Allowance(used=used, limit=plan.api_calls_per_month),
         devices=Allowance(used=used_in_month.group_devices, limit=plan.max_devices),
-        by_day=[DayCount(day=d, api_calls=n) for d, n in used_in_month.by_day],
-        by_tenant=[TenantCount(tenant_id=t, api_calls=c, devices=d) for t, c, d in used_in_month.by_tenant],
+        ml_inference=Allowance(used=used_in_month.group.ml_inference, limit=None),
+        by_day=[DayCount(day=d, **vars(c)) for d, c in used_in_month.by_day],
+        by_tenant=[TenantCount(tenant_id=t, devices=n, **vars(c)) for t, c, n in used_in_month.by_tenant],
     )
 
 

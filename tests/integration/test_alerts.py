@@ -446,6 +446,11 @@ def test_a_dry_run_scores_an_anomaly_rule_with_the_streams_model_and_meters_it(
     assert got["events"][0]["value"] == 11.5
     usage = conn.execute("SELECT tenant_id, value FROM usage WHERE metric = 'ml_inference'").fetchall()
     assert usage == [("acme", 61)]  # the dry run's inferences are metered like the stream's
+    with TestClient(create_app(in_process)) as client:  # and the tenant sees them in its usage
+        shown = client.get("/api/usage", headers={"X-API-Key": acme["operator"]}).json()
+    assert shown["ml_inference"] == {"used": 61, "limit": None}, shown
+    assert [d["ml_inference"] for d in shown["by_day"]] == [61]
+    assert {t["tenant_id"]: t["ml_inference"] for t in shown["by_tenant"]} == {"acme": 61}
 
 
 def test_a_restarted_evaluator_rebuilds_its_state_from_the_hot_store(
