@@ -14,9 +14,11 @@ nothing.
 State is rebuilt from the hot store, per partition, whenever partitions are assigned (on start and
 in a rebalance; `StreamProcessor.rebuild`): the open alarms are restored, the recent readings of the
 partitions' devices replayed into the evaluator and the windows. A revoked partition's open windows
-are dropped for its new owner to rebuild; open windows are not published at shutdown either. The
-rebuild first waits for the hot store to hold what this group has handled; it then neither loses
-nor repeats a window (`sensormine.alerts.windows`). Every raise and clear is queued in
+are dropped for its new owner to rebuild; open windows are not published at shutdown either. What
+this group handled but the hot store does not hold yet (its consumer behind, or down) is read back
+from the telemetry topics themselves, from the hot-store consumer's stored offsets up to this
+group's committed ones; so the rebuild neither loses nor repeats a window
+(`sensormine.alerts.windows`), whether or not the hot-store consumer is running. Every raise and clear is queued in
 `alarm_outbox` in the transaction that writes it and taken off when Kafka confirms its event; what
 stays there (Kafka refused it, or the process died in between) is published again after
 `alerts_outbox_retry_s` by whichever member sweeps first, so an event reaches the topic at least once
@@ -52,7 +54,7 @@ from sensormine.telemetry.validation import validate_message
 
 log = logging.getLogger("sensormine.alerts.streamproc")
 
-REBUILD_WAIT_S = 60.0  # how long a rebuild waits for the hot store to catch up with this group
+REBUILD_WAIT_S = 60.0  # how long a rebuild waits for Kafka to deliver what the hot store did not hold
 
 
 @dataclass
@@ -148,41 +150,75 @@ class StreamProcessor:
         topic = self.settings.telemetry_topic(tenant_id)
         return topic, partition_of(device_id.encode(), self._partitions[topic])
 
-    def _await_hot_store(self, parts: set[tuple[str, int]], timeout_s: float = REBUILD_WAIT_S) -> bool:
-        """Wait until the hot store holds every message this group has handled on `parts` (the hot-store
-        consumer's stored offsets at or past this group's committed ones), so the replay is whole."""
+    def _hot_store_gaps(self, parts: set[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        """Per partition of `parts`, the offsets this group has handled but the hot store may not hold
+        yet: from the hot-store consumer's stored offset up to this group's committed one (read before
+        the hot store is, so a row written meanwhile is replayed twice at worst, never missed)."""
         committed = {
             (tp.topic, tp.partition): tp.offset
             for tp in self.consumer.committed([TopicPartition(t, p) for t, p in sorted(parts)], timeout=10)
             if tp.offset >= 0
         }
-        deadline = time.monotonic() + timeout_s
         with connect(self.settings, role=ALERTS) as conn:
-            while True:
-                stored = stored_offsets(conn, self.settings.consumer_group)
-                conn.commit()
-                behind = {k: o for k, o in committed.items() if stored.get(k, 0) < o}
-                if not behind:
-                    return True
+            stored = stored_offsets(conn, self.settings.consumer_group)
+        return {k: (stored.get(k, 0), o) for k, o in committed.items() if stored.get(k, 0) < o}
+
+    def _replay(self, readings: list[Reading], floor_us: int) -> None:
+        """Readings handled before this member owned their partitions, into the windows and the evaluator."""
+        self.windows.add(readings, floor_us=floor_us, replay=True)
+        if readings:
+            self._publish(self.processor.process(readings))
+
+    def _replay_from_kafka(self, gaps: dict[tuple[str, int], tuple[int, int]], floor_us: int) -> int:
+        """Replay the gaps that the hot store did not cover (its consumer behind or down) from the
+        telemetry topics themselves: a reader of its own, assigned, committing nothing. Readings older
+        than `floor_us` are left out, as the hot store's replay leaves them out. Returns the readings."""
+        reader = make_consumer(f"{self.settings.alerts_group}.rebuild", self.settings)
+        replayed = 0
+        try:
+            todo: dict[tuple[str, int], int] = {}
+            starts = []
+            for (topic, part), (start, end) in sorted(gaps.items()):
+                low, _ = reader.get_watermark_offsets(TopicPartition(topic, part), timeout=10)
+                if max(start, low) < end:
+                    todo[(topic, part)] = end
+                    starts.append(TopicPartition(topic, part, max(start, low)))
+            reader.assign(starts)
+            deadline = time.monotonic() + REBUILD_WAIT_S
+            now = now_us()
+            while todo:
                 if time.monotonic() > deadline:
-                    log.warning(
-                        "the hot store is behind this group's offsets on %s after %.0f s (is the hot-store "
-                        "consumer running?); rebuilding from what it has: windows of those partitions may be "
-                        "published again, incomplete",
-                        sorted(behind),
-                        timeout_s,
-                    )
-                    return False
-                time.sleep(0.2)
+                    log.warning("rebuild: Kafka did not deliver offsets up to %s in %.0f s", todo, REBUILD_WAIT_S)
+                    break
+                batch: list[Reading] = []
+                for msg in reader.consume(num_messages=5_000, timeout=0.5):
+                    key = (msg.topic() or "", msg.partition() or 0)
+                    upto = todo.get(key)
+                    if msg.error() is not None or upto is None or (msg.offset() or 0) >= upto:
+                        continue
+                    if (msg.offset() or 0) + 1 >= upto:
+                        del todo[key]
+                    try:
+                        decoded = decode_envelope(msg.value() or b"")
+                    except PayloadError:
+                        continue
+                    if not self._rejected(decoded, now):
+                        batch += [r for r in decoded if r.ts >= floor_us]
+                self._replay(batch, floor_us)
+                replayed += len(batch)
+        finally:
+            reader.close()
+        return replayed
 
     def rebuild(self) -> int:
         """Rebuild the state of newly assigned partitions from the hot store (on start, and when a
         rebalance brings partitions): their devices' readings since the warm-up span go through the
         evaluator (`AlarmProcessor.warm_up`'s semantics: latches, durations and latest values come
         back, nothing stored changes twice) and into the windows from a window boundary on, so the
-        open windows are whole again. Kafka then redelivers from the committed offsets; what the
-        replay already covered is recognised (late for the evaluator, duplicates for the windows).
-        Returns the readings replayed."""
+        open windows are whole again. Messages this group handled that the hot store does not hold
+        yet are replayed after it from Kafka (`_replay_from_kafka`). Kafka then redelivers from the
+        committed offsets; what the replay already covered is recognised (late for the evaluator,
+        duplicates for the windows). Returns the readings replayed."""
         parts, self._unbuilt = self._unbuilt, set()
         for topic in {t for t, _ in parts} - set(self._partitions):
             self._partitions[topic] = len(self.consumer.list_topics(topic, timeout=10).topics[topic].partitions)
@@ -193,17 +229,23 @@ class StreamProcessor:
         since_us = int(self.processor.replay_since(self.settings.alerts_warmup_s) * 1_000_000)
         since_us -= since_us % width
         replayed = 0
-        self._await_hot_store(parts)
+        gaps = self._hot_store_gaps(parts)
         since = datetime.fromtimestamp(since_us / 1_000_000, UTC)
         for batch in recent_readings(lambda: connect(self.settings, role=ALERTS), since, tenants=tenants):
             mine = [r for r in batch if self._home(r.tenant_id, r.device_id) in parts]
-            self.windows.add(mine, floor_us=since_us, replay=True)
-            if mine:
-                self._publish(self.processor.process(mine))
+            self._replay(mine, since_us)
             replayed += len(mine)
+        from_kafka = self._replay_from_kafka(gaps, since_us) if gaps else 0
         self.producer.flush(30)
-        log.info("state of %d partition(s) rebuilt from %d readings of the hot store", len(parts), replayed)
-        return replayed
+        log.info(
+            "state of %d partition(s) rebuilt from %d readings of the hot store and %d from Kafka "
+            "(messages the hot store did not hold yet: %d)",
+            len(parts),
+            replayed,
+            from_kafka,
+            sum(end - start for start, end in gaps.values()),
+        )
+        return replayed + from_kafka
 
     def _ensure(self, topics: set[str]) -> None:
         new = topics - self._topics

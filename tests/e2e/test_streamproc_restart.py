@@ -1,5 +1,6 @@
 """SIGKILL the stream processor (`sensormine ingest alerts`, a real process) mid-window, while a duration
-condition is holding, and restart it; or let a second member join the group there, so partitions
+condition is holding and with the hot-store consumer stopped halfway (so the rebuild has to read the
+rest back from Kafka), and restart it; or let a second member join the group there, so partitions
 move: either way the same alarms, alarm events and window aggregates as an uninterrupted run of the
 same rules over the same readings, none lost, none doubled."""
 
@@ -151,6 +152,12 @@ class Scenario:
     settings: Settings
     first: list[list[Reading]]  # the envelopes published before the disruption
     second: list[list[Reading]]  # and after it
+    hot: subprocess.Popen  # the hot-store consumer (`sensormine ingest consumer`)
+
+    def stop_hot_store_consumer(self) -> None:
+        if self.hot.poll() is None:
+            self.hot.send_signal(signal.SIGTERM)
+            assert self.hot.wait(30) == 0
 
     @property
     def total(self) -> int:
@@ -181,17 +188,22 @@ def scenario(settings: Settings, conn: psycopg.Connection, tmp_path: Path) -> It
     assert len({partition_of(d.encode(), 4) for d in DEVICES}) > 1, "the devices should spread over partitions"
     now_s = int(time.time())
     base_us = (now_s - 300 - now_s % 5) * S  # recent enough for the rebuild's replay (15 min), on a window edge
-    hot = start_consumer(settings, tmp_path / "consumer.log")
+    sc = Scenario(
+        settings, envelopes(base_us, range(20)), envelopes(base_us, range(20, SECONDS)),
+        start_consumer(settings, tmp_path / "consumer.log"),
+    )  # fmt: skip
     try:
-        yield Scenario(settings, envelopes(base_us, range(20)), envelopes(base_us, range(20, SECONDS)))
+        yield sc
     finally:
-        hot.send_signal(signal.SIGTERM)
-        hot.wait(30)
+        sc.stop_hot_store_consumer()
 
 
-def first_half_handled(sc: Scenario, conn: psycopg.Connection) -> None:
+def first_half_handled(sc: Scenario, conn: psycopg.Connection, stored: int | None = None) -> None:
+    """The stream processor has committed the first half; the hot store holds `stored` envelopes of it
+    (all by default)."""
+    stored = len(sc.first) if stored is None else stored
     wait_for(lambda: committed(sc.settings) == len(sc.first), "the first half handled and committed", 120)
-    wait_for(lambda: hot_rows(conn) == 2 * len(sc.first), "the first half in the hot store", 60)
+    wait_for(lambda: hot_rows(conn) == 2 * stored, f"{stored} envelopes in the hot store", 60)
     raised_before = conn.execute("SELECT device_id FROM alarms ORDER BY 1").fetchall()
     conn.commit()
     assert raised_before == [("m1",), ("m3",), ("m4",)]  # m2's duration is still running
@@ -206,8 +218,12 @@ def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_wind
     try:
         killed = start_stream_processor(settings, log)
         procs.append(killed)
-        publish(settings, scenario.first)
-        first_half_handled(scenario, conn)
+        mid = len(scenario.first) // 2  # up to second 9: m2's duration starts holding after it
+        publish(settings, scenario.first[:mid])
+        wait_for(lambda: hot_rows(conn) == 2 * mid, "the first quarter in the hot store", 60)
+        scenario.stop_hot_store_consumer()  # and not started again: the hot store stops at second 9
+        publish(settings, scenario.first[mid:])
+        first_half_handled(scenario, conn, stored=mid)
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
 
@@ -223,7 +239,8 @@ def test_sigkill_mid_window_then_restart_gives_the_uninterrupted_alarms_and_wind
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
     assert_uninterrupted(scenario, conn)
-    assert "state of 4 partition(s) rebuilt from" in log.read_text()
+    # The restart's rebuild: seconds 0-9 from the hot store, 10-19 (40 envelopes) read back from Kafka.
+    assert "and 80 from Kafka (messages the hot store did not hold yet: 40)" in log.read_text(), log.read_text()
 
 
 def test_a_member_joining_mid_window_takes_over_partitions_with_their_state(
