@@ -107,6 +107,74 @@ def delete_channel(conn: psycopg.Connection, tenant_id: str, channel_id: str) ->
         raise UnknownChannel(f"channel {channel_id!r} not found in tenant {tenant_id!r}")
 
 
+@dataclass(frozen=True)
+class SmsProviderConfig:
+    """A tenant's own SMS gateway; `token` only where the caller may use it (the notifier)."""
+
+    tenant_id: str
+    url: str
+    updated_at: datetime | None = None
+    token: str | None = None
+
+
+class UnknownSmsProvider(LookupError):
+    """The tenant has no SMS gateway of its own."""
+
+
+def check_sms_provider(url: str, token: str) -> None:
+    """Refuse a gateway that could never deliver (RuleError saying why)."""
+    if not _URL.match(url):
+        raise RuleError(f"{url!r} is not an http(s) URL")
+    if not 8 <= len(token) <= 512 or token.strip() != token:
+        raise RuleError("the gateway's token: 8-512 characters, no leading or trailing space")
+
+
+def set_sms_provider(conn: psycopg.Connection, tenant_id: str, url: str, token: str) -> SmsProviderConfig:
+    """Store (or replace) a tenant's SMS gateway (RuleError); returned without its token."""
+    check_sms_provider(url, token)
+    row = conn.execute(
+        "INSERT INTO alert_sms_providers (tenant_id, url, token) VALUES (%s, %s, %s) "
+        "ON CONFLICT (tenant_id) DO UPDATE SET url = excluded.url, token = excluded.token, updated_at = now() "
+        "RETURNING updated_at",
+        (tenant_id, url, token),
+    ).fetchone()
+    assert row is not None
+    return SmsProviderConfig(tenant_id, url, row[0])
+
+
+def get_sms_provider(conn: psycopg.Connection, tenant_id: str) -> SmsProviderConfig:
+    """A tenant's own SMS gateway, without its token (UnknownSmsProvider)."""
+    row = conn.execute(
+        "SELECT tenant_id, url, updated_at FROM alert_sms_providers WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    if row is None:
+        raise UnknownSmsProvider(
+            f"tenant {tenant_id!r} has no SMS gateway of its own: its texts go through its parent's, or the "
+            "deployment's (SENSORMINE_SMS_URL); PUT /api/alerts/sms-provider sets one"
+        )
+    return SmsProviderConfig(*row)
+
+
+def delete_sms_provider(conn: psycopg.Connection, tenant_id: str) -> None:
+    """Remove a tenant's SMS gateway (UnknownSmsProvider)."""
+    if conn.execute("DELETE FROM alert_sms_providers WHERE tenant_id = %s", (tenant_id,)).rowcount == 0:
+        raise UnknownSmsProvider(f"tenant {tenant_id!r} has no SMS gateway of its own")
+
+
+def sms_gateway_of(
+    tenant_id: str, gateways: dict[str, SmsProviderConfig], parents: dict[str, str | None]
+) -> SmsProviderConfig | None:
+    """The gateway a tenant's texts go through: its own, else the nearest ancestor's; None: the deployment's."""
+    seen: set[str] = set()
+    at: str | None = tenant_id
+    while at is not None and at not in seen:
+        if at in gateways:
+            return gateways[at]
+        seen.add(at)
+        at = parents.get(at)
+    return None
+
+
 class Level(BaseModel):
     """One escalation level: its channels, notified `after_s` seconds after the raise."""
 

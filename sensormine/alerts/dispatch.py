@@ -2,9 +2,11 @@
 in the delivery log.
 
 The processor hands over its changes after their commit; a worker thread sends them, so a slow or
-unreachable server never holds up the write path. Each e-mail carries the tenant's branding
-(its own, else the nearest ancestor's). Outcomes (delivered / failed / dead, attempts, error) land
-in `alarm_deliveries`, which `GET /api/alerts/alarms/{id}/deliveries` shows.
+unreachable server never holds up the write path. Each e-mail carries the tenant's branding (its
+own, else the nearest ancestor's); each text goes through the channel owner's SMS gateway (its own,
+else the nearest ancestor's, else the deployment's `SENSORMINE_SMS_URL`). Outcomes (delivered /
+failed / dead, attempts, error) land in `alarm_deliveries`, which
+`GET /api/alerts/alarms/{id}/deliveries` shows.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 
 import psycopg
 
-from sensormine.alerts.channels import Channel, Policy, list_policies
+from sensormine.alerts.channels import Channel, Policy, SmsProviderConfig, list_policies, sms_gateway_of
 from sensormine.alerts.notify import (
     Branding,
     Delivery,
     EmailChannel,
+    HttpSmsProvider,
     Notification,
     SmsChannel,
     SmsProvider,
@@ -67,17 +70,17 @@ def notification(change: AlarmChange, tenants: dict[str, tuple[str, str | None, 
 
 def targets_of(
     change: AlarmChange, channels: Mapping[tuple[str, str], Channel], policies: Mapping[tuple[str, str], Policy]
-) -> list[tuple[str, list[str], str | None]]:
-    """(kind, targets, webhook secret) to send one change to.
+) -> list[tuple[str, list[str], str | None, str]]:
+    """(kind, targets, webhook secret, whose channel) to send one change to.
 
     Raised and cleared alarms go to the rule's direct e-mail recipients; with a policy, a raise goes to
     level 1 when it is due at once, an escalation or reminder to its level, and a clear to every
     level notified so far. Disabled or deleted channels are skipped.
     """
     alarm = change.alarm
-    out: list[tuple[str, list[str], str | None]] = []
+    out: list[tuple[str, list[str], str | None, str]] = []
     if change.kind in ("raised", "cleared") and change.rule is not None and change.rule.notify.emails:
-        out.append(("email", list(change.rule.notify.emails), None))
+        out.append(("email", list(change.rule.notify.emails), None, change.rule.tenant_id))
     policy = policies.get((alarm.policy_tenant_id or "", alarm.policy_id or ""))
     if policy is None:
         return out
@@ -91,7 +94,7 @@ def targets_of(
     for name in dict.fromkeys(names):
         channel = channels.get((policy.tenant_id, name))
         if channel is not None and channel.enabled:
-            out.append((channel.kind, list(channel.targets), channel.secret))
+            out.append((channel.kind, list(channel.targets), channel.secret, channel.tenant_id))
     return out
 
 
@@ -136,7 +139,9 @@ class Dispatcher:
         if conn is not None:
             conn.close()
 
-    def _deliver(self, kind: str, targets: list[str], secret: str | None, n: Notification) -> list[Delivery]:
+    def _deliver(
+        self, kind: str, targets: list[str], secret: str | None, n: Notification, gateway: SmsProviderConfig | None
+    ) -> list[Delivery]:
         if kind == "email":
             if self.email is None:
                 return [Delivery("email", ", ".join(targets), "failed", 0, "no SMTP server (SENSORMINE_SMTP_URL)")]
@@ -144,9 +149,11 @@ class Dispatcher:
         if kind == "webhook":
             assert secret is not None
             return [WebhookChannel(targets[0], secret, sleep=self.webhook_sleep).send(n)]
-        if self.sms is None:
+        # The channel owner's gateway (or the nearest ancestor's), else the deployment's.
+        sms = HttpSmsProvider(gateway.url, gateway.token or "", sleep=self.webhook_sleep) if gateway else self.sms
+        if sms is None:
             return [Delivery("sms", t, "failed", 0, "no SMS provider (SENSORMINE_SMS_URL)") for t in targets]
-        return [SmsChannel(self.sms).send(n, t) for t in targets]
+        return [SmsChannel(sms).send(n, t) for t in targets]
 
     def _send(self, conn: psycopg.Connection, changes: list[AlarmChange]) -> None:
         with conn.transaction():
@@ -158,11 +165,17 @@ class Dispatcher:
                 ).fetchall()
             }
             policies = {(p.tenant_id, p.id): p for p in list_policies(conn)}
+            gateways = {
+                r[0]: SmsProviderConfig(r[0], r[1], None, r[2])
+                for r in conn.execute("SELECT tenant_id, url, token FROM alert_sms_providers").fetchall()
+            }
         tenants = {r[0]: (r[1], r[2], r[3] or {}) for r in rows}
+        parents = {r[0]: r[2] for r in rows}
         for change in changes:
             n = notification(change, tenants)
-            for kind, targets, secret in targets_of(change, channels, policies):
-                for d in self._deliver(kind, targets, secret, n):
+            for kind, targets, secret, owner in targets_of(change, channels, policies):
+                gateway = sms_gateway_of(owner, gateways, parents) if kind == "sms" else None
+                for d in self._deliver(kind, targets, secret, n, gateway):
                     with conn.transaction():
                         record_delivery(
                             conn, change.alarm, change.kind, change.level, d.channel, d.target, d.status, d.attempts,

@@ -153,6 +153,26 @@ def remove_channel(conn: psycopg.Connection, actor: audit.Actor, tenant_id: str,
         audit.record(conn, actor, tenant_id, "alert_channel.delete", "alert_channel", channel_id)
 
 
+def set_sms_provider(
+    conn: psycopg.Connection, actor: audit.Actor, tenant_id: str, url: str, token: str
+) -> channels.SmsProviderConfig:
+    """Set (or replace) the tenant's own SMS gateway; its sub-tenants use it unless they have theirs.
+
+    The token is stored for the notifier and never shown or audited. Raises RuleError."""
+    with actor.scope(conn, write=True):
+        made = channels.set_sms_provider(conn, tenant_id, url, token)
+        audit.record(conn, actor, tenant_id, "alert_sms_provider.set", "alert_sms_provider", tenant_id, {"url": url})
+    return made
+
+
+def remove_sms_provider(conn: psycopg.Connection, actor: audit.Actor, tenant_id: str) -> None:
+    """Remove the tenant's own SMS gateway (its texts go through its parent's, or the deployment's).
+    Raises UnknownSmsProvider."""
+    with actor.scope(conn, write=True):
+        channels.delete_sms_provider(conn, tenant_id)
+        audit.record(conn, actor, tenant_id, "alert_sms_provider.delete", "alert_sms_provider", tenant_id)
+
+
 def create_policy(
     conn: psycopg.Connection,
     actor: audit.Actor,

@@ -529,6 +529,60 @@ def remove_channel(channel_id: RuleId, caller: Writer, conn: ConnDep, tenant_id:
     return Response(status_code=204)
 
 
+class SmsProviderIn(BaseModel):
+    """The tenant's own SMS gateway: JSON over HTTP, POST {"to", "text"} with `Authorization: Bearer <token>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(examples=["https://sms.example.com/v1/messages"])
+    token: str = Field(description="The gateway's bearer token: stored for sending, never shown again")
+
+
+class SmsProviderOut(BaseModel):
+    """The tenant's own SMS gateway (never its token)."""
+
+    tenant_id: str
+    url: str
+    updated_at: datetime | None
+
+
+def _sms_provider_problem(exc: Exception) -> Problem:
+    return Problem(404 if isinstance(exc, channels.UnknownSmsProvider) else 422, str(exc))
+
+
+@router.put("/sms-provider", response_model=SmsProviderOut, responses={422: {}})
+def put_sms_provider(body: SmsProviderIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Any:
+    """Send the tenant's SMS channels (and its sub-tenants', unless they set their own) through its own gateway."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        made = usecases.set_sms_provider(conn, caller, tenant, body.url, body.token)
+    except RuleError as exc:
+        raise _sms_provider_problem(exc) from None
+    return vars(made)
+
+
+@router.get("/sms-provider", response_model=SmsProviderOut, responses={404: {}})
+def read_sms_provider(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> Any:
+    """The tenant's own SMS gateway (404: its texts go through its parent's, or the deployment's)."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        with caller.scope(conn):
+            return vars(channels.get_sms_provider(conn, tenant))
+    except channels.UnknownSmsProvider as exc:
+        raise _sms_provider_problem(exc) from None
+
+
+@router.delete("/sms-provider", status_code=204, responses={404: {}})
+def remove_sms_provider(caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> Response:
+    """Remove the tenant's own SMS gateway: its texts go through its parent's, or the deployment's, again."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        usecases.remove_sms_provider(conn, caller, tenant)
+    except channels.UnknownSmsProvider as exc:
+        raise _sms_provider_problem(exc) from None
+    return Response(status_code=204)
+
+
 @router.post("/policies", response_model=PolicyOut, status_code=201, responses={409: {}, 422: {}})
 def create_policy(body: PolicyIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> PolicyOut:
     """Add an escalation policy: levels of channels by delay after the raise, reminders until acknowledged."""

@@ -376,6 +376,77 @@ def test_escalation_notifies_level_by_level_reminds_and_stops_on_acknowledge(
             processor.close()
 
 
+def test_texts_go_through_the_tenants_own_sms_gateway_inherited_below_it_else_the_deployments(
+    in_process: Settings, conn: psycopg.Connection, receiver: Callable[..., Receiver]
+) -> None:
+    tokens = {"acme": "acme-" + uuid.uuid4().hex, "deployment": "deploy-" + uuid.uuid4().hex}
+    gateways = {
+        k: receiver([202], lambda h, b, t=t: h.get("authorization") == f"Bearer {t}") for k, t in tokens.items()
+    }
+    keys = {
+        "acme": make_tenant(conn, "acme", ["a1"]),
+        "acme-east": make_tenant(conn, "acme-east", ["e1"], parent_id="acme"),
+        "other": make_tenant(conn, "other", ["o1"]),
+    }
+    conn.commit()
+    settings = in_process.model_copy(update={"sms_url": gateways["deployment"].url, "sms_token": tokens["deployment"]})
+    with TestClient(create_app(settings)) as client:
+        acme = {"X-API-Key": keys["acme"]}
+        put = client.put(
+            "/api/alerts/sms-provider", json={"url": gateways["acme"].url, "token": tokens["acme"]}, headers=acme
+        )
+        assert put.status_code == 200 and "token" not in put.json(), put.text
+        shown = client.get("/api/alerts/sms-provider", headers=acme).json()
+        assert shown["url"] == gateways["acme"].url and "token" not in shown
+        bad = client.put("/api/alerts/sms-provider", json={"url": "ftp://x", "token": "long-enough"}, headers=acme)
+        assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+        east = {"X-API-Key": keys["acme-east"]}
+        none = client.get("/api/alerts/sms-provider", headers=east)
+        assert none.status_code == 404 and "parent's" in none.json()["detail"]
+        for tenant in ("acme-east", "other"):  # each with its own SMS channel, policy and rule
+            h = {"X-API-Key": keys[tenant]}
+            sms = {"id": "pager", "kind": "sms", "targets": ["+4915112345678"]}
+            assert client.post("/api/alerts/channels", json=sms, headers=h).status_code == 201
+            policy = {"id": "on-call", "levels": [{"after_s": 0, "channels": ["pager"]}]}
+            assert client.post("/api/alerts/policies", json=policy, headers=h).status_code == 201
+            rule = {**OVERHEAT, "policy_id": "on-call"}
+            assert client.post("/api/alerts/rules", json=rule, headers=h).status_code == 201
+
+        processor = start_processor(settings, ticks=False)
+        try:
+            raised = processor.process(
+                [Reading(t, d, "temperature", 1_000_000, 95.0) for t, d in (("acme-east", "e1"), ("other", "o1"))]
+            )
+            assert sorted(c.alarm.tenant_id for c in raised) == ["acme-east", "other"]
+            processor.notify.drain()  # type: ignore[union-attr]
+            # acme-east has no gateway of its own: its parent's; `other` has none up its tree: the deployment's.
+            got = {k: [(orjson.loads(b)["to"], ok) for _, b, ok in g.requests] for k, g in gateways.items()}
+            assert got == {"acme": [("+4915112345678", True)], "deployment": [("+4915112345678", True)]}
+
+            assert client.delete("/api/alerts/sms-provider", headers=acme).status_code == 204
+            assert client.get("/api/alerts/sms-provider", headers=acme).status_code == 404
+            (cleared,) = processor.process(
+                [
+                    Reading("acme-east", "e1", "temperature", 2_000_000, 20.0),
+                ]
+            )
+            assert cleared.kind == "cleared"
+            processor.notify.drain()  # type: ignore[union-attr]
+            assert len(gateways["acme"].requests) == 1 and len(gateways["deployment"].requests) == 2
+            log = client.get(f"/api/alerts/alarms/{cleared.alarm.id}/deliveries", headers=east).json()
+            assert [(d["state"], d["channel"], d["status"]) for d in log] == [
+                ("raised", "sms", "delivered"),
+                ("cleared", "sms", "delivered"),
+            ]
+        finally:
+            processor.close()
+    audit = conn.execute(
+        "SELECT action, detail::text FROM audit_log WHERE action LIKE 'alert_sms_provider.%' ORDER BY id"
+    ).fetchall()
+    assert [a for a, _ in audit] == ["alert_sms_provider.set", "alert_sms_provider.delete"]
+    assert all(tokens["acme"] not in (d or "") for _, d in audit)  # never the token
+
+
 def test_a_dry_run_counts_how_often_a_rule_would_have_fired_on_stored_data(
     in_process: Settings, conn: psycopg.Connection, acme: dict[str, str]
 ) -> None:

@@ -9,7 +9,7 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
 letters and their replays, the audit log, usage, tenant events, alarm rules, alarms and their
-history; the DLQ replay is a real one.
+history, channels, policies and SMS gateways; the DLQ replay is a real one.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
 (a grandchild upwards, a sibling across, a parent into another top-level tenant), and
 `test_ingest_and_auth_routes_stay_inside_the_callers_tenant` the routes outside the tenant matrix
@@ -32,7 +32,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from sensormine.alerts.channels import insert_channel, insert_policy, parse_policy
+from sensormine.alerts.channels import insert_channel, insert_policy, parse_policy, set_sms_provider
 from sensormine.alerts.engine import Transition
 from sensormine.alerts.rules import Rule, Scope, parse_condition
 from sensormine.alerts.store import apply_transitions, insert_rule
@@ -145,6 +145,9 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/alerts/policies"): "alerts:read",
     ("GET", "/api/alerts/policies/{policy_id}"): "alerts:read",
     ("DELETE", "/api/alerts/policies/{policy_id}"): "alerts:write",
+    ("PUT", "/api/alerts/sms-provider"): "alerts:write",
+    ("GET", "/api/alerts/sms-provider"): "alerts:read",
+    ("DELETE", "/api/alerts/sms-provider"): "alerts:write",
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
 SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
@@ -189,6 +192,9 @@ BODIES: dict[tuple[str, str], Body] = {
     ("POST", "/api/alerts/policies"): lambda t, u: {
         "json": {"id": f"p-{u}", "levels": [{"after_s": 0, "channels": ["ops"]}]}
     },
+    ("PUT", "/api/alerts/sms-provider"): lambda t, u: {
+        "json": {"url": f"https://sms.{t}.example/send", "token": f"token-{u}"}
+    },
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
@@ -196,6 +202,7 @@ LAST = [
     ("DELETE", "/api/alerts/rules/{rule_id}"),
     ("DELETE", "/api/alerts/policies/{policy_id}"),
     ("DELETE", "/api/alerts/channels/{channel_id}"),
+    ("DELETE", "/api/alerts/sms-provider"),
     ("POST", "/api/devices/{device_id}/rotate-key"),
     ("POST", "/api/devices/{device_id}/revoke-key"),
     ("DELETE", "/api/devices/{device_id}"),
@@ -280,6 +287,7 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         keys[t] = create_api_key(conn, t, "spare", role="viewer").split("_")[1]
         insert_channel(conn, t, "ops", "email", [f"ops@{t}.example"])
         insert_policy(conn, t, "on-call", "on-call", parse_policy([{"after_s": 0, "channels": ["ops"]}], None))
+        set_sms_provider(conn, t, f"https://sms.{t}.example/send", "seeded-token")
         rule = insert_rule(conn, Rule(t, "overheat", "overheat", "major", parse_condition(RULE), Scope()))
         (raised,) = apply_transitions(conn, [Transition("raise", rule, t, f"{t}-d1", DAY_US, "temperature", 95.0)])
         alarms[t] = raised.alarm.id
@@ -313,6 +321,7 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "alarm_events": "SELECT tenant_id, alarm_id, kind FROM alarm_events WHERE tenant_id = ANY(%s)",
         "alert_channels": "SELECT tenant_id, id, kind, targets, secret FROM alert_channels WHERE tenant_id = ANY(%s)",
         "policies": "SELECT tenant_id, id, levels FROM escalation_policies WHERE tenant_id = ANY(%s)",
+        "sms_providers": "SELECT tenant_id, url, token FROM alert_sms_providers WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
