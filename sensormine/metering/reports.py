@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 import psycopg
 
@@ -40,8 +41,12 @@ class MonthUsage:
     by_tenant: list[tuple[str, Counts, int]]  # (tenant, counts, devices) for the tenant and each sub-tenant
 
 
-def _counts(rows: list[tuple[str, int]]) -> Counts:
-    return Counts(**{METRICS[m]: int(v) for m, v in rows})
+def _by_key(rows: list[tuple[Any, str, int]]) -> dict[Any, Counts]:
+    """(key, metric, value) rows -> the counts per key, in the rows' order."""
+    grouped: dict[Any, dict[str, int]] = {}
+    for key, metric, value in rows:
+        grouped.setdefault(key, {})[METRICS[metric]] = int(value)
+    return {k: Counts(**v) for k, v in grouped.items()}
 
 
 def month_usage(conn: psycopg.Connection, tenant_id: str, first: datetime) -> MonthUsage:
@@ -52,25 +57,25 @@ def month_usage(conn: psycopg.Connection, tenant_id: str, first: datetime) -> Mo
     assert row is not None
     quota_tenant, plan_name, group_devices = row
     metrics = list(METRICS)
-    per_tenant: dict[str, list[tuple[str, int]]] = {}
-    for tenant, metric, value in conn.execute(
-        "SELECT tenant_id, metric, sum(value) FROM usage WHERE metric = ANY(%s) AND day >= %s AND day < %s "
-        "AND tenant_id = ANY(%s) GROUP BY tenant_id, metric",
-        (metrics, start, end, subtree),
-    ).fetchall():
-        per_tenant.setdefault(tenant, []).append((metric, value))
+    per_tenant = _by_key(
+        conn.execute(
+            "SELECT tenant_id, metric, sum(value) FROM usage WHERE metric = ANY(%s) AND day >= %s AND day < %s "
+            "AND tenant_id = ANY(%s) GROUP BY tenant_id, metric",
+            (metrics, start, end, subtree),
+        ).fetchall()
+    )
     devices: dict[str, int] = dict(
         conn.execute(
             "SELECT tenant_id, count(*) FROM devices WHERE tenant_id = ANY(%s) GROUP BY tenant_id", (subtree,)
         ).fetchall()
     )
-    per_day: dict[date, list[tuple[str, int]]] = {}
-    for day, metric, value in conn.execute(
-        "SELECT day, metric, value FROM usage WHERE metric = ANY(%s) AND tenant_id = %s AND day >= %s AND day < %s "
-        "ORDER BY day",
-        (metrics, tenant_id, start, end),
-    ).fetchall():
-        per_day.setdefault(day, []).append((metric, value))
+    per_day = _by_key(
+        conn.execute(
+            "SELECT day, metric, value FROM usage WHERE metric = ANY(%s) AND tenant_id = %s AND day >= %s "
+            "AND day < %s ORDER BY day",
+            (metrics, tenant_id, start, end),
+        ).fetchall()
+    )
     group = Counts(**{METRICS[m]: usage_in_month(conn, quota_tenant, m, first) for m in metrics})
     return MonthUsage(
         tenant_id=tenant_id,
@@ -78,6 +83,6 @@ def month_usage(conn: psycopg.Connection, tenant_id: str, first: datetime) -> Mo
         plan=plan_name,
         group=group,
         group_devices=int(group_devices),
-        by_day=[(d, _counts(rows)) for d, rows in per_day.items()],
-        by_tenant=[(t, _counts(per_tenant.get(t, [])), int(devices.get(t, 0))) for t in subtree],
+        by_day=list(per_day.items()),
+        by_tenant=[(t, per_tenant.get(t, Counts()), int(devices.get(t, 0))) for t in subtree],
     )
