@@ -18,7 +18,7 @@ lint: bootstrap
 	$(UV) run mypy
 	$(UV) run lint-imports
 
-services-up: bootstrap  ## start PostgreSQL, Mosquitto, Redis, Kafka, moto S3 and the SMTP sink on loopback
+services-up: bootstrap  ## start PostgreSQL, Mosquitto, Redis, Kafka, moto S3, the SMTP sink and stripe-mock on loopback
 	$(UV) run sensormine services up --state-dir $(STATE) >/dev/null
 
 services-down:

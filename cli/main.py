@@ -8,6 +8,7 @@ from typing import cast
 import psycopg
 import typer
 
+from cli.billing import app as billing_app
 from cli.common import fail
 from cli.devices import register as register_device_commands
 from cli.dlq import app as dlq_app
@@ -39,7 +40,8 @@ app.add_typer(lake_app, name="lake")
 register_device_commands(device_app)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(users_app, name="user")
-app.add_typer(services_app, name="services", help="Start/stop the local PostgreSQL, Mosquitto, Redis, Kafka and S3.")
+app.add_typer(billing_app, name="billing")
+app.add_typer(services_app, name="services", help="Start/stop the local servers: PostgreSQL, Kafka, stripe-mock, ...")
 
 
 @db_app.command("bootstrap")

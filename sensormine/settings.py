@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     )
     sms_url: str | None = Field(None, description="HTTP SMS provider endpoint (POST {to, text} with a bearer token).")
     sms_token: str | None = Field(None, description="Bearer token of the SMS provider.")
+    stripe_api_key: str | None = Field(
+        None, description="Stripe secret key (sk_...); `sensormine services up` exports stripe-mock's."
+    )
+    stripe_api_base: str | None = Field(
+        None, description="Stripe API base URL; unset: Stripe itself (the launcher points it at stripe-mock)."
+    )
     aggregate_window_s: float = Field(60.0, gt=0, description="Window width of the stream's aggregates topic.")
     aggregate_slide_s: float | None = Field(
         None,

@@ -25,6 +25,7 @@ SERVICE_VARS = (
     "SENSORMINE_REDIS_URL",
     "SENSORMINE_S3_ENDPOINT",
     "SENSORMINE_SMTP_URL",
+    "SENSORMINE_STRIPE_API_BASE",
 )
 
 
@@ -115,6 +116,8 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         s3_access_key=services.get("SENSORMINE_S3_ACCESS_KEY", "test"),
         s3_secret_key=services.get("SENSORMINE_S3_SECRET_KEY", "test"),
         smtp_url=services.get("SENSORMINE_SMTP_URL"),
+        stripe_api_base=services.get("SENSORMINE_STRIPE_API_BASE"),
+        stripe_api_key=services.get("SENSORMINE_STRIPE_API_KEY"),
         lake_uri=str(tmp_path / "lake"),
         mqtt_session_expiry_s=60,  # broker sessions of finished tests go away soon
         jwt_secret="test-signing-secret-" + uuid.uuid4().hex,

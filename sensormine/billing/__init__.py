@@ -1,1 +1,2 @@
-"""Stripe customers, subscriptions, usage reports and sub-tenant chargeback (the billing issue); empty for now."""
+"""Billing: the plan catalogue and a customer per tenant at Stripe (subscriptions, usage reports and
+sub-tenant chargeback are the billing issue's next steps). docs/billing.md."""

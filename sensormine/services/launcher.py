@@ -24,8 +24,9 @@ from sensormine.services.process import pid_alive
 from sensormine.services.redis import Redis
 from sensormine.services.s3 import S3
 from sensormine.services.smtp import Smtp
+from sensormine.services.stripe_mock import StripeMock
 
-ALL_SERVICES = ("postgres", "mosquitto", "redis", "kafka", "s3", "smtp")
+ALL_SERVICES = ("postgres", "mosquitto", "redis", "kafka", "s3", "smtp", "stripe")
 
 _CLASSES: dict[str, type[Service]] = {
     "postgres": Postgres,
@@ -34,6 +35,7 @@ _CLASSES: dict[str, type[Service]] = {
     "kafka": Kafka,
     "s3": S3,
     "smtp": Smtp,
+    "stripe": StripeMock,
 }
 
 

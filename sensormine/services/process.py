@@ -144,9 +144,10 @@ def run(
     user: pwd.struct_passwd | None = None,
     cwd: Path | None = None,
     timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short command to completion (optionally as `user`), capturing its output."""
-    who = _run_as(user)
+    """Run a short command to completion (optionally as `user`, with `env` added), capturing its output."""
+    who = _run_as(user, env)
     return subprocess.run(
         [str(c) for c in cmd],
         stdin=subprocess.DEVNULL,

@@ -108,6 +108,7 @@ NO_TENANT_ROWS = {
     "ingest_offsets": "the consumer's Kafka positions, per consumer group (service bookkeeping)",
     "usage_flushes": "ids of usage batches already added (the ledger's dedupe record; counts live in usage)",
     "anomaly_models": "models trained per device type across tenants (platform metadata, no API role may read it)",
+    "stripe_catalog": "the plans' products and prices at Stripe (platform metadata, only the metering role reads it)",
 }
 
 

@@ -37,6 +37,8 @@ EXPECTED_KEYS = POSTGRES_KEYS | {
     "SENSORMINE_S3_REGION",
     "SENSORMINE_SMTP_URL",
     "SENSORMINE_SMTP_MAILDIR",
+    "SENSORMINE_STRIPE_API_BASE",
+    "SENSORMINE_STRIPE_API_KEY",
     # Mosquitto runs with its dynamic-security plugin: the launcher's users (docs/device-identity.md).
     "SENSORMINE_MQTT_ADMIN_USERNAME",
     "SENSORMINE_MQTT_ADMIN_PASSWORD",
@@ -88,6 +90,7 @@ def test_env_has_exact_settings(env: dict[str, str], state_dir: Path) -> None:
     assert env["SENSORMINE_S3_REGION"] == "us-east-1"
     assert env["SENSORMINE_SMTP_URL"].startswith("smtp://127.0.0.1:")
     assert env["SENSORMINE_SMTP_MAILDIR"] == str(state_dir / "services" / "smtp" / "maildir")
+    assert env["SENSORMINE_STRIPE_API_BASE"].startswith("http://127.0.0.1:")
     exported = (state_dir / "services.env").read_text()
     for key, value in env.items():
         assert f"export {key}={value}\n" in exported

@@ -1,0 +1,127 @@
+"""What Sensormine keeps at Stripe, created once: the plan catalogue and a customer per tenant.
+
+Each object is created with an idempotency key derived from what it is (`sensormine-product:pro`,
+`sensormine-customer:acme`) and its id recorded in PostgreSQL in its own transaction
+(`stripe_catalog`, `tenants.stripe_customer_id`), so a run that stops halfway is finished by the
+next one, and a second run creates nothing. The recorded id is what prevents doubles: stripe-mock
+ignores idempotency keys, and Stripe forgets them after 24 hours. Runs as `sensormine_metering`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import stripe
+from psycopg.types.json import Jsonb
+from stripe.params import PriceCreateParams
+
+CURRENCY = "usd"
+
+
+@dataclass(frozen=True)
+class PriceSpec:
+    """A recurring price of a plan (Decimal money in the currency's unit)."""
+
+    plan: str
+    interval: str  # "month" or "year"
+    amount: Decimal
+
+    @property
+    def key(self) -> str:
+        """The catalogue key: price:<plan>:<interval>."""
+        return f"price:{self.plan}:{self.interval}"
+
+    @property
+    def unit_amount(self) -> int:
+        """In the currency's smallest unit (cents), as Stripe takes it."""
+        return int((self.amount * 100).to_integral_value())
+
+
+# The product design's tiers: Free $0, Pro $99 a month or $990 a year, Enterprise priced per contract.
+PRODUCTS = {"free": "Sensormine Free", "pro": "Sensormine Pro", "enterprise": "Sensormine Enterprise"}
+PRICES = (
+    PriceSpec("free", "month", Decimal("0")),
+    PriceSpec("pro", "month", Decimal("99")),
+    PriceSpec("pro", "year", Decimal("990")),
+)
+
+
+@dataclass
+class SyncReport:
+    """What a run created at Stripe and what was there already (catalogue keys or tenant ids)."""
+
+    created: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def _idempotency(key: str) -> stripe.RequestOptions:
+    return {"idempotency_key": f"sensormine-{key}"}
+
+
+def sync_catalog(
+    conn: psycopg.Connection, client: stripe.StripeClient, progress: Callable[[str], None] = lambda _: None
+) -> SyncReport:
+    """Create the plans' products and prices at Stripe unless recorded (`conn` idle, autocommit off)."""
+    report = SyncReport()
+    with conn.transaction():
+        known: dict[str, str] = dict(conn.execute("SELECT key, stripe_id FROM stripe_catalog").fetchall())
+
+    def record(key: str, stripe_id: str, detail: dict[str, Any]) -> None:
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO stripe_catalog (key, stripe_id, detail) VALUES (%s, %s, %s)",
+                (key, stripe_id, Jsonb(detail)),
+            )
+        known[key] = stripe_id
+        report.created.append(key)
+        progress(f"created {key}: {stripe_id}")
+
+    for plan, name in PRODUCTS.items():
+        key = f"product:{plan}"
+        if key in known:
+            report.kept.append(key)
+            continue
+        product = client.v1.products.create({"name": name, "metadata": {"plan": plan}}, _idempotency(key))
+        record(key, product.id, {"name": name})
+    for price in PRICES:
+        if price.key in known:
+            report.kept.append(price.key)
+            continue
+        params: PriceCreateParams = {
+            "product": known[f"product:{price.plan}"],
+            "currency": CURRENCY,
+            "unit_amount": price.unit_amount,
+            "recurring": {"interval": "month" if price.interval == "month" else "year"},
+            "lookup_key": f"sensormine_{price.plan}_{price.interval}",
+            "metadata": {"plan": price.plan},
+        }
+        made = client.v1.prices.create(params, _idempotency(price.key))
+        record(price.key, made.id, {"amount": str(price.amount), "currency": CURRENCY, "interval": price.interval})
+    return report
+
+
+def sync_customers(
+    conn: psycopg.Connection, client: stripe.StripeClient, progress: Callable[[str], None] = lambda _: None
+) -> SyncReport:
+    """Create a Stripe customer for every tenant without one and record its id (`conn` idle)."""
+    report = SyncReport()
+    with conn.transaction():
+        rows = conn.execute("SELECT id, name, parent_id, stripe_customer_id FROM tenants ORDER BY id").fetchall()
+    for tenant_id, name, parent_id, customer_id in rows:
+        if customer_id is not None:
+            report.kept.append(tenant_id)
+            continue
+        metadata = {"tenant_id": tenant_id, "parent_tenant_id": parent_id or ""}
+        made = client.v1.customers.create({"name": name, "metadata": metadata}, _idempotency(f"customer:{tenant_id}"))
+        with conn.transaction():
+            conn.execute(
+                "UPDATE tenants SET stripe_customer_id = %s WHERE id = %s AND stripe_customer_id IS NULL",
+                (made.id, tenant_id),
+            )
+        report.created.append(tenant_id)
+        progress(f"tenant {tenant_id}: customer {made.id}")
+    return report

@@ -1,0 +1,98 @@
+"""`sensormine billing sync-catalog|sync-customers` through the CLI, against stripe-mock (the official
+Stripe API mock the launcher starts) and PostgreSQL: created once, recorded, never twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from cli.main import app
+from sensormine.billing.stripe_sync import PRICES, PRODUCTS
+from sensormine.settings import Settings, reset_settings
+from tests.factories import make_tenant
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def billing(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Result]]:
+    if not settings.stripe_api_base:
+        pytest.skip("needs stripe-mock (sensormine services up)")
+    for name, value in {
+        "SENSORMINE_DATABASE_URL": settings.database_url,
+        "SENSORMINE_DATABASE_MIGRATE_URL": settings.database_migrate_url,
+        "SENSORMINE_STRIPE_API_BASE": settings.stripe_api_base,
+        "SENSORMINE_STRIPE_API_KEY": settings.stripe_api_key,
+        "SENSORMINE_ENV": settings.env,
+    }.items():
+        monkeypatch.setenv(name, value or "")
+    reset_settings()
+    runner = CliRunner()
+    yield lambda *args: runner.invoke(app, ["billing", *args])
+    reset_settings()
+
+
+def test_the_catalogue_is_created_once(billing: Callable[..., Result], conn: psycopg.Connection) -> None:
+    first = billing("sync-catalog")
+    assert first.exit_code == 0, first.output
+    entries = len(PRODUCTS) + len(PRICES)
+    assert f"catalogue: {entries} created, 0 already at Stripe" in first.output
+    rows = dict(conn.execute("SELECT key, stripe_id FROM stripe_catalog").fetchall())
+    conn.commit()
+    assert sorted(rows) == sorted(
+        [f"product:{p}" for p in PRODUCTS] + ["price:free:month", "price:pro:month", "price:pro:year"]
+    )
+    assert all(v.startswith("prod_") for k, v in rows.items() if k.startswith("product:"))
+    assert all(v.startswith("price_") for k, v in rows.items() if k.startswith("price:"))
+    detail = conn.execute("SELECT detail FROM stripe_catalog WHERE key = 'price:pro:year'").fetchone()[0]
+    assert detail == {"amount": "990", "currency": "usd", "interval": "year"}
+
+    again = billing("sync-catalog")  # the mock would happily make new ones: the recorded ids prevent it
+    assert again.exit_code == 0 and f"catalogue: 0 created, {entries} already at Stripe" in again.output
+    assert dict(conn.execute("SELECT key, stripe_id FROM stripe_catalog").fetchall()) == rows
+
+
+def test_every_tenant_gets_one_customer_and_a_new_tenant_its_own_later(
+    billing: Callable[..., Result], conn: psycopg.Connection
+) -> None:
+    make_tenant(conn, "acme", [])
+    make_tenant(conn, "acme-east", [], parent_id="acme")
+    conn.commit()
+    first = billing("sync-customers")
+    assert first.exit_code == 0 and "customers: 2 created, 0 already at Stripe" in first.output, first.output
+    ids = dict(conn.execute("SELECT id, stripe_customer_id FROM tenants").fetchall())
+    conn.commit()
+    assert set(ids) == {"acme", "acme-east"} and all(v.startswith("cus_") for v in ids.values())
+    assert len(set(ids.values())) == 2
+
+    make_tenant(conn, "globex", [])
+    conn.commit()
+    second = billing("sync-customers")
+    assert second.exit_code == 0 and "customers: 1 created, 2 already at Stripe" in second.output
+    after = dict(conn.execute("SELECT id, stripe_customer_id FROM tenants").fetchall())
+    assert {k: v for k, v in after.items() if k != "globex"} == ids and after["globex"].startswith("cus_")
+
+
+def test_without_a_stripe_key_the_command_says_what_to_set(
+    billing: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SENSORMINE_STRIPE_API_KEY", "")
+    reset_settings()
+    out = billing("sync-catalog")
+    assert out.exit_code == 1 and "SENSORMINE_STRIPE_API_KEY" in out.output and "services up" in out.output
+
+
+def test_stripe_refusing_a_request_is_reported_with_what_to_do(
+    billing: Callable[..., Result], monkeypatch: pytest.MonkeyPatch, conn: psycopg.Connection
+) -> None:
+    make_tenant(conn, "acme", [])
+    conn.commit()
+    monkeypatch.setenv("SENSORMINE_STRIPE_API_KEY", "not-a-key")  # stripe-mock answers 401 to a malformed key
+    reset_settings()
+    out = billing("sync-customers")
+    assert out.exit_code == 1 and "Stripe refused" in out.output and "run the command again" in out.output
+    assert conn.execute("SELECT stripe_customer_id FROM tenants").fetchall() == [(None,)]
