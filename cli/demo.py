@@ -28,6 +28,7 @@ import psycopg
 from orchestration.webserver import DagsterGraphQLError, DagsterWebserver, dagster_dev_command, prepare_dagster_home
 from sensormine.alerts import usecases as alert_usecases
 from sensormine.alerts.store import DuplicateRule
+from sensormine.billing.usecases import sign_up_tenant
 from sensormine.clients.dynsec import Dynsec
 from sensormine.clients.postgres import INGEST, connect, ensure_partition_window, migrate_database
 from sensormine.devices import usecases
@@ -40,7 +41,6 @@ from sensormine.services.launcher import up
 from sensormine.services.postgres import role_url
 from sensormine.settings import Settings
 from sensormine.tenancy.tenants import get_tenant
-from sensormine.tenancy.usecases import register_tenant
 
 DEMO_TENANTS = {
     "acme": ["motor-1", "tank-1", "motor-2"],
@@ -111,7 +111,7 @@ def seed(
         with operator.scope(conn):
             missing = get_tenant(conn, tenant_id) is None
         if missing:
-            register_tenant(conn, operator, settings, tenant_id, tenant_id.capitalize(), plan="pro")
+            sign_up_tenant(conn, operator, settings, tenant_id, tenant_id.capitalize(), plan="pro")
             operator = operator_identity(conn)  # now seeing the new tenant too
         for device_id in devices:
             kind = "motor" if "motor" in device_id else "tank"

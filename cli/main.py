@@ -15,13 +15,13 @@ from cli.dlq import app as dlq_app
 from cli.lake import app as lake_app
 from cli.services import app as services_app
 from cli.users import app as users_app
+from sensormine.billing.usecases import sign_up_tenant
 from sensormine.clients.postgres import AUTH, DatabaseNotConfigured, connect, migrate_database, role_scope
 from sensormine.identity.credentials import operator_identity
 from sensormine.identity.roles import AuthError, Role
 from sensormine.identity.usecases import DEFAULT_KEY_SCOPES, issue_api_key
 from sensormine.settings import get_settings
 from sensormine.tenancy.tenants import RegistryError, list_tenants
-from sensormine.tenancy.usecases import register_tenant
 
 app = typer.Typer(help="Sensormine industrial-IoT data platform.", no_args_is_help=True)
 db_app = typer.Typer(help="The hot-store database.", no_args_is_help=True)
@@ -102,7 +102,7 @@ def tenant_create(
     with connect() as conn:
         operator = operator_identity(conn)
         try:
-            register_tenant(conn, operator, settings, tenant_id, name, parent, plan)
+            sign_up_tenant(conn, operator, settings, tenant_id, name, parent, plan)
             # A fresh identity: the operator's tenants now include the new one.
             key = issue_api_key(conn, operator_identity(conn), tenant_id, "initial")
         except RegistryError as exc:

@@ -104,24 +104,42 @@ def sync_catalog(
     return report
 
 
+def ensure_customer(conn: psycopg.Connection, client: stripe.StripeClient, tenant_id: str) -> tuple[str, bool]:
+    """The tenant's Stripe customer id, created and recorded unless it has one (`conn` idle); whether it
+    was created now. Raises LookupError for an unknown tenant."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT name, parent_id, stripe_customer_id FROM tenants WHERE id = %s", (tenant_id,)
+        ).fetchone()
+    if row is None:
+        raise LookupError(f"tenant {tenant_id!r} not found")
+    name, parent_id, customer_id = row
+    if customer_id is not None:
+        return customer_id, False
+    metadata = {"tenant_id": tenant_id, "parent_tenant_id": parent_id or ""}
+    made = client.v1.customers.create({"name": name, "metadata": metadata}, _idempotency(f"customer:{tenant_id}"))
+    with conn.transaction():
+        kept = conn.execute(
+            "UPDATE tenants SET stripe_customer_id = coalesce(stripe_customer_id, %s) WHERE id = %s "
+            "RETURNING stripe_customer_id",
+            (made.id, tenant_id),
+        ).fetchone()
+    assert kept is not None
+    return kept[0], kept[0] == made.id
+
+
 def sync_customers(
     conn: psycopg.Connection, client: stripe.StripeClient, progress: Callable[[str], None] = lambda _: None
 ) -> SyncReport:
     """Create a Stripe customer for every tenant without one and record its id (`conn` idle)."""
     report = SyncReport()
     with conn.transaction():
-        rows = conn.execute("SELECT id, name, parent_id, stripe_customer_id FROM tenants ORDER BY id").fetchall()
-    for tenant_id, name, parent_id, customer_id in rows:
-        if customer_id is not None:
+        tenants = [r[0] for r in conn.execute("SELECT id FROM tenants ORDER BY id").fetchall()]
+    for tenant_id in tenants:
+        customer_id, created = ensure_customer(conn, client, tenant_id)
+        if created:
+            report.created.append(tenant_id)
+            progress(f"tenant {tenant_id}: customer {customer_id}")
+        else:
             report.kept.append(tenant_id)
-            continue
-        metadata = {"tenant_id": tenant_id, "parent_tenant_id": parent_id or ""}
-        made = client.v1.customers.create({"name": name, "metadata": metadata}, _idempotency(f"customer:{tenant_id}"))
-        with conn.transaction():
-            conn.execute(
-                "UPDATE tenants SET stripe_customer_id = %s WHERE id = %s AND stripe_customer_id IS NULL",
-                (made.id, tenant_id),
-            )
-        report.created.append(tenant_id)
-        progress(f"tenant {tenant_id}: customer {made.id}")
     return report

@@ -23,6 +23,7 @@ import psycopg
 from fastapi import APIRouter, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sensormine.billing.usecases import sign_up_tenant
 from sensormine.tenancy.config import PLAN_FEATURES, effective_config
 from sensormine.tenancy.plans import PLANS
 from sensormine.tenancy.tenants import (
@@ -34,7 +35,7 @@ from sensormine.tenancy.tenants import (
     page_tenants,
     parent_of,
 )
-from sensormine.tenancy.usecases import TenantRefused, change_tenant, register_tenant
+from sensormine.tenancy.usecases import TenantRefused, change_tenant
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate, credential_cache
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -256,7 +257,7 @@ def create(
         _check_features_allowed(conn, caller, body.id, body.features)
     conn.commit()  # the checks' reads end here: the use case opens transactions of its own
     try:
-        register_tenant(
+        sign_up_tenant(
             conn,
             caller,
             settings,

@@ -1,5 +1,6 @@
-"""`sensormine billing sync-catalog|sync-customers` through the CLI, against stripe-mock (the official
-Stripe API mock the launcher starts) and PostgreSQL: created once, recorded, never twice."""
+"""`sensormine billing sync-catalog|sync-customers` through the CLI, and sign-up through the API, against
+stripe-mock (the official Stripe API mock the launcher starts) and PostgreSQL: created once, recorded,
+never twice; a Stripe outage never stops a sign-up."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 from click.testing import Result
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cli.main import app
 from sensormine.billing.stripe_sync import PRICES, PRODUCTS
+from sensormine.identity.users import create_user
 from sensormine.settings import Settings, reset_settings
+from serving.main import create_app
 from tests.factories import make_tenant
+from tests.integration.test_tenants_api import PASSWORD, Api
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +101,37 @@ def test_stripe_refusing_a_request_is_reported_with_what_to_do(
     out = billing("sync-customers")
     assert out.exit_code == 1 and "Stripe refused" in out.output and "run the command again" in out.output
     assert conn.execute("SELECT stripe_customer_id FROM tenants").fetchall() == [(None,)]
+
+
+def test_signing_up_through_the_api_makes_the_tenants_customer(settings: Settings, conn: psycopg.Connection) -> None:
+    if not settings.stripe_api_base:
+        pytest.skip("needs stripe-mock (sensormine services up)")
+    create_user(conn, None, "root@platform.test", PASSWORD, "platform_admin")
+    conn.commit()
+    with TestClient(create_app(settings.model_copy(update={"kafka_bootstrap": None}))) as client:
+        api = Api(client)
+        root = api.login("root@platform.test")
+        assert client.post("/api/tenants", json={"id": "acme", "plan": "pro"}, headers=root).status_code == 201
+        admin = api.user(root, "admin@acme.test", "tenant_admin", "acme")
+        assert client.post("/api/tenants", json={"id": "acme-plant1"}, headers=admin).status_code == 201
+    ids = dict(conn.execute("SELECT id, stripe_customer_id FROM tenants").fetchall())
+    assert set(ids) == {"acme", "acme-plant1"} and all(v and v.startswith("cus_") for v in ids.values())
+    assert len(set(ids.values())) == 2
+
+
+def test_a_stripe_outage_does_not_stop_a_sign_up_and_the_sync_makes_the_customer_later(
+    settings: Settings, conn: psycopg.Connection, billing: Callable[..., Result], caplog: pytest.LogCaptureFixture
+) -> None:
+    create_user(conn, None, "root@platform.test", PASSWORD, "platform_admin")
+    conn.commit()
+    closed = settings.model_copy(update={"kafka_bootstrap": None, "stripe_api_base": "http://127.0.0.1:9"})
+    with TestClient(create_app(closed)) as client:
+        root = Api(client).login("root@platform.test")
+        assert client.post("/api/tenants", json={"id": "acme", "plan": "pro"}, headers=root).status_code == 201
+    assert conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone() == (None,)
+    conn.commit()
+    assert "created without its Stripe customer" in caplog.text and "sync-customers" in caplog.text
+    done = billing("sync-customers")  # Stripe (the mock) answers again
+    assert done.exit_code == 0 and "customers: 1 created" in done.output, done.output
+    (customer,) = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()
+    assert customer.startswith("cus_")
