@@ -18,7 +18,21 @@ from serving.deps import CredentialCache, document_api_keys
 from serving.limits import start_limits, stop_limits
 from serving.metrics import install_metrics
 from serving.problems import install_problem_handlers
-from serving.routes import alerts, audit, auth, devices, dlq, health, ingest, query, schemas, tenants, usage, users
+from serving.routes import (
+    alerts,
+    audit,
+    auth,
+    billing,
+    devices,
+    dlq,
+    health,
+    ingest,
+    query,
+    schemas,
+    tenants,
+    usage,
+    users,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(usage.router)
     app.include_router(alerts.router)
+    app.include_router(billing.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -41,6 +41,8 @@ TENANT_ADMIN_PERMISSIONS = OPERATOR_PERMISSIONS | {
     "keys:read",
     "keys:write",
     "audit:read",
+    "billing:read",
+    "billing:write",
 }
 
 

@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from sensormine.billing.stripe_sync import PRICES, PRODUCTS
+from sensormine.identity.api_keys import create_api_key
 from sensormine.identity.users import create_user
 from sensormine.settings import Settings, reset_settings
+from sensormine.tenancy.tenants import create_tenant
 from serving.main import create_app
 from tests.factories import make_tenant
 from tests.integration.test_tenants_api import PASSWORD, Api
@@ -135,3 +137,48 @@ def test_a_stripe_outage_does_not_stop_a_sign_up_and_the_sync_makes_the_customer
     assert done.exit_code == 0 and "customers: 1 created" in done.output, done.output
     (customer,) = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()
     assert customer.startswith("cus_")
+
+
+def test_a_tenant_admin_subscribes_changes_and_cancels_and_the_plan_follows(
+    settings: Settings, conn: psycopg.Connection, billing: Callable[..., Result]
+) -> None:
+    create_tenant(conn, "acme", plan="free")
+    keys = {r: create_api_key(conn, "acme", r, role=r) for r in ("tenant_admin", "viewer")}
+    conn.commit()
+    admin, viewer = {"X-API-Key": keys["tenant_admin"]}, {"X-API-Key": keys["viewer"]}
+    with TestClient(create_app(settings.model_copy(update={"kafka_bootstrap": None}))) as client:
+        url = "/api/billing/subscription"
+        early = client.put(url, json={"plan": "pro"}, headers=admin)
+        assert early.status_code == 409 and "sync-catalog" in early.json()["detail"]  # nothing sold yet
+        assert billing("sync-catalog").exit_code == 0
+
+        assert client.get(url, headers=admin).json() == {"tenant_id": "acme", "plan": "free", "subscription": None}
+        assert client.put(url, json={"plan": "pro"}, headers=viewer).status_code == 403
+        for bad in ({"plan": "free"}, {"plan": "enterprise"}, {"plan": "pro", "interval": "week"}):
+            resp = client.put(url, json=bad, headers=admin)
+            assert resp.status_code == 422 and resp.headers["content-type"] == "application/problem+json", bad
+
+        made = client.put(url, json={"plan": "pro", "interval": "month"}, headers=admin)
+        assert made.status_code == 200, made.text
+        sub = made.json()
+        assert (sub["plan"], sub["interval"], sub["status"]) == ("pro", "month", "active")
+        assert sub["stripe_subscription_id"].startswith("sub_")
+        shown = client.get(url, headers=admin).json()
+        assert shown["plan"] == "pro" and shown["subscription"]["interval"] == "month"
+        assert client.get(url, headers=viewer).status_code == 403  # billing is the tenant admins' business
+        usage = client.get("/api/usage", headers=admin).json()
+        assert usage["plan"] == "pro" and usage["api_calls"]["limit"] == 1_000_000  # the plan's limits apply
+
+        changed = client.put(url, json={"plan": "pro", "interval": "year"}, headers=admin)
+        assert changed.status_code == 200 and changed.json()["interval"] == "year"
+        assert changed.json()["stripe_subscription_id"] == sub["stripe_subscription_id"]  # the same one, changed
+
+        assert client.delete(url, headers=admin).status_code == 204
+        assert client.get(url, headers=admin).json() == {"tenant_id": "acme", "plan": "free", "subscription": None}
+        assert client.delete(url, headers=admin).status_code == 404
+    customer = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()[0]
+    assert customer.startswith("cus_")  # made when it first subscribed
+    actions = [
+        r[0] for r in conn.execute("SELECT action FROM audit_log WHERE action LIKE 'billing.%' ORDER BY id").fetchall()
+    ]
+    assert actions == ["billing.subscription.create", "billing.subscription.change", "billing.subscription.cancel"]

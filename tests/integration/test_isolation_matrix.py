@@ -9,7 +9,8 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
 letters and their replays, the audit log, usage, tenant events, alarm rules, alarms and their
-history, channels, policies and SMS gateways; the DLQ replay is a real one.
+history, channels, policies, SMS gateways, subscriptions and Stripe customers; the DLQ replay and the
+subscription (at stripe-mock) are real.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
 (a grandchild upwards, a sibling across, a parent into another top-level tenant), and
 `test_ingest_and_auth_routes_stay_inside_the_callers_tenant` the routes outside the tenant matrix
@@ -148,6 +149,9 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("PUT", "/api/alerts/sms-provider"): "alerts:write",
     ("GET", "/api/alerts/sms-provider"): "alerts:read",
     ("DELETE", "/api/alerts/sms-provider"): "alerts:write",
+    ("GET", "/api/billing/subscription"): "billing:read",
+    ("PUT", "/api/billing/subscription"): "billing:write",
+    ("DELETE", "/api/billing/subscription"): "billing:write",
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
 SELF_OR = {("GET", "/api/users/{user_id}"): "users:read", ("PATCH", "/api/users/{user_id}"): "users:write"}
@@ -195,6 +199,7 @@ BODIES: dict[tuple[str, str], Body] = {
     ("PUT", "/api/alerts/sms-provider"): lambda t, u: {
         "json": {"url": f"https://sms.{t}.example/send", "token": f"token-{u}"}
     },
+    ("PUT", "/api/billing/subscription"): lambda t, u: {"json": {"plan": "pro", "interval": "month"}},
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
@@ -203,6 +208,7 @@ LAST = [
     ("DELETE", "/api/alerts/policies/{policy_id}"),
     ("DELETE", "/api/alerts/channels/{channel_id}"),
     ("DELETE", "/api/alerts/sms-provider"),
+    ("DELETE", "/api/billing/subscription"),
     ("POST", "/api/devices/{device_id}/rotate-key"),
     ("POST", "/api/devices/{device_id}/revoke-key"),
     ("DELETE", "/api/devices/{device_id}"),
@@ -291,6 +297,8 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         rule = insert_rule(conn, Rule(t, "overheat", "overheat", "major", parse_condition(RULE), Scope()))
         (raised,) = apply_transitions(conn, [Transition("raise", rule, t, f"{t}-d1", DAY_US, "temperature", 95.0)])
         alarms[t] = raised.alarm.id
+    # The catalogue as `sensormine billing sync-catalog` records it (subscriptions go to stripe-mock).
+    conn.execute("INSERT INTO stripe_catalog (key, stripe_id) VALUES ('price:pro:month', 'price_matrix')")
     callers = {r: create_api_key(conn, "child", r, role=r) for r in CALLERS if not r.startswith("user:")}
     create_user(conn, "child", "admin@child.example", "a-long-password", "tenant_admin")
     conn.commit()
@@ -322,6 +330,9 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "alert_channels": "SELECT tenant_id, id, kind, targets, secret FROM alert_channels WHERE tenant_id = ANY(%s)",
         "policies": "SELECT tenant_id, id, levels FROM escalation_policies WHERE tenant_id = ANY(%s)",
         "sms_providers": "SELECT tenant_id, url, token FROM alert_sms_providers WHERE tenant_id = ANY(%s)",
+        "subscriptions": "SELECT tenant_id, stripe_subscription_id, plan, status FROM tenant_subscriptions "
+        "WHERE tenant_id = ANY(%s)",
+        "customers": "SELECT id, stripe_customer_id FROM tenants WHERE id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
