@@ -4,8 +4,8 @@ tenant subscribes to a plan, changes it, cancels it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec
 
 import psycopg
 import stripe
@@ -53,25 +53,23 @@ def provision_customer(settings: Settings, tenant_id: str) -> str | None:
     return customer_id
 
 
-def sign_up_tenant(
-    conn: psycopg.Connection,
-    actor: audit.Actor,
-    settings: Settings,
-    tenant_id: str,
-    name: str | None = None,
-    parent_id: str | None = None,
-    plan: str | None = None,
-    *,
-    config: Mapping[str, Any] | None = None,
-    features: Mapping[str, bool | None] | None = None,
-    branding: Mapping[str, Any] | None = None,
-) -> Tenant:
-    """`register_tenant` (same arguments and errors), then the tenant's Stripe customer (`provision_customer`)."""
-    tenant = register_tenant(
-        conn, actor, settings, tenant_id, name, parent_id, plan, config=config, features=features, branding=branding
-    )
-    provision_customer(settings, tenant_id)
-    return tenant
+P = ParamSpec("P")
+Register = Callable[Concatenate[psycopg.Connection, audit.Actor, Settings, str, P], Tenant]
+
+
+def _then_customer(register: Register[P]) -> Register[P]:
+    def sign_up(
+        conn: psycopg.Connection, actor: audit.Actor, settings: Settings, tenant_id: str, *a: P.args, **kw: P.kwargs
+    ) -> Tenant:
+        tenant = register(conn, actor, settings, tenant_id, *a, **kw)
+        provision_customer(settings, tenant_id)
+        return tenant
+
+    sign_up.__doc__ = "`register_tenant` (same arguments and errors), then the tenant's Stripe customer."
+    return sign_up
+
+
+sign_up_tenant = _then_customer(register_tenant)
 
 
 def subscribe(
