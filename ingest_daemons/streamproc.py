@@ -198,12 +198,7 @@ class StreamProcessor:
                         continue
                     if (msg.offset() or 0) + 1 >= upto:
                         del todo[key]
-                    try:
-                        decoded = decode_envelope(msg.value() or b"")
-                    except PayloadError:
-                        continue
-                    if not self._rejected(decoded, now):
-                        batch += [r for r in decoded if r.ts >= floor_us]
+                    batch += [r for r in self._accepted(msg, now) if r.ts >= floor_us]
                 self._replay(batch, floor_us)
                 replayed += len(batch)
         finally:
@@ -336,6 +331,21 @@ class StreamProcessor:
             self.schemas.refresh_if_older(1.0) and self.schemas.check(r.tenant_id, r.device_id, decoded) is None
         )
 
+    def _accepted(self, msg: Message, now: int, stats: StreamStats | None = None) -> list[Reading]:
+        """The readings of a message the hot store accepts; none for one it dead-letters (undecodable, or
+        `_rejected`), counted in `stats` when given."""
+        try:
+            decoded = decode_envelope(msg.value() or b"")
+        except PayloadError:
+            if stats is not None:
+                stats.undecodable += 1  # the hot-store consumer dead-letters it
+            return []
+        if self._rejected(decoded, now):
+            if stats is not None:
+                stats.rejected += 1
+            return []
+        return decoded
+
     def process(self, messages: list[Message]) -> list[AlarmChange]:
         """Evaluate one batch; publish its alarm changes; commit its offsets."""
         readings: list[Reading] = []
@@ -346,15 +356,7 @@ class StreamProcessor:
             if msg.error() is not None:
                 continue
             self.stats.messages += 1
-            try:
-                decoded = decode_envelope(msg.value() or b"")
-            except PayloadError:
-                self.stats.undecodable += 1  # the hot-store consumer dead-letters it
-                continue
-            if self._rejected(decoded, now):
-                self.stats.rejected += 1
-                continue
-            readings += decoded
+            readings += self._accepted(msg, now, self.stats)
         self.stats.readings += len(readings)
         closed = self.windows.add(readings)
         if closed:
