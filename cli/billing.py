@@ -1,4 +1,4 @@
-"""`sensormine billing sync-catalog|sync-customers`: what Sensormine keeps at Stripe, created once.
+"""`sensormine billing sync-catalog|sync-customers [--update]`: what Sensormine keeps at Stripe, created once.
 
 Both run as the metering role and may be re-run at any time: what is recorded is kept, what is
 missing is created (`sensormine.billing.stripe_sync`). They talk to SENSORMINE_STRIPE_API_BASE
@@ -37,7 +37,8 @@ def _run(what: str, sync: Sync) -> None:
     except stripe.StripeError as exc:
         fail(f"Stripe refused or could not be reached ({type(exc).__name__}: {exc}); what was made so far is "
              "recorded, run the command again once Stripe answers")  # fmt: skip
-    typer.echo(f"{what}: {len(report.created)} created, {len(report.kept)} already at Stripe")
+    updated = f", {len(report.updated)} updated" if report.updated else ""
+    typer.echo(f"{what}: {len(report.created)} created{updated}, {len(report.kept)} already at Stripe")
 
 
 @app.command("sync-catalog")
@@ -47,6 +48,8 @@ def sync_catalog_command() -> None:
 
 
 @app.command("sync-customers")
-def sync_customers_command() -> None:
+def sync_customers_command(
+    update: bool = typer.Option(False, "--update", help="Also send existing customers their tenant's current name"),
+) -> None:
     """Create a Stripe customer for every tenant that has none yet, and record its id on the tenant."""
-    _run("customers", sync_customers)
+    _run("customers", lambda conn, client, progress: sync_customers(conn, client, progress, update=update))

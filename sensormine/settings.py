@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = Field(
         None, description="Stripe API base URL; unset: Stripe itself (the launcher points it at stripe-mock)."
     )
+    stripe_webhook_secret: str | None = Field(
+        None,
+        description="Signing secret of the Stripe webhook endpoint (whsec_...); unset: the webhook route answers 503. "
+        "The launcher exports a local one (stripe-mock sends no webhooks).",
+    )
+    billing_grace_days: float = Field(
+        7.0, ge=0, description="Days an unpaid invoice is tolerated before the free plan's limits apply."
+    )
     aggregate_window_s: float = Field(60.0, gt=0, description="Window width of the stream's aggregates topic.")
     aggregate_slide_s: float | None = Field(
         None,

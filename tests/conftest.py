@@ -118,6 +118,7 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         smtp_url=services.get("SENSORMINE_SMTP_URL"),
         stripe_api_base=services.get("SENSORMINE_STRIPE_API_BASE"),
         stripe_api_key=services.get("SENSORMINE_STRIPE_API_KEY"),
+        stripe_webhook_secret="whsec_test_" + uuid.uuid4().hex,
         lake_uri=str(tmp_path / "lake"),
         mqtt_session_expiry_s=60,  # broker sessions of finished tests go away soon
         jwt_secret="test-signing-secret-" + uuid.uuid4().hex,

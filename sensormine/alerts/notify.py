@@ -13,18 +13,19 @@ import json
 import math
 import re
 import smtplib
-import ssl
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime
 from typing import Any, Literal, Protocol
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
+
+from sensormine.clients.smtp import SmtpServer, redacted
 
 Severity = Literal["critical", "major", "minor", "warning", "info"]
 SEVERITIES: tuple[Severity, ...] = ("critical", "major", "minor", "warning", "info")
@@ -325,14 +326,6 @@ def post_with_retry(
     return Delivery(channel, target, "dead", policy.max_attempts, error, code)
 
 
-def _redacted(url: str) -> str:
-    """The URL without credentials or query (where tokens hide), for Delivery.target and logs."""
-    u = urlsplit(url)
-    host = u.hostname or ""
-    netloc = f"{host}:{u.port}" if u.port else host
-    return urlunsplit((u.scheme, netloc, u.path, "", ""))
-
-
 # -- e-mail ----------------------------------------------------------------------------------------
 
 
@@ -340,17 +333,8 @@ class EmailChannel:
     """Alarm e-mails through an SMTP server: smtp://[user:password@]host[:port] or smtps:// (implicit TLS)."""
 
     def __init__(self, smtp_url: str, sender: str, *, timeout: float = 10.0) -> None:
-        u = urlsplit(smtp_url)
-        if u.scheme not in ("smtp", "smtps") or not u.hostname:
-            raise ValueError(f"SMTP URL must look like smtp://host:port, not {smtp_url!r}")
-        self.url = smtp_url
-        self.host = u.hostname
-        self.port = u.port or (465 if u.scheme == "smtps" else 25)
-        self.tls = u.scheme == "smtps"
-        self.username = unquote(u.username) if u.username else None
-        self.password = unquote(u.password or "")
+        self.server = SmtpServer(smtp_url, timeout=timeout)
         self.sender = sender
-        self.timeout = timeout
 
     def message(self, n: Notification, recipients: list[str]) -> EmailMessage:
         """The MIME message: multipart/alternative, plain text then HTML."""
@@ -373,19 +357,13 @@ class EmailChannel:
         if not recipients:
             return Delivery("email", target, "failed", 0, "no recipients")
         try:
-            msg = self.message(n, recipients)
-            smtp_cls = smtplib.SMTP_SSL if self.tls else smtplib.SMTP
-            kwargs: dict[str, Any] = {"context": ssl.create_default_context()} if self.tls else {}
-            with smtp_cls(self.host, self.port, timeout=self.timeout, **kwargs) as smtp:
-                if self.username:
-                    smtp.login(self.username, self.password)
-                refused = smtp.send_message(msg, from_addr=parseaddr(self.sender)[1], to_addrs=recipients)
+            refused = self.server.send(self.message(n, recipients), self.sender, recipients)
         except smtplib.SMTPRecipientsRefused as exc:
             return Delivery("email", target, "failed", 1, f"every recipient refused: {exc.recipients}")
         except smtplib.SMTPResponseException as exc:
             return Delivery("email", target, "failed", 1, f"SMTP {exc.smtp_code}: {exc.smtp_error!r}", exc.smtp_code)
         except (smtplib.SMTPException, OSError) as exc:
-            return Delivery("email", target, "failed", 1, f"cannot send through {_redacted(self.url)}: {exc}")
+            return Delivery("email", target, "failed", 1, f"cannot send through {redacted(self.server.url)}: {exc}")
         # Some recipients refused, the others accepted: delivered, saying who was not.
         return Delivery("email", target, "delivered", 1, f"refused: {refused}" if refused else None)
 
@@ -461,7 +439,7 @@ class WebhookChannel:
             return post_with_retry(
                 lambda: client.post(self.url, content=body, headers=self.headers(n, body)),
                 channel="webhook",
-                target=_redacted(self.url),
+                target=redacted(self.url),
                 policy=policy,
                 sleep=self.sleep,
             )

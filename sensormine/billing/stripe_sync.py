@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import stripe
 from psycopg.types.json import Jsonb
-from stripe.params import PriceCreateParams
+from stripe.params import CustomerCreateParams, CustomerUpdateParams, PriceCreateParams
 
 CURRENCY = "usd"
 
@@ -56,6 +56,7 @@ class SyncReport:
 
     created: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
 
 
 def _idempotency(key: str) -> stripe.RequestOptions:
@@ -104,20 +105,28 @@ def sync_catalog(
     return report
 
 
-def ensure_customer(conn: psycopg.Connection, client: stripe.StripeClient, tenant_id: str) -> tuple[str, bool]:
-    """The tenant's Stripe customer id, created and recorded unless it has one (`conn` idle); whether it
-    was created now. Raises LookupError for an unknown tenant."""
+def _customer_metadata(tenant_id: str, parent_id: str | None) -> dict[str, str]:
+    return {"tenant_id": tenant_id, "parent_tenant_id": parent_id or ""}
+
+
+def _tenant_row(conn: psycopg.Connection, tenant_id: str) -> tuple[str, str | None, str | None]:
     with conn.transaction():
         row = conn.execute(
             "SELECT name, parent_id, stripe_customer_id FROM tenants WHERE id = %s", (tenant_id,)
         ).fetchone()
     if row is None:
         raise LookupError(f"tenant {tenant_id!r} not found")
-    name, parent_id, customer_id = row
+    return row[0], row[1], row[2]
+
+
+def ensure_customer(conn: psycopg.Connection, client: stripe.StripeClient, tenant_id: str) -> tuple[str, bool]:
+    """The tenant's Stripe customer id, created and recorded unless it has one (`conn` idle); whether it
+    was created now. Raises LookupError for an unknown tenant."""
+    name, parent_id, customer_id = _tenant_row(conn, tenant_id)
     if customer_id is not None:
         return customer_id, False
-    metadata = {"tenant_id": tenant_id, "parent_tenant_id": parent_id or ""}
-    made = client.v1.customers.create({"name": name, "metadata": metadata}, _idempotency(f"customer:{tenant_id}"))
+    params = CustomerCreateParams(name=name, metadata=_customer_metadata(tenant_id, parent_id))
+    made = client.v1.customers.create(params, _idempotency(f"customer:{tenant_id}"))
     with conn.transaction():
         kept = conn.execute(
             "UPDATE tenants SET stripe_customer_id = coalesce(stripe_customer_id, %s) WHERE id = %s "
@@ -128,10 +137,25 @@ def ensure_customer(conn: psycopg.Connection, client: stripe.StripeClient, tenan
     return kept[0], kept[0] == made.id
 
 
+def update_customer(conn: psycopg.Connection, client: stripe.StripeClient, tenant_id: str) -> str | None:
+    """Send the tenant's name and ids to its Stripe customer (`conn` idle); the customer id, None without one."""
+    name, parent_id, customer_id = _tenant_row(conn, tenant_id)
+    if customer_id is None:
+        return None
+    params = CustomerUpdateParams(name=name, metadata=_customer_metadata(tenant_id, parent_id))
+    client.v1.customers.update(customer_id, params)
+    return customer_id
+
+
 def sync_customers(
-    conn: psycopg.Connection, client: stripe.StripeClient, progress: Callable[[str], None] = lambda _: None
+    conn: psycopg.Connection,
+    client: stripe.StripeClient,
+    progress: Callable[[str], None] = lambda _: None,
+    *,
+    update: bool = False,
 ) -> SyncReport:
-    """Create a Stripe customer for every tenant without one and record its id (`conn` idle)."""
+    """Create a Stripe customer for every tenant without one and record its id (`conn` idle); with `update`,
+    also send every existing customer the tenant's current name."""
     report = SyncReport()
     with conn.transaction():
         tenants = [r[0] for r in conn.execute("SELECT id FROM tenants ORDER BY id").fetchall()]
@@ -140,6 +164,10 @@ def sync_customers(
         if created:
             report.created.append(tenant_id)
             progress(f"tenant {tenant_id}: customer {customer_id}")
+        elif update:
+            update_customer(conn, client, tenant_id)
+            report.updated.append(tenant_id)
+            progress(f"tenant {tenant_id}: customer {customer_id} updated")
         else:
             report.kept.append(tenant_id)
     return report

@@ -91,3 +91,13 @@ def record_subscription(conn: psycopg.Connection, sub: Subscription) -> Subscrip
     return Subscription(
         sub.tenant_id, sub.stripe_subscription_id, sub.stripe_item_id, sub.plan, sub.interval, sub.status, *row
     )
+
+
+def end_subscription(conn: psycopg.Connection, tenant_id: str) -> None:
+    """Forget the tenant's subscription: a top-level tenant returns to the free plan, a sub-tenant to its
+    parent's (caller's transaction and role)."""
+    conn.execute("DELETE FROM tenant_subscriptions WHERE tenant_id = %s", (tenant_id,))
+    conn.execute(
+        "UPDATE tenants SET plan = CASE WHEN parent_id IS NULL THEN 'free' END, updated_at = now() WHERE id = %s",
+        (tenant_id,),
+    )

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 import stripe
 
 from sensormine.audit import log as audit
-from sensormine.billing.stripe_sync import ensure_customer
+from sensormine.billing.stripe_sync import ensure_customer, update_customer
 from sensormine.billing.subscriptions import (
     IN_FORCE,
     NoSubscription,
     Subscription,
     check_subscription,
+    end_subscription,
     get_subscription,
     price_of,
     record_subscription,
@@ -25,9 +26,32 @@ from sensormine.clients.postgres import METERING, connect
 from sensormine.clients.stripe_api import make_stripe_client
 from sensormine.settings import Settings
 from sensormine.tenancy.tenants import Tenant
-from sensormine.tenancy.usecases import register_tenant
+from sensormine.tenancy.usecases import change_tenant, register_tenant
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def _at_stripe(
+    settings: Settings,
+    tenant_id: str,
+    failed: str,
+    step: Callable[[psycopg.Connection, stripe.StripeClient], T],
+    fix: str = "sensormine billing sync-customers",
+) -> T | None:
+    """`step` as the metering role when billing is configured. Best effort: a failure is logged as "tenant
+    <id> <failed>" with the command (`fix`) that finishes the work once Stripe answers."""
+    if not settings.stripe_api_key:
+        return None
+    try:
+        with connect(settings, role=METERING) as conn:
+            return step(conn, make_stripe_client(settings))
+    except (stripe.StripeError, psycopg.Error) as exc:
+        log.warning("tenant %s %s (%s: %s); `%s` does it once Stripe answers",
+                    tenant_id, failed, type(exc).__name__, exc, fix)  # fmt: skip
+        return None
 
 
 def provision_customer(settings: Settings, tenant_id: str) -> str | None:
@@ -36,21 +60,9 @@ def provision_customer(settings: Settings, tenant_id: str) -> str | None:
     Best effort, after the tenant's commit: a tenant never fails to exist because Stripe is down.
     None when billing is not configured or Stripe failed (logged); `sensormine billing
     sync-customers` makes the missing ones later."""
-    if not settings.stripe_api_key:
-        return None
-    try:
-        with connect(settings, role=METERING) as conn:
-            customer_id, _ = ensure_customer(conn, make_stripe_client(settings), tenant_id)
-    except (stripe.StripeError, psycopg.Error) as exc:
-        log.warning(
-            "tenant %s created without its Stripe customer (%s: %s); `sensormine billing sync-customers` "
-            "makes it once Stripe answers",
-            tenant_id,
-            type(exc).__name__,
-            exc,
-        )
-        return None
-    return customer_id
+    return _at_stripe(
+        settings, tenant_id, "created without its Stripe customer", lambda c, s: ensure_customer(c, s, tenant_id)[0]
+    )
 
 
 P = ParamSpec("P")
@@ -70,6 +82,20 @@ def _then_customer(register: Register[P]) -> Register[P]:
 
 
 sign_up_tenant = _then_customer(register_tenant)
+
+
+def update_tenant(
+    conn: psycopg.Connection, actor: audit.Actor, settings: Settings, tenant_id: str, **changes: Any
+) -> dict[str, Any]:
+    """`change_tenant` (same keyword arguments and errors), then a new name sent to the tenant's Stripe customer
+    (best effort, after the commit)."""
+    changed = change_tenant(conn, actor, tenant_id, **changes)
+    if "name" in changed:
+        _at_stripe(
+            settings, tenant_id, "renamed here but not yet at Stripe", lambda c, s: update_customer(c, s, tenant_id),
+            fix="sensormine billing sync-customers --update",
+        )  # fmt: skip
+    return changed
 
 
 def subscribe(
@@ -123,10 +149,7 @@ def cancel_subscription(conn: psycopg.Connection, actor: audit.Actor, settings: 
         raise NoSubscription(f"tenant {tenant_id!r} has no subscription")
     canceled = make_stripe_client(settings).v1.subscriptions.cancel(current.stripe_subscription_id)
     with actor.scope(conn, write=True):
-        conn.execute("DELETE FROM tenant_subscriptions WHERE tenant_id = %s", (tenant_id,))
-        conn.execute(
-            "UPDATE tenants SET plan = CASE WHEN parent_id IS NULL THEN 'free' END WHERE id = %s", (tenant_id,)
-        )
+        end_subscription(conn, tenant_id)
         audit.record(
             conn, actor, tenant_id, "billing.subscription.cancel", "subscription", current.stripe_subscription_id,
             {"plan": current.plan, "status": canceled.status},

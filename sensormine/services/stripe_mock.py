@@ -21,6 +21,7 @@ from sensormine.services.errors import ServiceError
 
 STRIPE_MOCK_VERSION = "v0.203.0"
 API_KEY = "sk_test_sensormine"  # stripe-mock accepts any key of this shape
+WEBHOOK_SECRET = "whsec_sensormine_local"  # signs webhook payloads sent to the local API (stripe-mock sends none)
 
 
 def cache_dir() -> Path:
@@ -103,5 +104,9 @@ class StripeMock(Service):
             return False
 
     def env(self, rec: Record) -> dict[str, str]:
-        """SENSORMINE_STRIPE_API_BASE and SENSORMINE_STRIPE_API_KEY."""
-        return {"SENSORMINE_STRIPE_API_BASE": rec.url, "SENSORMINE_STRIPE_API_KEY": API_KEY}
+        """SENSORMINE_STRIPE_API_BASE, SENSORMINE_STRIPE_API_KEY and SENSORMINE_STRIPE_WEBHOOK_SECRET."""
+        return {
+            "SENSORMINE_STRIPE_API_BASE": rec.url,
+            "SENSORMINE_STRIPE_API_KEY": API_KEY,
+            "SENSORMINE_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        }

@@ -44,19 +44,20 @@ def effective_config(conn: psycopg.Connection, tenant_id: str) -> EffectiveConfi
     """
     with role_scope(conn, AUTH):
         rows = conn.execute(
-            "SELECT a.id, a.plan, t.settings, t.features, t.branding FROM sensormine_tenant_ancestors(%s) a "
+            "SELECT a.id, a.plan, t.settings, t.features, t.branding, sensormine_payment_lapsed(a.id) "
+            "FROM sensormine_tenant_ancestors(%s) a "
             "JOIN tenants t ON t.id = a.id ORDER BY a.depth DESC",
             (tenant_id,),
         ).fetchall()
     if not rows:
         return None
     plan, plan_from = "free", rows[0][0]
-    for tid, p, *_ in rows:
-        if p is not None:
-            plan, plan_from = p, tid
+    for tid, p, *_, lapsed in rows:
+        if p is not None:  # the nearest plan; free while its payer is past the grace period of an unpaid invoice
+            plan, plan_from = ("free" if lapsed else p), tid
     merged: dict[str, dict[str, Any]] = {"settings": {}, "features": dict(PLAN_FEATURES[plan]), "branding": {}}
     sources: dict[str, str] = {f"features.{k}": f"plan:{plan}" for k in merged["features"]}
-    for tid, _p, settings, features, branding in rows:
+    for tid, _p, settings, features, branding, _lapsed in rows:
         for name, values in (("settings", settings), ("features", features), ("branding", branding)):
             for k, v in values.items():
                 merged[name][k] = v

@@ -1,15 +1,18 @@
-"""A tenant's subscription at Stripe: see it, subscribe or change plan (prorated), cancel (docs/billing.md)."""
+"""Billing: a tenant's subscription at Stripe (see it, subscribe or change plan, cancel), its invoices and
+notices, and the endpoint Stripe's webhooks are sent to (docs/billing.md)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
+import psycopg
 import stripe
-from fastapi import APIRouter, Query, Request, Response, Security
+from fastapi import APIRouter, Header, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from sensormine.billing import usecases
+from sensormine.billing import usecases, webhooks
 from sensormine.billing.subscriptions import CatalogMissing, NoSubscription, SubscriptionError, get_subscription
 from sensormine.clients.stripe_api import BillingNotConfigured
 from sensormine.tenancy.config import effective_config
@@ -42,12 +45,58 @@ class SubscriptionOut(BaseModel):
     updated_at: datetime | None
 
 
+class PaymentOut(BaseModel):
+    """Whether the tenant's invoices are paid."""
+
+    status: Literal["paid", "past_due"]
+    past_due_since: datetime | None
+    grace_until: datetime | None = Field(description="Past due: the free plan's limits apply from then until paid")
+    invoice_id: str | None
+
+
 class BillingOut(BaseModel):
-    """The plan that applies to a tenant, and its subscription (null: none of its own)."""
+    """The plan that applies to a tenant, its subscription (null: none of its own) and payment state."""
 
     tenant_id: str
-    plan: str = Field(description="The plan in force (its own, or inherited)")
+    plan: str = Field(description="The plan in force (its own, or inherited; free once a payment's grace is over)")
     subscription: SubscriptionOut | None
+    payment: PaymentOut | None = Field(description="Null: no invoice event seen yet")
+
+
+class InvoiceOut(BaseModel):
+    """An invoice as Stripe last told (amounts in the currency's smallest unit, e.g. cents)."""
+
+    stripe_invoice_id: str
+    number: str | None
+    status: str
+    currency: str
+    amount_due: int
+    amount_paid: int
+    period_start: datetime | None
+    period_end: datetime | None
+    hosted_invoice_url: str | None
+    created_at: datetime
+
+
+class NoticeOut(BaseModel):
+    """Something the tenant's administrators are told (also by e-mail when a mail server is configured)."""
+
+    id: int
+    kind: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+    emailed_to: list[str]
+    email_error: str | None
+    created_at: datetime
+
+
+class WebhookOut(BaseModel):
+    """What a Stripe event did here."""
+
+    event_id: str
+    type: str
+    outcome: str = Field(description="applied, stale (older than one applied), recorded, or `ignored: <why>`")
+    duplicate: bool = Field(description="The event was delivered before; nothing changed this time")
 
 
 def _problem(exc: Exception) -> Problem:
@@ -72,10 +121,69 @@ def read_subscription(caller: Reader, conn: ConnDep, tenant_id: TenantParam = No
     tenant = caller.tenant(tenant_id)
     with caller.scope(conn):
         sub = get_subscription(conn, tenant)
+        payment = conn.execute(
+            "SELECT status, past_due_since, grace_until, invoice_id FROM tenant_payment_status WHERE tenant_id = %s",
+            (tenant,),
+        ).fetchone()
     config = effective_config(conn, tenant)
     conn.commit()
     assert config is not None  # caller.tenant found it
-    return BillingOut(tenant_id=tenant, plan=config.plan, subscription=_sub_out(sub) if sub else None)
+    return BillingOut(
+        tenant_id=tenant,
+        plan=config.plan,
+        subscription=_sub_out(sub) if sub else None,
+        payment=PaymentOut(**dict(zip(PaymentOut.model_fields, payment, strict=True))) if payment else None,
+    )
+
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+M = TypeVar("M", bound=BaseModel)
+
+
+def _listed(caller: Caller, conn: psycopg.Connection, model: type[M], sql: str, tenant_id: str | None,
+            limit: int) -> list[M]:  # fmt: skip
+    """`model`s of the selected rows (columns in the model's field order) of a tenant the caller may see."""
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        rows = conn.execute(sql, (tenant, limit)).fetchall()
+    return [model(**dict(zip(model.model_fields, r, strict=True))) for r in rows]
+
+
+@router.get("/invoices", response_model=list[InvoiceOut])
+def list_invoices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, limit: Limit = 50) -> list[InvoiceOut]:
+    """The tenant's invoices, newest first."""
+    return _listed(caller, conn, InvoiceOut,
+        "SELECT stripe_invoice_id, number, status, currency, amount_due, amount_paid, period_start, period_end, "
+        "hosted_invoice_url, stripe_created FROM tenant_invoices WHERE tenant_id = %s "
+        "ORDER BY stripe_created DESC, stripe_invoice_id LIMIT %s", tenant_id, limit)  # fmt: skip
+
+
+@router.get("/notices", response_model=list[NoticeOut])
+def list_notices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, limit: Limit = 50) -> list[NoticeOut]:
+    """Billing notices for the tenant (trial ending, payment failed or recovered, subscription ended), newest first."""
+    return _listed(caller, conn, NoticeOut,
+        "SELECT id, kind, severity, message, emailed_to, email_error, created_at FROM tenant_notices "
+        "WHERE tenant_id = %s ORDER BY id DESC LIMIT %s", tenant_id, limit)  # fmt: skip
+
+
+@router.post("/webhooks/stripe", response_model=WebhookOut, responses={400: {}, 503: {}})
+async def stripe_webhook(
+    request: Request,
+    settings: SettingsDep,
+    stripe_signature: Annotated[str | None, Header(description="Stripe's signature of the body")] = None,
+) -> WebhookOut:
+    """Stripe's events (no API key: the signature with the endpoint's secret is the credential), each applied once."""
+    payload = await request.body()
+    try:
+        event = webhooks.verify_event(payload, stripe_signature, settings.stripe_webhook_secret)
+    except webhooks.WebhooksNotConfigured as exc:
+        raise Problem(503, str(exc)) from None
+    except webhooks.BadWebhook as exc:
+        raise Problem(400, str(exc)) from None
+    result = await run_in_threadpool(webhooks.handle_event, settings, event)
+    if result.outcome == "applied" and not result.duplicate:
+        credential_cache(request).clear()  # cached callers carry their tenant's plan
+    return WebhookOut(event_id=result.event_id, type=result.type, outcome=result.outcome, duplicate=result.duplicate)
 
 
 @router.put("/subscription", response_model=SubscriptionOut, responses={409: {}, 422: {}, 502: {}, 503: {}})

@@ -23,7 +23,8 @@ import psycopg
 from fastapi import APIRouter, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sensormine.billing.usecases import sign_up_tenant
+from sensormine.billing.usecases import sign_up_tenant, update_tenant
+from sensormine.settings import Settings
 from sensormine.tenancy.config import PLAN_FEATURES, effective_config
 from sensormine.tenancy.plans import PLANS
 from sensormine.tenancy.tenants import (
@@ -35,7 +36,7 @@ from sensormine.tenancy.tenants import (
     page_tenants,
     parent_of,
 )
-from sensormine.tenancy.usecases import TenantRefused, change_tenant
+from sensormine.tenancy.usecases import TenantRefused
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate, credential_cache
 from serving.pagination import Page, PageDep
 from serving.problems import Problem
@@ -312,7 +313,9 @@ def children(tenant_id: str, caller: Reader, conn: ConnDep, page: PageDep) -> di
     return page.page([_out(r) for r in records], key=lambda t: t.id)
 
 
-def _update(conn: psycopg.Connection, caller: Caller, tenant_id: str, patch: TenantPatch) -> dict[str, Any]:
+def _update(
+    conn: psycopg.Connection, caller: Caller, settings: Settings, tenant_id: str, patch: TenantPatch
+) -> dict[str, Any]:
     """Apply a patch (permissions checked); the changed fields for the audit log."""
     fields = patch.model_fields_set
     try:
@@ -323,9 +326,10 @@ def _update(conn: psycopg.Connection, caller: Caller, tenant_id: str, patch: Ten
                 _check_features_allowed(conn, caller, tenant_id, patch.features)
         branding = patch.branding.model_dump(exclude_unset=True) if patch.branding is not None else None
         plan = {"plan": patch.plan} if "plan" in fields else {}
-        return change_tenant(
+        return update_tenant(
             conn,
             caller,
+            settings,
             tenant_id,
             name=patch.name,
             config=patch.settings,
@@ -338,11 +342,13 @@ def _update(conn: psycopg.Connection, caller: Caller, tenant_id: str, patch: Ten
 
 
 @router.patch("/{tenant_id}", response_model=TenantDetailOut)
-def update(tenant_id: str, patch: TenantPatch, caller: Writer, conn: ConnDep, request: Request) -> TenantDetailOut:
+def update(
+    tenant_id: str, patch: TenantPatch, caller: Writer, conn: ConnDep, settings: SettingsDep, request: Request
+) -> TenantDetailOut:
     """Change name, settings, branding (your tenant and subtree), features (sub-tenants; anywhere for the platform)
     and plan (platform administrators only). A key set to null removes the tenant's own value."""
     caller.tenant(tenant_id)
-    changed = _update(conn, caller, tenant_id, patch)
+    changed = _update(conn, caller, settings, tenant_id, patch)
     if "plan" in changed or "features" in changed:
         _invalidate(request)  # cached callers carry their tenant's plan
     return read(tenant_id, caller, conn)
@@ -364,7 +370,7 @@ def _section(conn: psycopg.Connection, caller: Caller, tenant_id: str, section: 
 
 
 def _replace(
-    conn: psycopg.Connection, caller: Caller, tenant_id: str, section: str, values: dict[str, Any]
+    conn: psycopg.Connection, caller: Caller, settings: Settings, tenant_id: str, section: str, values: dict[str, Any]
 ) -> SectionOut:
     """Replace a section: keys not in `values` lose their override."""
     caller.tenant(tenant_id)
@@ -372,7 +378,7 @@ def _replace(
         own = getattr(_fetch(conn, tenant_id), section)
     conn.commit()
     changes: dict[str, Any] = {k: None for k in own if k not in values} | values
-    _update(conn, caller, tenant_id, TenantPatch.model_validate({section: changes}))
+    _update(conn, caller, settings, tenant_id, TenantPatch.model_validate({section: changes}))
     return _section(conn, caller, tenant_id, section)
 
 
@@ -383,9 +389,9 @@ def read_branding(tenant_id: str, caller: Reader, conn: ConnDep) -> SectionOut:
 
 
 @router.put("/{tenant_id}/branding", response_model=SectionOut)
-def put_branding(tenant_id: str, body: Branding, caller: Writer, conn: ConnDep) -> SectionOut:
+def put_branding(tenant_id: str, body: Branding, caller: Writer, conn: ConnDep, settings: SettingsDep) -> SectionOut:
     """Replace the tenant's branding overrides (fields left out inherit from the parent)."""
-    return _replace(conn, caller, tenant_id, "branding", body.model_dump(exclude_none=True))
+    return _replace(conn, caller, settings, tenant_id, "branding", body.model_dump(exclude_none=True))
 
 
 @router.get("/{tenant_id}/features", response_model=SectionOut)
@@ -395,12 +401,14 @@ def read_features(tenant_id: str, caller: Reader, conn: ConnDep) -> SectionOut:
 
 
 @router.put("/{tenant_id}/features", response_model=SectionOut)
-def put_features(tenant_id: str, body: dict[str, bool], caller: Writer, conn: ConnDep, request: Request) -> SectionOut:
+def put_features(
+    tenant_id: str, body: dict[str, bool], caller: Writer, conn: ConnDep, settings: SettingsDep, request: Request
+) -> SectionOut:
     """Replace the tenant's feature-flag overrides (flags left out follow the plan and the ancestors)."""
     try:
         _check_features(dict(body))
     except ValueError as exc:
         raise Problem(422, str(exc)) from None
-    out = _replace(conn, caller, tenant_id, "features", dict(body))
+    out = _replace(conn, caller, settings, tenant_id, "features", dict(body))
     _invalidate(request)
     return out

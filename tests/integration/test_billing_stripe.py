@@ -4,8 +4,13 @@ never twice; a Stripe outage never stops a sign-up."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
 
+import httpx
 import psycopg
 import pytest
 from click.testing import Result
@@ -14,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from sensormine.billing.stripe_sync import PRICES, PRODUCTS
+from sensormine.billing.usecases import provision_customer
 from sensormine.identity.api_keys import create_api_key
 from sensormine.identity.users import create_user
 from sensormine.settings import Settings, reset_settings
@@ -152,7 +158,12 @@ def test_a_tenant_admin_subscribes_changes_and_cancels_and_the_plan_follows(
         assert early.status_code == 409 and "sync-catalog" in early.json()["detail"]  # nothing sold yet
         assert billing("sync-catalog").exit_code == 0
 
-        assert client.get(url, headers=admin).json() == {"tenant_id": "acme", "plan": "free", "subscription": None}
+        assert client.get(url, headers=admin).json() == {
+            "tenant_id": "acme",
+            "plan": "free",
+            "subscription": None,
+            "payment": None,
+        }
         assert client.put(url, json={"plan": "pro"}, headers=viewer).status_code == 403
         for bad in ({"plan": "free"}, {"plan": "enterprise"}, {"plan": "pro", "interval": "week"}):
             resp = client.put(url, json=bad, headers=admin)
@@ -174,7 +185,12 @@ def test_a_tenant_admin_subscribes_changes_and_cancels_and_the_plan_follows(
         assert changed.json()["stripe_subscription_id"] == sub["stripe_subscription_id"]  # the same one, changed
 
         assert client.delete(url, headers=admin).status_code == 204
-        assert client.get(url, headers=admin).json() == {"tenant_id": "acme", "plan": "free", "subscription": None}
+        assert client.get(url, headers=admin).json() == {
+            "tenant_id": "acme",
+            "plan": "free",
+            "subscription": None,
+            "payment": None,
+        }
         assert client.delete(url, headers=admin).status_code == 404
     customer = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()[0]
     assert customer.startswith("cus_")  # made when it first subscribed
@@ -182,3 +198,84 @@ def test_a_tenant_admin_subscribes_changes_and_cancels_and_the_plan_follows(
         r[0] for r in conn.execute("SELECT action FROM audit_log WHERE action LIKE 'billing.%' ORDER BY id").fetchall()
     ]
     assert actions == ["billing.subscription.create", "billing.subscription.change", "billing.subscription.cancel"]
+
+
+class RecordingProxy:
+    """A reverse proxy in front of stripe-mock that keeps what each request sent (stripe-mock keeps nothing)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests.append((self.command, self.path, parse_qs(body.decode(), keep_blank_values=True)))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = httpx.request(self.command, upstream + self.path, content=body, headers=headers)
+                self.send_response(answer.status_code)
+                for k, v in answer.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_DELETE = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_renamed_tenant_is_renamed_at_stripe_and_the_sync_catches_up_after_an_outage(
+    settings: Settings, conn: psycopg.Connection, billing: Callable[..., Result], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    assert settings.stripe_api_base
+    proxy = RecordingProxy(settings.stripe_api_base)
+    admin = make_tenant(conn, "acme", [], role="tenant_admin")
+    conn.commit()
+    try:
+        through = settings.model_copy(update={"kafka_bootstrap": None, "stripe_api_base": proxy.url})
+        assert provision_customer(through, "acme")
+        (customer,) = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()
+        conn.commit()
+        with TestClient(create_app(through)) as client:
+            renamed = client.patch("/api/tenants/acme", json={"name": "ACME Presses"}, headers={"X-API-Key": admin})
+            assert renamed.status_code == 200, renamed.text
+            branded = client.put("/api/tenants/acme/branding", json={"primary_color": "#112233"},
+                                 headers={"X-API-Key": admin})  # fmt: skip
+            assert branded.status_code == 200
+        sent = [(m, p, form) for m, p, form in proxy.requests if p.startswith("/v1/customers/")]
+        assert sent == [
+            ("POST", f"/v1/customers/{customer}",
+             {"name": ["ACME Presses"], "metadata[tenant_id]": ["acme"], "metadata[parent_tenant_id]": [""]})
+        ]  # fmt: skip  # one update: the branding change sent nothing
+
+        down = settings.model_copy(update={"kafka_bootstrap": None, "stripe_api_base": "http://127.0.0.1:9"})
+        with TestClient(create_app(down)) as client:
+            again = client.patch("/api/tenants/acme", json={"name": "ACME Works"}, headers={"X-API-Key": admin})
+            assert again.status_code == 200 and again.json()["name"] == "ACME Works"
+        assert "renamed here but not yet at Stripe" in caplog.text and "sync-customers --update" in caplog.text
+
+        proxy.requests.clear()
+        monkeypatch.setenv("SENSORMINE_STRIPE_API_BASE", proxy.url)
+        reset_settings()
+        done = billing("sync-customers", "--update")
+        assert done.exit_code == 0 and "customers: 0 created, 1 updated, 0 already at Stripe" in done.output, (
+            done.output
+        )
+        assert [(p, form["name"]) for m, p, form in proxy.requests if m == "POST"] == [
+            (f"/v1/customers/{customer}", ["ACME Works"])
+        ]
+    finally:
+        proxy.close()

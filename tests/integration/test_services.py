@@ -39,6 +39,7 @@ EXPECTED_KEYS = POSTGRES_KEYS | {
     "SENSORMINE_SMTP_MAILDIR",
     "SENSORMINE_STRIPE_API_BASE",
     "SENSORMINE_STRIPE_API_KEY",
+    "SENSORMINE_STRIPE_WEBHOOK_SECRET",
     # Mosquitto runs with its dynamic-security plugin: the launcher's users (docs/device-identity.md).
     "SENSORMINE_MQTT_ADMIN_USERNAME",
     "SENSORMINE_MQTT_ADMIN_PASSWORD",
