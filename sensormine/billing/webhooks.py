@@ -22,8 +22,9 @@ Effects (docs/billing.md):
 - `payment_intent.succeeded|payment_failed`: recorded; a failed payment that no invoice covers is a
   notice.
 
-Notices are rows in `tenant_notices` (the API's `/api/billing/notices`) and, with a mail server, an
-e-mail to the tenant's administrators sent after the commit (its failure is written on the notice).
+Notices are tenant events (`tenant_events`, the API's `/api/usage/events`, beside the quota warnings)
+and, with a mail server, an e-mail to the tenant's administrators sent after the commit (to whom, or
+why not, is added to the event's data).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from sensormine.audit import log as audit
 from sensormine.billing.subscriptions import IN_FORCE, Subscription, end_subscription, record_subscription
 from sensormine.clients.postgres import METERING, connect
 from sensormine.clients.smtp import SmtpServer, redacted
+from sensormine.metering.events import record_tenant_event
 from sensormine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -174,11 +176,8 @@ def handle_event(settings: Settings, event: dict[str, Any]) -> WebhookResult:
                 ev = _Event(conn, settings, event_id, kind, created, obj, tenant_id)
                 outcome = handler(ev)
                 for n in ev.notices:
-                    conn.execute(
-                        "INSERT INTO tenant_notices (tenant_id, kind, severity, message, source) "
-                        "VALUES (%s, %s, %s, %s, %s)",
-                        (tenant_id, n.kind, n.severity, n.message, event_id),
-                    )
+                    data = {"severity": n.severity, "message": n.message, "stripe_event": event_id}
+                    record_tenant_event(conn, tenant_id, n.kind, data, _notice_key(event_id, n))
             conn.execute(
                 "UPDATE stripe_webhook_events SET tenant_id = %s, outcome = %s WHERE event_id = %s",
                 (tenant_id, outcome, event_id),
@@ -439,9 +438,13 @@ def _email_notices(conn: psycopg.Connection, settings: Settings, ev: _Event) -> 
         error = _send_notice(settings, ev.tenant_id, n, recipients)
         with conn.transaction():
             conn.execute(
-                "UPDATE tenant_notices SET emailed_to = %s, email_error = %s WHERE source = %s AND kind = %s",
-                ([] if error else recipients, error, ev.id, n.kind),
+                "UPDATE tenant_events SET data = data || %s WHERE dedupe_key = %s",
+                (Jsonb({"emailed_to": [] if error else recipients, "email_error": error}), _notice_key(ev.id, n)),
             )
+
+
+def _notice_key(event_id: str, n: Notice) -> str:
+    return f"stripe:{event_id}:{n.kind}"
 
 
 def _send_notice(settings: Settings, tenant_id: str, n: Notice, recipients: list[str]) -> str | None:

@@ -1,6 +1,7 @@
 -- Stripe's webhooks: each event recorded once (its id), the order of what each tenant's events
--- changed, the payment state with its grace period, invoices, and notices for the tenant's admins.
--- All written by the metering role (the design's Billing & Metering service).
+-- changed, the payment state with its grace period, and invoices. What the tenant's admins are
+-- told goes to tenant_events (with the outcome of its e-mail). All written by the metering role (the
+-- design's Billing & Metering service).
 
 -- Every event received, processed once: a second delivery finds its id here and changes nothing.
 CREATE TABLE stripe_webhook_events (
@@ -54,26 +55,11 @@ CREATE TABLE tenant_invoices (
 );
 CREATE INDEX tenant_invoices_tenant ON tenant_invoices (tenant_id, stripe_created DESC);
 
--- What the tenant's administrators are told in the app (and by e-mail when a mail server is set).
-CREATE TABLE tenant_notices (
-    id          bigserial PRIMARY KEY,
-    tenant_id   text NOT NULL REFERENCES tenants(id),
-    kind        text NOT NULL,           -- e.g. billing.trial_will_end, billing.payment_failed
-    severity    text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
-    message     text NOT NULL,
-    source      text NOT NULL,           -- what caused it (a Stripe event id)
-    emailed_to  text[] NOT NULL DEFAULT '{}',
-    email_error text,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (source, kind)
-);
-CREATE INDEX tenant_notices_tenant ON tenant_notices (tenant_id, id DESC);
-
 DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['stripe_webhook_events', 'stripe_event_cursors', 'tenant_payment_status',
-                             'tenant_invoices', 'tenant_notices'] LOOP
+                             'tenant_invoices'] LOOP
         EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY %I ON %I USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) '
@@ -84,7 +70,8 @@ BEGIN
         EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %I TO sensormine_metering', t);
     END LOOP;
 END $$;
-GRANT USAGE ON SEQUENCE tenant_notices_id_seq TO sensormine_metering;
+-- A billing notice's event records to whom it was mailed (or why not).
+GRANT UPDATE (data) ON tenant_events TO sensormine_metering;
 
 -- The webhooks change a tenant's subscription and plan, and audit what they did.
 GRANT INSERT, UPDATE, DELETE ON tenant_subscriptions TO sensormine_metering;

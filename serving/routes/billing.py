@@ -1,12 +1,11 @@
-"""Billing: a tenant's subscription at Stripe (see it, subscribe or change plan, cancel), its invoices and
-notices, and the endpoint Stripe's webhooks are sent to (docs/billing.md)."""
+"""Billing: a tenant's subscription at Stripe (see it, subscribe or change plan, cancel), its invoices, and
+the endpoint Stripe's webhooks are sent to (docs/billing.md; notices are tenant events, /api/usage/events)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import psycopg
 import stripe
 from fastapi import APIRouter, Header, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,18 +77,6 @@ class InvoiceOut(BaseModel):
     created_at: datetime
 
 
-class NoticeOut(BaseModel):
-    """Something the tenant's administrators are told (also by e-mail when a mail server is configured)."""
-
-    id: int
-    kind: str
-    severity: Literal["info", "warning", "critical"]
-    message: str
-    emailed_to: list[str]
-    email_error: str | None
-    created_at: datetime
-
-
 class WebhookOut(BaseModel):
     """What a Stripe event did here."""
 
@@ -137,33 +124,20 @@ def read_subscription(caller: Reader, conn: ConnDep, tenant_id: TenantParam = No
 
 
 Limit = Annotated[int, Query(ge=1, le=500)]
-M = TypeVar("M", bound=BaseModel)
-
-
-def _listed(caller: Caller, conn: psycopg.Connection, model: type[M], sql: str, tenant_id: str | None,
-            limit: int) -> list[M]:  # fmt: skip
-    """`model`s of the selected rows (columns in the model's field order) of a tenant the caller may see."""
-    tenant = caller.tenant(tenant_id)
-    with caller.scope(conn):
-        rows = conn.execute(sql, (tenant, limit)).fetchall()
-    return [model(**dict(zip(model.model_fields, r, strict=True))) for r in rows]
 
 
 @router.get("/invoices", response_model=list[InvoiceOut])
 def list_invoices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, limit: Limit = 50) -> list[InvoiceOut]:
     """The tenant's invoices, newest first."""
-    return _listed(caller, conn, InvoiceOut,
-        "SELECT stripe_invoice_id, number, status, currency, amount_due, amount_paid, period_start, period_end, "
-        "hosted_invoice_url, stripe_created FROM tenant_invoices WHERE tenant_id = %s "
-        "ORDER BY stripe_created DESC, stripe_invoice_id LIMIT %s", tenant_id, limit)  # fmt: skip
-
-
-@router.get("/notices", response_model=list[NoticeOut])
-def list_notices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, limit: Limit = 50) -> list[NoticeOut]:
-    """Billing notices for the tenant (trial ending, payment failed or recovered, subscription ended), newest first."""
-    return _listed(caller, conn, NoticeOut,
-        "SELECT id, kind, severity, message, emailed_to, email_error, created_at FROM tenant_notices "
-        "WHERE tenant_id = %s ORDER BY id DESC LIMIT %s", tenant_id, limit)  # fmt: skip
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        rows = conn.execute(
+            "SELECT stripe_invoice_id, number, status, currency, amount_due, amount_paid, period_start, period_end, "
+            "hosted_invoice_url, stripe_created FROM tenant_invoices WHERE tenant_id = %s "
+            "ORDER BY stripe_created DESC, stripe_invoice_id LIMIT %s",
+            (tenant, limit),
+        ).fetchall()
+    return [InvoiceOut(**dict(zip(InvoiceOut.model_fields, r, strict=True))) for r in rows]
 
 
 @router.post("/webhooks/stripe", response_model=WebhookOut, responses={400: {}, 503: {}})

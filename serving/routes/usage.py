@@ -118,7 +118,8 @@ def usage(
 
 @router.get("/events", response_model=Page[EventOut])
 def events(caller: Reader, conn: ConnDep, page: PageDep, tenant_id: TenantParam = None) -> dict[str, Any]:
-    """Events of a tenant, newest first (quota warnings and refusals)."""
+    """Events of a tenant, newest first: quota warnings and refusals, billing notices (trial ending, payment
+    failed or recovered, subscription ended; data: severity, message, and to whom it was mailed)."""
     tenant = caller.tenant(tenant_id)
     if page.after is not None and not isinstance(page.after, int):
         raise Problem(422, "the cursor is invalid; pass back next_cursor from the previous page unchanged")

@@ -2,7 +2,7 @@
 built from stripe-mock's own objects (the launcher's official API mock; it sends no webhooks, so the
 test signs each delivery with the endpoint's secret as Stripe does): signatures, once-only
 processing, out-of-order delivery, and each event's effect on the tenant's plan, payment state,
-invoices, notices and e-mail."""
+invoices, notices (tenant events) and e-mail."""
 
 from __future__ import annotations
 
@@ -110,6 +110,13 @@ def _sub(s: Stripe, prices: dict[str, str], key: str, status: str = "active", **
     return {**canned, "items": {**canned["items"], "data": [item]}}
 
 
+def _notices(s: Stripe, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """The billing notices among the tenant's events, newest first."""
+    response = s.http.get("/api/usage/events", headers=headers)
+    assert response.status_code == 200, response.text
+    return [e for e in response.json()["items"] if e["type"].startswith("billing.")]
+
+
 def _events(conn: psycopg.Connection) -> list[tuple[str, str | None, str]]:
     rows = conn.execute("SELECT type, tenant_id, outcome FROM stripe_webhook_events ORDER BY received_at").fetchall()
     conn.commit()
@@ -199,8 +206,8 @@ def test_subscription_events_apply_once_and_an_older_event_arriving_late_changes
         (f"stripe:{yearly['id']}", "system", "billing.subscription.sync", "pro"),
         (f"stripe:{ended['id']}", "system", "billing.subscription.end", "free"),
     ]
-    notices = s.http.get("/api/billing/notices", headers=admin).json()
-    assert [n["kind"] for n in notices] == ["billing.subscription_ended"]
+    notices = _notices(s, admin)
+    assert [n["type"] for n in notices] == ["billing.subscription_ended"]
     assert [o for _, _, o in _events(conn)] == ["applied", "applied", "stale: a newer event was applied", "applied",
                                                "stale: a newer event was applied"]  # fmt: skip
 
@@ -248,11 +255,11 @@ def test_a_failed_payment_opens_a_grace_period_then_the_free_plans_limits_apply_
         "stripe_invoice_id": "in_acme_1", "number": number, "status": "paid", "amount_due": 9900,
         "amount_paid": 9900, "currency": "usd",
     }  # fmt: skip
-    notices = s.http.get("/api/billing/notices", headers=admin).json()
-    assert [n["kind"] for n in notices] == ["billing.payment_recovered", "billing.payment_failed",
+    notices = _notices(s, admin)
+    assert [n["type"] for n in notices] == ["billing.payment_recovered", "billing.payment_failed",
                                             "billing.payment_failed"]  # fmt: skip
-    assert f"{number} (99.00 USD)" in notices[-1]["message"]
-    assert sorted(notices[-1]["emailed_to"]) == ["boss@acme.example"] and notices[-1]["email_error"] is None
+    assert f"{number} (99.00 USD)" in notices[-1]["data"]["message"]
+    assert notices[-1]["data"]["emailed_to"] == ["boss@acme.example"] and notices[-1]["data"]["email_error"] is None
     maildir = mailbox.Maildir(services["SENSORMINE_SMTP_MAILDIR"], create=False)
     mails = wait_for(
         lambda: [m for m in maildir if m["X-Sensormine-Notice"] == "billing.payment_failed"
@@ -285,9 +292,9 @@ def test_trial_ending_tells_the_admins_and_unknown_events_are_recorded_and_ignor
                     _sub(s, prices, "price:pro:month", "trialing", trial_end=trial_end),
                     now)  # fmt: skip
     assert s.deliver(trial)["outcome"] == "applied"
-    (notice,) = s.http.get("/api/billing/notices", headers=admin).json()
-    assert notice["kind"] == "billing.trial_will_end" and notice["severity"] == "warning"
-    assert f"{datetime.fromtimestamp(trial_end, UTC):%Y-%m-%d}" in notice["message"]
+    (notice,) = _notices(s, admin)
+    assert notice["type"] == "billing.trial_will_end" and notice["data"]["severity"] == "warning"
+    assert f"{datetime.fromtimestamp(trial_end, UTC):%Y-%m-%d}" in notice["data"]["message"]
 
     stranger = s.event("invoice.payment_failed", s.obj("invoice", id="in_x", customer="cus_nobody"), now)
     assert s.deliver(stranger)["outcome"] == "ignored: no tenant has Stripe customer 'cus_nobody'"
@@ -297,7 +304,7 @@ def test_trial_ending_tells_the_admins_and_unknown_events_are_recorded_and_ignor
                   s.obj("payment_intent", customer="cus_acme", invoice=None,
                         last_payment_error={"message": "Your card was declined."}), now)  # fmt: skip
     assert s.deliver(own)["outcome"] == "applied"
-    assert "Your card was declined." in s.http.get("/api/billing/notices", headers=admin).json()[0]["message"]
+    assert "Your card was declined." in _notices(s, admin)[0]["data"]["message"]
     assert [(t, tenant) for t, tenant, _ in _events(conn)] == [
         ("customer.subscription.trial_will_end", "acme"),
         ("invoice.payment_failed", None),

@@ -9,8 +9,8 @@ The caller always belongs to `child` (under `parent`, beside `sibling`, above `g
 
 Snapshots before and after cover tenants, devices, users, keys, schemas, profiles, telemetry, dead
 letters and their replays, the audit log, usage, tenant events, alarm rules, alarms and their
-history, channels, policies, SMS gateways, subscriptions, Stripe customers, invoices, billing notices
-and payment states; the DLQ replay and the subscription (at stripe-mock) are real.
+history, channels, policies, SMS gateways, subscriptions, Stripe customers, invoices and
+payment states; the DLQ replay and the subscription (at stripe-mock) are real.
 `test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree` takes the other directions
 (a grandchild upwards, a sibling across, a parent into another top-level tenant), and
 `test_ingest_and_auth_routes_stay_inside_the_callers_tenant` the routes outside the tenant matrix
@@ -154,7 +154,6 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("PUT", "/api/billing/subscription"): "billing:write",
     ("DELETE", "/api/billing/subscription"): "billing:write",
     ("GET", "/api/billing/invoices"): "billing:read",
-    ("GET", "/api/billing/notices"): "billing:read",
     ("POST", "/api/billing/webhooks/stripe"): None,  # Stripe's signature, not a caller (test_billing_webhooks.py)
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
@@ -306,11 +305,6 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
             "stripe_created, event_created) VALUES (%s, %s, 'open', 'usd', 9900, 0, now(), now())",
             (f"in_{t}", t),
         )
-        conn.execute(
-            "INSERT INTO tenant_notices (tenant_id, kind, severity, message, source) "
-            "VALUES (%s, 'billing.payment_failed', 'critical', 'seeded', %s)",
-            (t, f"evt_{t}"),
-        )
     # The catalogue as `sensormine billing sync-catalog` records it (subscriptions go to stripe-mock).
     conn.execute("INSERT INTO stripe_catalog (key, stripe_id) VALUES ('price:pro:month', 'price_matrix')")
     callers = {r: create_api_key(conn, "child", r, role=r) for r in CALLERS if not r.startswith("user:")}
@@ -348,7 +342,6 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "WHERE tenant_id = ANY(%s)",
         "customers": "SELECT id, stripe_customer_id FROM tenants WHERE id = ANY(%s)",
         "invoices": "SELECT tenant_id, stripe_invoice_id, status FROM tenant_invoices WHERE tenant_id = ANY(%s)",
-        "notices": "SELECT tenant_id, id, kind FROM tenant_notices WHERE tenant_id = ANY(%s)",
         "payment": "SELECT tenant_id, status, grace_until FROM tenant_payment_status WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
