@@ -28,7 +28,7 @@ TELEMETRY_LAKE_KEY = dg.AssetKey(["lake", "telemetry"])
 class HotStore(Protocol):
     """What the asset needs from the `hot_store` resource (orchestration.resources.HotStoreResource)."""
 
-    def connect(self) -> AbstractContextManager[psycopg.Connection]: ...
+    def connect(self, role: str = ...) -> AbstractContextManager[psycopg.Connection]: ...
 
 
 class Lake(Protocol):

@@ -15,9 +15,10 @@ from assets.dbt import sensormine_dbt_models
 from assets.quality import telemetry_quality_checks
 from assets.rollups import telemetry_1h, telemetry_1m
 from assets.telemetry import telemetry_lake, telemetry_partition_key, telemetry_partitions, tenant_partitions
+from assets.usage import stripe_usage_report, usage_daily, usage_daily_matches_in_both_stores
 from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
 from orchestration.housekeeping import lake_housekeeping_job, lake_housekeeping_schedule
-from orchestration.resources import HotStoreResource, LakeResource
+from orchestration.resources import HotStoreResource, LakeResource, StripeResource
 from sensormine.settings import get_settings
 from sensors.hot_data import hot_data_sensor
 from sensors.quality import failed_quality_checks_sensor
@@ -44,6 +45,9 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             s3_region=_env("SENSORMINE_S3_REGION") or "us-east-1",
         ),
         "dbt": build_dbt_resource(),
+        "stripe": StripeResource(
+            api_key=_env("SENSORMINE_STRIPE_API_KEY"), api_base=_env("SENSORMINE_STRIPE_API_BASE")
+        ),
     }
 
 
@@ -146,10 +150,41 @@ def anomaly_models_weekly_schedule(context: dg.ScheduleEvaluationContext) -> dg.
     return dg.RunRequest(run_key=f"anomaly-models-{tick.date().isoformat()}")
 
 
+USAGE_ASSETS = [usage_daily, stripe_usage_report]
+
+usage_job = dg.define_asset_job(
+    "usage_job",
+    selection=dg.AssetSelection.assets(*USAGE_ASSETS),
+    partitions_def=telemetry_partitions,
+    description="Roll up tenant-days of metered usage (PostgreSQL + lake) and report them to Stripe.",
+)
+
+
+@dg.schedule(
+    name="usage_daily_schedule",
+    job=usage_job,
+    cron_schedule="30 1 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="At 01:30 UTC, after the daily close, roll up yesterday's usage of every tenant, measure its "
+    "storage and report it to Stripe.",
+)
+def usage_daily_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """Yesterday's partition of every tenant, closed at 00:30."""
+    yield from _tenant_day_requests(context, timedelta(days=-1))
+
+
 defs = dg.Definitions(
-    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores],
-    asset_checks=[*telemetry_quality_checks, anomaly_scores_complete],
-    jobs=[telemetry_lake_job, lake_housekeeping_job, dbt_models_job, anomaly_scores_job, anomaly_models_job],
+    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores, *USAGE_ASSETS],
+    asset_checks=[*telemetry_quality_checks, anomaly_scores_complete, usage_daily_matches_in_both_stores],
+    jobs=[
+        telemetry_lake_job,
+        lake_housekeeping_job,
+        dbt_models_job,
+        anomaly_scores_job,
+        anomaly_models_job,
+        usage_job,
+    ],
     schedules=[
         telemetry_lake_hourly_schedule,
         telemetry_lake_daily_close_schedule,
@@ -157,6 +192,7 @@ defs = dg.Definitions(
         dbt_models_daily_schedule,
         anomaly_scores_daily_schedule,
         anomaly_models_weekly_schedule,
+        usage_daily_schedule,
     ],
     sensors=[tenant_partitions_sensor, hot_data_sensor, failed_quality_checks_sensor],
     resources=build_resources(),

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+import stripe
 
 from sensormine.clients.postgres import LAKE, connect
+from sensormine.clients.stripe_api import make_stripe_client
 from sensormine.settings import Settings
 
 
@@ -23,10 +25,21 @@ class HotStoreResource(dg.ConfigurableResource):
         return Settings(database_url=self.database_url)
 
     @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection]:
-        """A connection for the duration of the block, closed afterwards."""
-        with connect(self.settings(), role=LAKE) as conn:
+    def connect(self, role: str = LAKE) -> Iterator[psycopg.Connection]:
+        """A connection acting as the function `role` (the lake's by default), closed after the block."""
+        with connect(self.settings(), role=role) as conn:
             yield conn
+
+
+class StripeResource(dg.ConfigurableResource):
+    """Stripe's API (stripe-mock in tests): the secret key and, for a mock, its base URL."""
+
+    api_key: str | None = None
+    api_base: str | None = None
+
+    def client(self) -> stripe.StripeClient:
+        """The SDK's client (BillingNotConfigured without a key)."""
+        return make_stripe_client(Settings(stripe_api_key=self.api_key, stripe_api_base=self.api_base))
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -61,7 +74,7 @@ class LakeResource(dg.ConfigurableResource):
 
 
 def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """`hot_store` and `lake` resources describing `settings`, for in-process runs (tests, tools).
+    """`hot_store`, `lake` and `stripe` resources describing `settings`, for in-process runs (tests, tools).
 
     The deployed Definitions build theirs from SENSORMINE_* variables instead (definitions.py).
     """
@@ -75,4 +88,8 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         s3_secret_key=settings.s3_secret_key,
         s3_region=settings.s3_region,
     )
-    return {"hot_store": HotStoreResource(database_url=settings.database_url), "lake": lake}
+    return {
+        "hot_store": HotStoreResource(database_url=settings.database_url),
+        "lake": lake,
+        "stripe": StripeResource(api_key=settings.stripe_api_key, api_base=settings.stripe_api_base),
+    }

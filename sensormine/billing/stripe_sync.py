@@ -50,6 +50,13 @@ PRICES = (
 )
 
 
+# Usage sent to Stripe as meter events (sensormine.billing.usage_report): resource -> (event name, meter name).
+METERS = {
+    "api_calls": ("sensormine_api_calls", "Sensormine API calls"),
+    "ml_inference": ("sensormine_ml_inference", "Sensormine ML inferences"),
+}
+
+
 @dataclass
 class SyncReport:
     """What a run created at Stripe and what was there already (catalogue keys or tenant ids)."""
@@ -66,7 +73,7 @@ def _idempotency(key: str) -> stripe.RequestOptions:
 def sync_catalog(
     conn: psycopg.Connection, client: stripe.StripeClient, progress: Callable[[str], None] = lambda _: None
 ) -> SyncReport:
-    """Create the plans' products and prices at Stripe unless recorded (`conn` idle, autocommit off)."""
+    """Create the plans' products and prices, and the usage meters, at Stripe unless recorded (`conn` idle)."""
     report = SyncReport()
     with conn.transaction():
         known: dict[str, str] = dict(conn.execute("SELECT key, stripe_id FROM stripe_catalog").fetchall())
@@ -102,6 +109,22 @@ def sync_catalog(
         }
         made = client.v1.prices.create(params, _idempotency(price.key))
         record(price.key, made.id, {"amount": str(price.amount), "currency": CURRENCY, "interval": price.interval})
+    for resource, (event_name, display_name) in METERS.items():
+        key = f"meter:{resource}"
+        if key in known:
+            report.kept.append(key)
+            continue
+        meter = client.v1.billing.meters.create(
+            {
+                "display_name": display_name,
+                "event_name": event_name,
+                "default_aggregation": {"formula": "sum"},
+                "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+                "value_settings": {"event_payload_key": "value"},
+            },
+            _idempotency(key),
+        )
+        record(key, meter.id, {"event_name": event_name})
     return report
 
 

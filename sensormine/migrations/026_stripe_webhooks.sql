@@ -55,21 +55,27 @@ CREATE TABLE tenant_invoices (
 );
 CREATE INDEX tenant_invoices_tenant ON tenant_invoices (tenant_id, stripe_created DESC);
 
-DO $$
-DECLARE t text;
+-- What every table of tenant rows kept by the billing service gets: row-level security (a tenant
+-- sees its subtree, a platform session everything), read access for the API's roles, and full
+-- access for the metering role. Later migrations call it for their billing tables.
+CREATE PROCEDURE sensormine_billing_table(t text)
+LANGUAGE plpgsql AS $$
 BEGIN
-    FOREACH t IN ARRAY ARRAY['stripe_webhook_events', 'stripe_event_cursors', 'tenant_payment_status',
-                             'tenant_invoices'] LOOP
-        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format('CREATE POLICY %I ON %I USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) '
-                       'OR (SELECT sensormine_is_platform()))', t || '_tenant_isolation', t);
-        EXECUTE format('CREATE POLICY %I ON %I FOR ALL TO sensormine_metering USING (true) WITH CHECK (true)',
-                       t || '_metering', t);
-        EXECUTE format('GRANT SELECT ON %I TO sensormine_reader, sensormine_writer', t);
-        EXECUTE format('GRANT SELECT, INSERT, UPDATE ON %I TO sensormine_metering', t);
-    END LOOP;
+    EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+    EXECUTE format('ALTER TABLE %I FORCE ROW LEVEL SECURITY', t);
+    EXECUTE format('CREATE POLICY %I ON %I USING (tenant_id = ANY ((SELECT sensormine_visible_tenants())::text[]) '
+                   'OR (SELECT sensormine_is_platform()))', t || '_tenant_isolation', t);
+    EXECUTE format('CREATE POLICY %I ON %I FOR ALL TO sensormine_metering USING (true) WITH CHECK (true)',
+                   t || '_metering', t);
+    EXECUTE format('GRANT SELECT ON %I TO sensormine_reader, sensormine_writer', t);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO sensormine_metering', t);
 END $$;
+REVOKE ALL ON PROCEDURE sensormine_billing_table(text) FROM PUBLIC;
+
+CALL sensormine_billing_table('stripe_webhook_events');
+CALL sensormine_billing_table('stripe_event_cursors');
+CALL sensormine_billing_table('tenant_payment_status');
+CALL sensormine_billing_table('tenant_invoices');
 -- A billing notice's event records to whom it was mailed (or why not).
 GRANT UPDATE (data) ON tenant_events TO sensormine_metering;
 

@@ -3,7 +3,8 @@ the endpoint Stripe's webhooks are sent to (docs/billing.md; notices are tenant 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import stripe
@@ -60,6 +61,28 @@ class BillingOut(BaseModel):
     plan: str = Field(description="The plan in force (its own, or inherited; free once a payment's grace is over)")
     subscription: SubscriptionOut | None
     payment: PaymentOut | None = Field(description="Null: no invoice event seen yet")
+
+
+class UsageDayOut(BaseModel):
+    """One resource's usage on one UTC day, as the daily rollup (`usage_daily` asset) counted it."""
+
+    day: date
+    resource: str
+    quantity: Decimal
+    unit: str
+
+
+class UsageOut(BaseModel):
+    """Daily usage of a tenant over a period, and the period's totals of the additive resources."""
+
+    tenant_id: str
+    start: date
+    end: date = Field(description="Exclusive")
+    days: list[UsageDayOut]
+    totals: dict[str, Decimal] = Field(
+        description="Sums over the period of api_calls, ml_inference and readings (active devices and storage "
+        "are per day: a device active on two days is one device, storage is held, not added up)"
+    )
 
 
 class InvoiceOut(BaseModel):
@@ -138,6 +161,32 @@ def list_invoices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, 
             (tenant, limit),
         ).fetchall()
     return [InvoiceOut(**dict(zip(InvoiceOut.model_fields, r, strict=True))) for r in rows]
+
+
+ADDITIVE = ("api_calls", "ml_inference", "readings")
+
+
+@router.get("/usage", response_model=UsageOut, responses={422: {}})
+def read_usage(
+    caller: Reader,
+    conn: ConnDep,
+    start: Annotated[date, Query(description="First day (UTC)")],
+    end: Annotated[date, Query(description="Day after the last (UTC), at most 366 days after start")],
+    tenant_id: TenantParam = None,
+) -> UsageOut:
+    """The tenant's metered usage per day and resource, as rolled up daily (docs/billing.md)."""
+    if not start < end <= start + timedelta(days=366):
+        raise Problem(422, "end must be after start, and at most 366 days after it")
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        rows = conn.execute(
+            "SELECT day, resource, quantity, unit FROM usage_daily WHERE tenant_id = %s AND day >= %s AND day < %s "
+            "ORDER BY day, resource",
+            (tenant, start, end),
+        ).fetchall()
+    days = [UsageDayOut(day=d, resource=r, quantity=q, unit=u) for d, r, q, u in rows]
+    totals = {r: sum((d.quantity for d in days if d.resource == r), Decimal(0)) for r in ADDITIVE}
+    return UsageOut(tenant_id=tenant, start=start, end=end, days=days, totals=totals)
 
 
 @router.post("/webhooks/stripe", response_model=WebhookOut, responses={400: {}, 503: {}})

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from cli.main import app
-from sensormine.billing.stripe_sync import PRICES, PRODUCTS
+from sensormine.billing.stripe_sync import METERS, PRICES, PRODUCTS
 from sensormine.billing.usecases import provision_customer
 from sensormine.identity.api_keys import create_api_key
 from sensormine.identity.users import create_user
@@ -52,15 +52,18 @@ def billing(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 def test_the_catalogue_is_created_once(billing: Callable[..., Result], conn: psycopg.Connection) -> None:
     first = billing("sync-catalog")
     assert first.exit_code == 0, first.output
-    entries = len(PRODUCTS) + len(PRICES)
+    entries = len(PRODUCTS) + len(PRICES) + len(METERS)
     assert f"catalogue: {entries} created, 0 already at Stripe" in first.output
     rows = dict(conn.execute("SELECT key, stripe_id FROM stripe_catalog").fetchall())
     conn.commit()
     assert sorted(rows) == sorted(
-        [f"product:{p}" for p in PRODUCTS] + ["price:free:month", "price:pro:month", "price:pro:year"]
+        [f"product:{p}" for p in PRODUCTS]
+        + ["price:free:month", "price:pro:month", "price:pro:year"]
+        + [f"meter:{m}" for m in METERS]
     )
     assert all(v.startswith("prod_") for k, v in rows.items() if k.startswith("product:"))
     assert all(v.startswith("price_") for k, v in rows.items() if k.startswith("price:"))
+    assert all(v.startswith("meter_") for k, v in rows.items() if k.startswith("meter:"))
     detail = conn.execute("SELECT detail FROM stripe_catalog WHERE key = 'price:pro:year'").fetchone()[0]
     assert detail == {"amount": "990", "currency": "usd", "interval": "year"}
 

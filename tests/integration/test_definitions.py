@@ -12,6 +12,7 @@ import pytest
 from assets.anomaly import ANOMALY_MODELS_KEY, ANOMALY_SCORES_KEY
 from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
+from assets.usage import STRIPE_USAGE_REPORT_KEY, USAGE_DAILY_KEY
 from lake.telemetry import read_telemetry
 from orchestration.definitions import defs
 from orchestration.resources import resources_for
@@ -51,6 +52,11 @@ def test_definitions_load_with_the_expected_objects() -> None:
     assert {k.name for k in graph.asset_check_keys if k.asset_key == ANOMALY_SCORES_KEY} == {"anomaly_scores_complete"}
     assert defs.resolve_job_def("anomaly_scores_job") is not None
     assert defs.resolve_job_def("anomaly_models_job") is not None
+    assert graph.get(USAGE_DAILY_KEY).parent_keys == {TELEMETRY_LAKE_KEY}
+    assert graph.get(STRIPE_USAGE_REPORT_KEY).parent_keys == {USAGE_DAILY_KEY}
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == USAGE_DAILY_KEY} == {"matches_in_both_stores"}
+    usage = defs.resolve_job_def("usage_job")
+    assert usage.asset_layer.selected_asset_keys == {USAGE_DAILY_KEY, STRIPE_USAGE_REPORT_KEY}
     crons = {s.name: s.cron_schedule for s in defs.schedules or []}
     assert crons == {
         "telemetry_lake_hourly_schedule": "5 * * * *",
@@ -59,10 +65,11 @@ def test_definitions_load_with_the_expected_objects() -> None:
         "dbt_models_daily_schedule": "30 1 * * *",
         "anomaly_scores_daily_schedule": "0 1 * * *",
         "anomaly_models_weekly_schedule": "0 2 * * 0",
+        "usage_daily_schedule": "30 1 * * *",
     }
     sensors = {s.name for s in defs.sensors or []}
     assert sensors == {"tenant_partitions_sensor", "hot_data_sensor", "failed_quality_checks_sensor"}
-    assert set(defs.resources or {}) >= {"hot_store", "lake"}
+    assert set(defs.resources or {}) >= {"hot_store", "lake", "stripe"}
 
 
 def test_materialize_compacts_one_tenant_day(conn: psycopg.Connection, settings: Settings) -> None:
@@ -179,6 +186,13 @@ def test_anomaly_schedules_score_yesterday_and_retrain_weekly(dagster_instance: 
     sunday = datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
     (training,) = schedule_tick("anomaly_models_weekly_schedule", dagster_instance, sunday).run_requests or []
     assert training.run_key == "anomaly-models-2026-11-29" and not training.partition_key
+
+
+def test_usage_schedule_rolls_up_and_reports_yesterday_for_every_tenant(dagster_instance: dg.DagsterInstance) -> None:
+    dagster_instance.add_dynamic_partitions("tenants", ["globex", "acme"])
+    tick = datetime(2026, 12, 1, 1, 30, tzinfo=UTC)
+    data = schedule_tick("usage_daily_schedule", dagster_instance, tick)
+    assert [r.partition_key for r in data.run_requests or []] == ["2026-11-30|acme", "2026-11-30|globex"]
 
 
 def test_hourly_schedule_skips_without_tenants(dagster_instance: dg.DagsterInstance) -> None:

@@ -154,6 +154,7 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("PUT", "/api/billing/subscription"): "billing:write",
     ("DELETE", "/api/billing/subscription"): "billing:write",
     ("GET", "/api/billing/invoices"): "billing:read",
+    ("GET", "/api/billing/usage"): "billing:read",
     ("POST", "/api/billing/webhooks/stripe"): None,  # Stripe's signature, not a caller (test_billing_webhooks.py)
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
@@ -301,6 +302,11 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
         (raised,) = apply_transitions(conn, [Transition("raise", rule, t, f"{t}-d1", DAY_US, "temperature", 95.0)])
         alarms[t] = raised.alarm.id
         conn.execute(
+            "INSERT INTO usage_daily (tenant_id, day, resource, quantity, unit) "
+            "VALUES (%s, %s, 'api_calls', 5, 'calls')",
+            (t, DAY["start"][:10]),
+        )
+        conn.execute(
             "INSERT INTO tenant_invoices (stripe_invoice_id, tenant_id, status, currency, amount_due, amount_paid, "
             "stripe_created, event_created) VALUES (%s, %s, 'open', 'usd', 9900, 0, now(), now())",
             (f"in_{t}", t),
@@ -343,6 +349,7 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "customers": "SELECT id, stripe_customer_id FROM tenants WHERE id = ANY(%s)",
         "invoices": "SELECT tenant_id, stripe_invoice_id, status FROM tenant_invoices WHERE tenant_id = ANY(%s)",
         "payment": "SELECT tenant_id, status, grace_until FROM tenant_payment_status WHERE tenant_id = ANY(%s)",
+        "usage_daily": "SELECT tenant_id, day, resource, quantity FROM usage_daily WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()

@@ -1,0 +1,162 @@
+"""Daily usage per tenant: what the `usage_daily` asset computes and writes (docs/billing.md, "Usage rollups").
+
+For one tenant-day:
+
+- `api_calls`, `ml_inference`: the usage ledger's counts (`usage`, flushed from the API's and the
+  scorers' counters);
+- `active_devices`, `readings`: devices that sent data that day and readings accepted, from the
+  lake's telemetry partition (the asset runs after its compaction);
+- `storage`: bytes held in the hot store (`pg_column_size` of the tenant's rows) plus the lake
+  (Delta file sizes of the tenant's partitions), measured into `tenant_usage_snapshots` when the
+  day is today or yesterday; an older day keeps the snapshot it has (or has none).
+
+Written to PostgreSQL (`usage_daily`, for the API) and to the Delta table `{lake}/usage_daily`
+(partitions tenant_id/date), both replaced whole for the tenant-day, so a re-run or backfill is
+idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lake.rollups import ROLLUP_1H, ROLLUP_1M
+from lake.storage import check_tenant_id, ensure_table, open_table, replace_partition
+from lake.telemetry import TABLE_NAME as TELEMETRY
+from sensormine.metering.records import ACTIVE_DEVICES, READINGS, STORAGE, UNITS, UsageRecord
+from sensormine.settings import Settings
+
+TABLE_NAME = "usage_daily"
+QUANTITY = pa.decimal128(38, 9)
+USAGE_SCHEMA = pa.schema(
+    [
+        pa.field("tenant_id", pa.string(), nullable=False),
+        pa.field("resource", pa.string(), nullable=False),
+        pa.field("quantity", QUANTITY, nullable=False),
+        pa.field("unit", pa.string(), nullable=False),
+        pa.field("date", pa.date32(), nullable=False),
+    ]
+)
+# Lake tables holding a tenant's data, partitioned by tenant_id: their files are its lake bytes.
+STORAGE_TABLES = (TELEMETRY, ROLLUP_1M.name, ROLLUP_1H.name)
+
+
+@dataclass(frozen=True)
+class UsageDay:
+    """What `write_usage_day` wrote: the records, the Delta version, whether storage was measured now."""
+
+    records: list[UsageRecord]
+    table_version: int
+    snapshot_taken: bool
+
+
+def lake_bytes(settings: Settings, tenant_id: str) -> int:
+    """Bytes of the tenant's files in the lake's tenant-partitioned tables."""
+    total = 0
+    for name in STORAGE_TABLES:
+        table = open_table(settings, name)
+        if table is None:
+            continue
+        actions = pa.table(table.get_add_actions(flatten=True))
+        if actions.num_rows:
+            mine = actions.filter(pc.equal(actions["partition.tenant_id"], tenant_id))
+            total += int(pc.sum(mine["size_bytes"]).as_py() or 0)
+    return total
+
+
+def hot_bytes(lake_conn: psycopg.Connection, tenant_id: str) -> int:
+    """Bytes of the tenant's rows in the hot store (tuple sizes; indexes and page overhead excluded)."""
+    row = lake_conn.execute(
+        "SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM telemetry t WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    lake_conn.commit()
+    return int(row[0]) if row else 0
+
+
+def _telemetry_counts(settings: Settings, tenant_id: str, day: date) -> tuple[int, int]:
+    table = open_table(settings, TELEMETRY)
+    if table is None:
+        return 0, 0
+    devices = table.to_pyarrow_dataset(
+        partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "=", day.isoformat())]
+    ).to_table(columns=["device_id"])["device_id"]
+    return len(devices), len(pc.unique(devices))
+
+
+def _snapshot(
+    settings: Settings, metering: psycopg.Connection, lake_conn: psycopg.Connection, tenant_id: str, day: date,
+    today: date,
+) -> tuple[int | None, bool]:  # fmt: skip
+    """The tenant's stored bytes attributed to `day` (measured now when `day` is today or yesterday)."""
+    if day >= today - timedelta(days=1):
+        held = hot_bytes(lake_conn, tenant_id), lake_bytes(settings, tenant_id)
+        with metering.transaction():
+            metering.execute(
+                "INSERT INTO tenant_usage_snapshots (tenant_id, day, devices, hot_bytes, lake_bytes) "
+                "VALUES (%s, %s, (SELECT count(*) FROM devices WHERE tenant_id = %s), %s, %s) "
+                "ON CONFLICT (tenant_id, day) DO UPDATE SET devices = excluded.devices, "
+                "hot_bytes = excluded.hot_bytes, lake_bytes = excluded.lake_bytes, taken_at = now()",
+                (tenant_id, day, tenant_id, *held),
+            )
+        return sum(held), True
+    with metering.transaction():
+        row = metering.execute(
+            "SELECT hot_bytes + lake_bytes FROM tenant_usage_snapshots WHERE tenant_id = %s AND day = %s",
+            (tenant_id, day),
+        ).fetchone()
+    return (int(row[0]) if row else None), False
+
+
+def compute_usage_day(
+    settings: Settings, metering: psycopg.Connection, lake_conn: psycopg.Connection, tenant_id: str, day: date,
+    today: date | None = None,
+) -> tuple[list[UsageRecord], bool]:  # fmt: skip
+    """The tenant-day's usage records, and whether storage was measured now (`metering` as the metering
+    role, `lake_conn` as the lake role, both idle)."""
+    today = today or datetime.now(UTC).date()
+    at = datetime.combine(day, time(), UTC)
+    with metering.transaction():
+        ledger = metering.execute(
+            "SELECT metric, value FROM usage WHERE tenant_id = %s AND day = %s ORDER BY metric", (tenant_id, day)
+        ).fetchall()
+    counts: dict[str, int] = {str(metric): int(value) for metric, value in ledger if metric in UNITS}
+    counts[READINGS], counts[ACTIVE_DEVICES] = _telemetry_counts(settings, tenant_id, day)
+    stored, measured = _snapshot(settings, metering, lake_conn, tenant_id, day, today)
+    records = [UsageRecord(tenant_id, at, r, Decimal(n), UNITS[r]) for r, n in sorted(counts.items())]
+    if stored is not None:
+        source = "measured" if measured else "snapshot"
+        records.append(UsageRecord(tenant_id, at, STORAGE, Decimal(stored), UNITS[STORAGE], {"source": source}))
+    return records, measured
+
+
+def write_usage_day(
+    settings: Settings, metering: psycopg.Connection, lake_conn: psycopg.Connection, tenant_id: str, day: date,
+    today: date | None = None,
+) -> UsageDay:  # fmt: skip
+    """Compute the tenant-day's usage and replace it in the lake and in `usage_daily`."""
+    records, measured = compute_usage_day(settings, metering, lake_conn, tenant_id, day, today)
+    rows = pa.table(
+        {
+            "tenant_id": [r.tenant_id for r in records],
+            "resource": [r.resource_type for r in records],
+            "quantity": pa.array([r.quantity for r in records], QUANTITY),
+            "unit": [r.unit for r in records],
+            "date": pa.array([day] * len(records), pa.date32()),
+        },
+        schema=USAGE_SCHEMA,
+    )
+    table = ensure_table(settings, TABLE_NAME, USAGE_SCHEMA, "Usage per tenant, UTC day and metered resource.")
+    version = replace_partition(table, rows, tenant_id, day, "usage:daily")
+    with metering.transaction():
+        metering.execute("DELETE FROM usage_daily WHERE tenant_id = %s AND day = %s", (tenant_id, day))
+        with metering.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO usage_daily (tenant_id, day, resource, quantity, unit) VALUES (%s, %s, %s, %s, %s)",
+                [(r.tenant_id, day, r.resource_type, r.quantity, r.unit) for r in records],
+            )
+    return UsageDay(records, version, measured)

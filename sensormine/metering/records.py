@@ -1,0 +1,37 @@
+"""The metered resources and the design's `UsageRecord` (tenant, timestamp, resource, quantity, unit, metadata)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from sensormine.metering.ledger import API_CALLS, ML_INFERENCE
+
+# Resource -> unit, as the daily rollup counts them (docs/billing.md, "Usage rollups").
+ACTIVE_DEVICES = "active_devices"
+READINGS = "readings"
+STORAGE = "storage"
+UNITS = {
+    API_CALLS: "calls",
+    ML_INFERENCE: "calls",
+    ACTIVE_DEVICES: "devices",
+    READINGS: "readings",
+    STORAGE: "bytes",
+}
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """How much of one resource a tenant used in the period starting at `timestamp` (a UTC day)."""
+
+    tenant_id: str
+    timestamp: datetime
+    resource_type: str
+    quantity: Decimal
+    unit: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quantity < 0:
+            raise ValueError(f"usage of {self.resource_type} for {self.tenant_id} is negative: {self.quantity}")

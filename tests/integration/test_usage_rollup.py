@@ -1,0 +1,202 @@
+"""The usage assets through Dagster on PostgreSQL, the lake and stripe-mock: `usage_daily` counts each
+tenant-day from the usage ledger and the lake (checked against what the test wrote), measures storage
+for recent days only, and is replaced on re-runs; `stripe_usage_report` sends each closed day's meter
+events once (seen by a recording proxy in front of stripe-mock) and skips what it may not send."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from assets.telemetry import telemetry_lake, telemetry_partition_key
+from assets.usage import stripe_usage_report, usage_daily, usage_daily_matches_in_both_stores
+from lake.storage import read_partition
+from lake.usage import TABLE_NAME, USAGE_SCHEMA
+from orchestration.resources import StripeResource, resources_for
+from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.clients.postgres import ensure_partition_window
+from sensormine.identity.api_keys import create_api_key
+from sensormine.reading import Reading, datetime_to_us
+from sensormine.settings import Settings
+from serving.main import create_app
+from tests.factories import make_tenant
+from tests.integration.test_billing_stripe import RecordingProxy
+
+pytestmark = pytest.mark.integration
+
+TODAY = datetime.now(UTC).date()
+OLD = TODAY - timedelta(days=3)  # closed, within Stripe's 35 days, too old to measure storage now
+YESTERDAY = TODAY - timedelta(days=1)
+
+
+def day_readings(tenant_id: str, devices: list[str], day: date, n: int) -> list[Reading]:
+    start = datetime_to_us(datetime(day.year, day.month, day.day, tzinfo=UTC))
+    return [Reading(tenant_id, d, "temp", start + i * 1_000_000, float(i), 0, start) for d in devices for i in range(n)]
+
+
+@pytest.fixture
+def world(conn: psycopg.Connection, settings: Settings) -> Iterator[tuple[dg.DagsterInstance, dict[str, Any]]]:
+    """acme (3 devices, 2 of them reporting; a Stripe customer) and globex (no customer), readings of two
+    days in the lake, and the usage ledger's counts of the older day."""
+    for day in (OLD, YESTERDAY):
+        ensure_partition_window(conn, day, settings)
+    make_tenant(conn, "acme", ["d1", "d2", "idle"])
+    make_tenant(conn, "globex", ["g1"])
+    conn.execute("UPDATE tenants SET stripe_customer_id = 'cus_acme' WHERE id = 'acme'")
+    writer = HotStoreWriter(conn)
+    writer.write(day_readings("acme", ["d1", "d2"], OLD, 30) + day_readings("globex", ["g1"], OLD, 5))
+    writer.write(day_readings("acme", ["d1"], YESTERDAY, 10))
+    conn.execute(
+        "INSERT INTO usage (tenant_id, metric, day, value) VALUES "
+        "('acme', 'api_calls', %(d)s, 1234), ('acme', 'ml_inference', %(d)s, 56), ('globex', 'api_calls', %(d)s, 7)",
+        {"d": OLD},
+    )
+    conn.commit()
+    resources = resources_for(settings)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("tenants", ["acme", "globex"])
+        for tenant, day in (("acme", OLD), ("globex", OLD), ("acme", YESTERDAY)):
+            key = telemetry_partition_key(tenant, day)
+            assert dg.materialize([telemetry_lake], partition_key=key, resources=resources, instance=instance).success
+        yield instance, resources
+
+
+def _roll_up(world: tuple[dg.DagsterInstance, dict[str, Any]], tenant: str, day: date) -> dg.ExecuteInProcessResult:
+    instance, resources = world
+    result = dg.materialize(
+        [usage_daily, usage_daily_matches_in_both_stores],
+        partition_key=telemetry_partition_key(tenant, day),
+        resources=resources,
+        instance=instance,
+    )
+    assert result.success
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+    return result
+
+
+def _usage(conn: psycopg.Connection, tenant: str, day: date) -> dict[str, Decimal]:
+    rows = conn.execute(
+        "SELECT resource, quantity FROM usage_daily WHERE tenant_id = %s AND day = %s", (tenant, day)
+    ).fetchall()
+    conn.commit()
+    return dict(rows)
+
+
+def _lake_files_bytes(lake: Path, tenant: str) -> int:
+    return sum(f.stat().st_size for f in (lake / "telemetry" / f"tenant_id={tenant}").rglob("*.parquet"))
+
+
+def test_usage_daily_counts_the_ledger_and_the_lake_and_is_replaced_on_rerun(
+    world: tuple[dg.DagsterInstance, dict[str, Any]], conn: psycopg.Connection, settings: Settings
+) -> None:
+    _roll_up(world, "acme", OLD)
+    expected = {"api_calls": 1234, "ml_inference": 56, "readings": 60, "active_devices": 2}  # "idle" sent nothing
+    assert _usage(conn, "acme", OLD) == expected  # no storage: that day was not measured when it was recent
+    delta = read_partition(settings, TABLE_NAME, USAGE_SCHEMA, "acme", OLD, sort_by=["resource"]).to_pylist()
+    assert {r["resource"]: r["quantity"] for r in delta} == expected
+    assert {r["unit"] for r in delta if r["resource"] in ("api_calls", "ml_inference")} == {"calls"}
+
+    conn.execute("UPDATE usage SET value = 2000 WHERE tenant_id = 'acme' AND metric = 'api_calls'")
+    conn.commit()
+    _roll_up(world, "acme", OLD)  # the ledger grew (a late flush): the day is replaced, never added to
+    assert _usage(conn, "acme", OLD) == {**expected, "api_calls": 2000}
+    again = read_partition(settings, TABLE_NAME, USAGE_SCHEMA, "acme", OLD).to_pylist()
+    assert len(again) == len(expected) and {r["resource"]: r["quantity"] for r in again}["api_calls"] == 2000
+
+    _roll_up(world, "globex", OLD)
+    assert _usage(conn, "globex", OLD) == {"api_calls": 7, "readings": 5, "active_devices": 1}
+
+    # The API reads the rollup under the caller's tenancy.
+    admin = {"X-API-Key": create_api_key(conn, "acme", "billing", role="tenant_admin")}
+    conn.commit()
+    with TestClient(create_app(settings.model_copy(update={"kafka_bootstrap": None}))) as client:
+        window = {"start": str(OLD), "end": str(TODAY)}
+        got = client.get("/api/billing/usage", params=window, headers=admin)
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert {d["resource"]: Decimal(d["quantity"]) for d in body["days"]} == {**expected, "api_calls": 2000}
+        assert {k: Decimal(v) for k, v in body["totals"].items()} == {"api_calls": 2000, "ml_inference": 56,
+                                                                      "readings": 60}  # fmt: skip
+        other = client.get("/api/billing/usage", params={**window, "tenant_id": "globex"}, headers=admin)
+        assert other.status_code == 404
+        backwards = client.get("/api/billing/usage", params={"start": str(TODAY), "end": str(OLD)}, headers=admin)
+        assert backwards.status_code == 422
+
+
+def test_storage_is_measured_for_a_recent_day_and_kept_by_later_reruns(
+    world: tuple[dg.DagsterInstance, dict[str, Any]], conn: psycopg.Connection, settings: Settings
+) -> None:
+    result = _roll_up(world, "acme", YESTERDAY)
+    [mat] = result.asset_materializations_for_node("billing__usage_daily")
+    assert mat.metadata["storage_measured_now"].value is True
+    (hot,) = conn.execute("SELECT sum(pg_column_size(t.*)) FROM telemetry t WHERE tenant_id = 'acme'").fetchone()
+    conn.commit()
+    lake = _lake_files_bytes(Path(settings.lake_root), "acme")
+    assert hot > 0 and lake > 0
+    assert _usage(conn, "acme", YESTERDAY) == {"readings": 10, "active_devices": 1, "storage": hot + lake}
+    snapshot = conn.execute(
+        "SELECT devices, hot_bytes, lake_bytes FROM tenant_usage_snapshots WHERE tenant_id = 'acme'"
+    ).fetchall()
+    conn.commit()
+    assert snapshot == [(3, hot, lake)]
+
+
+def test_closed_days_are_reported_to_stripe_once_and_the_rest_is_skipped_with_a_reason(
+    world: tuple[dg.DagsterInstance, dict[str, Any]], conn: psycopg.Connection, settings: Settings
+) -> None:
+    if not settings.stripe_api_base:
+        pytest.skip("needs stripe-mock (sensormine services up)")
+    instance, resources = world
+    for tenant in ("acme", "globex"):
+        _roll_up(world, tenant, OLD)
+    proxy = RecordingProxy(settings.stripe_api_base)
+    resources = {**resources, "stripe": StripeResource(api_key=settings.stripe_api_key, api_base=proxy.url)}
+
+    def report(tenant: str, day: date) -> dict[str, Any]:
+        result = dg.materialize(
+            [stripe_usage_report], partition_key=telemetry_partition_key(tenant, day), resources=resources,
+            instance=instance,
+        )  # fmt: skip
+        assert result.success
+        [mat] = result.asset_materializations_for_node("billing__stripe_usage_report")
+        return {k: v.value for k, v in mat.metadata.items()}
+
+    try:
+        first = report("acme", OLD)
+        sent = [form for m, p, form in proxy.requests if (m, p) == ("POST", "/v1/billing/meter_events")]
+        stamp = str(int(datetime(OLD.year, OLD.month, OLD.day, 23, 59, 59, tzinfo=UTC).timestamp()))
+        assert sorted(sent, key=lambda f: f["event_name"]) == [
+            {"event_name": ["sensormine_api_calls"], "identifier": [f"sensormine:acme:api_calls:{OLD}"],
+             "timestamp": [stamp], "payload[stripe_customer_id]": ["cus_acme"], "payload[value]": ["1234"]},
+            {"event_name": ["sensormine_ml_inference"], "identifier": [f"sensormine:acme:ml_inference:{OLD}"],
+             "timestamp": [stamp], "payload[stripe_customer_id]": ["cus_acme"], "payload[value]": ["56"]},
+        ]  # fmt: skip
+        assert (first["sent"], first["already_sent"], first["skipped"]) == (2, 0, "")
+
+        proxy.requests.clear()
+        again = report("acme", OLD)  # a re-run or a backfill over the same day
+        assert (again["sent"], again["already_sent"]) == (0, 2) and proxy.requests == []
+        ledger = conn.execute(
+            "SELECT identifier, resource, value FROM stripe_meter_events WHERE tenant_id = 'acme' ORDER BY 1"
+        ).fetchall()
+        conn.commit()
+        assert ledger == [
+            (f"sensormine:acme:api_calls:{OLD}", "api_calls", 1234),
+            (f"sensormine:acme:ml_inference:{OLD}", "ml_inference", 56),
+        ]
+
+        assert "not over yet" in report("acme", TODAY)["skipped"]
+        assert "older than Stripe accepts" in report("acme", TODAY - timedelta(days=40))["skipped"]
+        assert "no Stripe customer" in report("globex", OLD)["skipped"]
+        assert proxy.requests == []
+    finally:
+        proxy.close()
