@@ -24,11 +24,20 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
+from psycopg import sql
 
 from lake.rollups import ROLLUP_1H, ROLLUP_1M
 from lake.storage import check_tenant_id, ensure_table, open_table, replace_partition
 from lake.telemetry import TABLE_NAME as TELEMETRY
-from sensormine.metering.records import ACTIVE_DEVICES, READINGS, STORAGE, UNITS, UsageRecord
+from sensormine.metering.records import (
+    ACTIVE_DEVICES,
+    ADDITIVE,
+    READINGS,
+    STORAGE,
+    STORAGE_MONTH,
+    UNITS,
+    UsageRecord,
+)
 from sensormine.settings import Settings
 
 TABLE_NAME = "usage_daily"
@@ -152,11 +161,74 @@ def write_usage_day(
     )
     table = ensure_table(settings, TABLE_NAME, USAGE_SCHEMA, "Usage per tenant, UTC day and metered resource.")
     version = replace_partition(table, rows, tenant_id, day, "usage:daily")
+    _replace_rows(metering, "usage_daily", "day", tenant_id, day, records)
+    return UsageDay(records, version, measured)
+
+
+def _replace_rows(
+    metering: psycopg.Connection, table: str, period: str, tenant_id: str, start: date, records: list[UsageRecord]
+) -> None:
+    """Replace the tenant's rows of one period (`period` column = `start`) of a usage table, in one transaction."""
+    names = {"table": sql.Identifier(table), "period": sql.Identifier(period)}
     with metering.transaction():
-        metering.execute("DELETE FROM usage_daily WHERE tenant_id = %s AND day = %s", (tenant_id, day))
+        metering.execute(
+            sql.SQL("DELETE FROM {table} WHERE tenant_id = %s AND {period} = %s").format(**names), (tenant_id, start)
+        )
         with metering.cursor() as cur:
             cur.executemany(
-                "INSERT INTO usage_daily (tenant_id, day, resource, quantity, unit) VALUES (%s, %s, %s, %s, %s)",
-                [(r.tenant_id, day, r.resource_type, r.quantity, r.unit) for r in records],
+                sql.SQL(
+                    "INSERT INTO {table} (tenant_id, {period}, resource, quantity, unit) VALUES (%s, %s, %s, %s, %s)"
+                ).format(**names),
+                [(r.tenant_id, start, r.resource_type, r.quantity, r.unit) for r in records],
             )
-    return UsageDay(records, version, measured)
+
+
+def month_days(month: date) -> list[date]:
+    """Every day of the month starting at `month` (its first day)."""
+    following = date(month.year + month.month // 12, month.month % 12 + 1, 1)
+    return [month + timedelta(days=i) for i in range((following - month).days)]
+
+
+def compute_usage_month(
+    settings: Settings, metering: psycopg.Connection, tenant_id: str, month: date
+) -> list[UsageRecord]:
+    """The month's usage records: sums of the additive resources' daily rows, devices active on any day
+    of the month (distinct, from the lake), and storage as the mean of the month's snapshots in GB."""
+    days = month_days(month)
+    at = datetime.combine(month, time(), UTC)
+    with metering.transaction():
+        sums: dict[str, Decimal] = dict(
+            metering.execute(
+                "SELECT resource, sum(quantity) FROM usage_daily WHERE tenant_id = %s AND day >= %s AND day <= %s "
+                "AND resource = ANY(%s) GROUP BY resource",
+                (tenant_id, days[0], days[-1], list(ADDITIVE)),
+            ).fetchall()
+        )
+        stored = metering.execute(
+            "SELECT avg(hot_bytes + lake_bytes), count(*) FROM tenant_usage_snapshots "
+            "WHERE tenant_id = %s AND day >= %s AND day <= %s",
+            (tenant_id, days[0], days[-1]),
+        ).fetchone()
+    records = [UsageRecord(tenant_id, at, r, Decimal(sums[r]), UNITS[r]) for r in ADDITIVE if r in sums]
+    table = open_table(settings, TELEMETRY)
+    if table is not None:
+        devices = table.to_pyarrow_dataset(
+            partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "in", [d.isoformat() for d in days])]
+        ).to_table(columns=["device_id"])["device_id"]
+        active = len(pc.unique(devices))
+        if active or sums:
+            records.append(UsageRecord(tenant_id, at, ACTIVE_DEVICES, Decimal(active), UNITS[ACTIVE_DEVICES]))
+    if stored is not None and stored[1]:
+        gb = (Decimal(stored[0]) / Decimal(10**9)).quantize(Decimal("0.000001"))
+        meta = {"snapshots": str(stored[1]), "days": str(len(days))}
+        records.append(UsageRecord(tenant_id, at, STORAGE_MONTH, gb, UNITS[STORAGE_MONTH], meta))
+    return sorted(records, key=lambda r: r.resource_type)
+
+
+def write_usage_month(
+    settings: Settings, metering: psycopg.Connection, tenant_id: str, month: date
+) -> list[UsageRecord]:
+    """Compute the tenant's month and replace its `usage_monthly` rows (metering role, idle)."""
+    records = compute_usage_month(settings, metering, tenant_id, month)
+    _replace_rows(metering, "usage_monthly", "month", tenant_id, month, records)
+    return records

@@ -5,7 +5,7 @@ environment (SENSORMINE_* variables) is mapped onto resources.
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -15,7 +15,16 @@ from assets.dbt import sensormine_dbt_models
 from assets.quality import telemetry_quality_checks
 from assets.rollups import telemetry_1h, telemetry_1m
 from assets.telemetry import telemetry_lake, telemetry_partition_key, telemetry_partitions, tenant_partitions
-from assets.usage import stripe_usage_report, usage_daily, usage_daily_matches_in_both_stores
+from assets.usage import (
+    invoice_preview,
+    month_partition_key,
+    stripe_usage_report,
+    usage_daily,
+    usage_daily_matches_in_both_stores,
+    usage_month_partitions,
+    usage_monthly,
+    usage_monthly_equals_daily_sums,
+)
 from orchestration.dbt_resources import build_dbt_resource, dbt_models_daily_schedule, dbt_models_job
 from orchestration.housekeeping import lake_housekeeping_job, lake_housekeeping_schedule
 from orchestration.resources import HotStoreResource, LakeResource, StripeResource
@@ -61,20 +70,26 @@ telemetry_lake_job = dg.define_asset_job(
 )
 
 
-def _tenant_day_requests(
-    context: dg.ScheduleEvaluationContext, day_of_tick: timedelta
+def _per_tenant(
+    context: dg.ScheduleEvaluationContext, key_of: Callable[[str, datetime], dg.MultiPartitionKey]
 ) -> Iterator[dg.RunRequest | dg.SkipReason]:
-    """One telemetry_lake_job run per tenant for the UTC day at `day_of_tick` from the tick."""
+    """One run per tenant partition, for the partition `key_of(tenant, tick)` names."""
     tick = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
-    day = (tick + day_of_tick).date()
     tenants = sorted(context.instance.get_dynamic_partitions(tenant_partitions.name or ""))
     if not tenants:
         yield dg.SkipReason("no tenant partitions yet (tenant_partitions_sensor adds them)")
         return
     for tenant_id in tenants:
-        key = telemetry_partition_key(tenant_id, day)
-        # run_key dedupes within one tick only, so the same key is fine again next hour.
+        key = key_of(tenant_id, tick)
+        # run_key dedupes within one tick only, so the same key is fine again at the next tick.
         yield dg.RunRequest(run_key=str(key), partition_key=key)
+
+
+def _tenant_day_requests(
+    context: dg.ScheduleEvaluationContext, day_of_tick: timedelta
+) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """One run per tenant for the UTC day at `day_of_tick` from the tick."""
+    yield from _per_tenant(context, lambda tenant, tick: telemetry_partition_key(tenant, (tick + day_of_tick).date()))
 
 
 @dg.schedule(
@@ -174,9 +189,63 @@ def usage_daily_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.R
     yield from _tenant_day_requests(context, timedelta(days=-1))
 
 
+MONTH_ASSETS = [usage_monthly, invoice_preview]
+
+billing_month_job = dg.define_asset_job(
+    "billing_month_job",
+    selection=dg.AssetSelection.assets(*MONTH_ASSETS),
+    partitions_def=usage_month_partitions,
+    description="Roll up tenant-months of usage and price them (invoice previews).",
+)
+
+
+def _tenant_month_requests(
+    context: dg.ScheduleEvaluationContext, previous: bool
+) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """One billing_month_job run per tenant for the month in progress at the tick, or the month before it."""
+
+    def month_of(tenant_id: str, tick: datetime) -> dg.MultiPartitionKey:
+        first = tick.date().replace(day=1)
+        return month_partition_key(tenant_id, (first - timedelta(days=1)).replace(day=1) if previous else first)
+
+    yield from _per_tenant(context, month_of)
+
+
+@dg.schedule(
+    name="billing_month_to_date_schedule",
+    job=billing_month_job,
+    cron_schedule="0 2 * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily at 02:00 UTC (after the usage rollup), the month in progress of every tenant: its usage "
+    "so far and invoice preview.",
+)
+def billing_month_to_date_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """The month in progress of every tenant."""
+    yield from _tenant_month_requests(context, previous=False)
+
+
+@dg.schedule(
+    name="billing_month_close_schedule",
+    job=billing_month_job,
+    cron_schedule="30 2 1 * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="On the 1st at 02:30 UTC, close the month before for every tenant: final usage and preview.",
+)
+def billing_month_close_schedule(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+    """The previous month of every tenant."""
+    yield from _tenant_month_requests(context, previous=True)
+
+
 defs = dg.Definitions(
-    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores, *USAGE_ASSETS],
-    asset_checks=[*telemetry_quality_checks, anomaly_scores_complete, usage_daily_matches_in_both_stores],
+    assets=[*TELEMETRY_ASSETS, sensormine_dbt_models, anomaly_models, anomaly_scores, *USAGE_ASSETS, *MONTH_ASSETS],
+    asset_checks=[
+        *telemetry_quality_checks,
+        anomaly_scores_complete,
+        usage_daily_matches_in_both_stores,
+        usage_monthly_equals_daily_sums,
+    ],
     jobs=[
         telemetry_lake_job,
         lake_housekeeping_job,
@@ -184,6 +253,7 @@ defs = dg.Definitions(
         anomaly_scores_job,
         anomaly_models_job,
         usage_job,
+        billing_month_job,
     ],
     schedules=[
         telemetry_lake_hourly_schedule,
@@ -193,6 +263,8 @@ defs = dg.Definitions(
         anomaly_scores_daily_schedule,
         anomaly_models_weekly_schedule,
         usage_daily_schedule,
+        billing_month_to_date_schedule,
+        billing_month_close_schedule,
     ],
     sensors=[tenant_partitions_sensor, hot_data_sensor, failed_quality_checks_sensor],
     resources=build_resources(),

@@ -12,13 +12,17 @@ from sensormine.metering.ledger import API_CALLS, ML_INFERENCE
 ACTIVE_DEVICES = "active_devices"
 READINGS = "readings"
 STORAGE = "storage"
+STORAGE_MONTH = "storage_gb_month"  # the month's mean of the daily storage snapshots, in GB (10^9 bytes)
 UNITS = {
     API_CALLS: "calls",
     ML_INFERENCE: "calls",
     ACTIVE_DEVICES: "devices",
     READINGS: "readings",
     STORAGE: "bytes",
+    STORAGE_MONTH: "GB-month",
 }
+# Summed over a month; active devices are counted distinct over the month, storage averaged.
+ADDITIVE = (API_CALLS, ML_INFERENCE, READINGS)
 
 
 @dataclass(frozen=True)

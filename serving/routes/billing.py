@@ -3,7 +3,7 @@ the endpoint Stripe's webhooks are sent to (docs/billing.md; notices are tenant 
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from sensormine.billing import usecases, webhooks
+from sensormine.billing.invoice_preview import preview_month
 from sensormine.billing.subscriptions import CatalogMissing, NoSubscription, SubscriptionError, get_subscription
 from sensormine.clients.stripe_api import BillingNotConfigured
+from sensormine.metering.records import ADDITIVE
 from sensormine.tenancy.config import effective_config
 from serving.deps import Caller, ConnDep, SettingsDep, authenticate, credential_cache
 from serving.problems import Problem
@@ -83,6 +85,17 @@ class UsageOut(BaseModel):
         description="Sums over the period of api_calls, ml_inference and readings (active devices and storage "
         "are per day: a device active on two days is one device, storage is held, not added up)"
     )
+
+
+class PreviewOut(BaseModel):
+    """What the month will cost so far: the plan's price and each resource's overage (USD)."""
+
+    tenant_id: str
+    month: str = Field(description="YYYY-MM")
+    plan: str
+    currency: str
+    total: Decimal | None = Field(description="The sum of the lines' amounts; null: priced per contract")
+    lines: list[dict[str, Any]]
 
 
 class InvoiceOut(BaseModel):
@@ -163,9 +176,6 @@ def list_invoices(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None, 
     return [InvoiceOut(**dict(zip(InvoiceOut.model_fields, r, strict=True))) for r in rows]
 
 
-ADDITIVE = ("api_calls", "ml_inference", "readings")
-
-
 @router.get("/usage", response_model=UsageOut, responses={422: {}})
 def read_usage(
     caller: Reader,
@@ -175,7 +185,7 @@ def read_usage(
     tenant_id: TenantParam = None,
 ) -> UsageOut:
     """The tenant's metered usage per day and resource, as rolled up daily (docs/billing.md)."""
-    if not start < end <= start + timedelta(days=366):
+    if not (start < end and (end - start).days <= 366):
         raise Problem(422, "end must be after start, and at most 366 days after it")
     tenant = caller.tenant(tenant_id)
     with caller.scope(conn):
@@ -187,6 +197,27 @@ def read_usage(
     days = [UsageDayOut(day=d, resource=r, quantity=q, unit=u) for d, r, q, u in rows]
     totals = {r: sum((d.quantity for d in days if d.resource == r), Decimal(0)) for r in ADDITIVE}
     return UsageOut(tenant_id=tenant, start=start, end=end, days=days, totals=totals)
+
+
+@router.get("/invoice-preview", response_model=PreviewOut, responses={422: {}})
+def read_invoice_preview(
+    caller: Reader,
+    conn: ConnDep,
+    month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
+    tenant_id: TenantParam = None,
+) -> PreviewOut:
+    """The month's invoice preview from its monthly usage rollup (`usage_monthly`, refreshed daily)."""
+    tenant = caller.tenant(tenant_id)
+    try:
+        first = date.fromisoformat(f"{month}-01")
+    except ValueError:
+        raise Problem(422, f"month {month!r} is not a calendar month (YYYY-MM)") from None
+    with caller.scope(conn):
+        preview = preview_month(conn, tenant, first)
+    return PreviewOut(
+        tenant_id=tenant, month=month, plan=preview.plan, currency=preview.currency, total=preview.total,
+        lines=preview.lines,
+    )  # fmt: skip
 
 
 @router.post("/webhooks/stripe", response_model=WebhookOut, responses={400: {}, 503: {}})

@@ -12,7 +12,7 @@ import pytest
 from assets.anomaly import ANOMALY_MODELS_KEY, ANOMALY_SCORES_KEY
 from assets.rollups import TELEMETRY_1H_KEY, TELEMETRY_1M_KEY
 from assets.telemetry import TELEMETRY_LAKE_KEY, telemetry_lake, telemetry_partition_key
-from assets.usage import STRIPE_USAGE_REPORT_KEY, USAGE_DAILY_KEY
+from assets.usage import INVOICE_PREVIEW_KEY, STRIPE_USAGE_REPORT_KEY, USAGE_DAILY_KEY, USAGE_MONTHLY_KEY
 from lake.telemetry import read_telemetry
 from orchestration.definitions import defs
 from orchestration.resources import resources_for
@@ -55,6 +55,9 @@ def test_definitions_load_with_the_expected_objects() -> None:
     assert graph.get(USAGE_DAILY_KEY).parent_keys == {TELEMETRY_LAKE_KEY}
     assert graph.get(STRIPE_USAGE_REPORT_KEY).parent_keys == {USAGE_DAILY_KEY}
     assert {k.name for k in graph.asset_check_keys if k.asset_key == USAGE_DAILY_KEY} == {"matches_in_both_stores"}
+    assert graph.get(USAGE_MONTHLY_KEY).parent_keys == {USAGE_DAILY_KEY}
+    assert graph.get(INVOICE_PREVIEW_KEY).parent_keys == {USAGE_MONTHLY_KEY}
+    assert {k.name for k in graph.asset_check_keys if k.asset_key == USAGE_MONTHLY_KEY} == {"equals_daily_sums"}
     usage = defs.resolve_job_def("usage_job")
     assert usage.asset_layer.selected_asset_keys == {USAGE_DAILY_KEY, STRIPE_USAGE_REPORT_KEY}
     crons = {s.name: s.cron_schedule for s in defs.schedules or []}
@@ -66,6 +69,8 @@ def test_definitions_load_with_the_expected_objects() -> None:
         "anomaly_scores_daily_schedule": "0 1 * * *",
         "anomaly_models_weekly_schedule": "0 2 * * 0",
         "usage_daily_schedule": "30 1 * * *",
+        "billing_month_to_date_schedule": "0 2 * * *",
+        "billing_month_close_schedule": "30 2 1 * *",
     }
     sensors = {s.name for s in defs.sensors or []}
     assert sensors == {"tenant_partitions_sensor", "hot_data_sensor", "failed_quality_checks_sensor"}
@@ -188,11 +193,17 @@ def test_anomaly_schedules_score_yesterday_and_retrain_weekly(dagster_instance: 
     assert training.run_key == "anomaly-models-2026-11-29" and not training.partition_key
 
 
-def test_usage_schedule_rolls_up_and_reports_yesterday_for_every_tenant(dagster_instance: dg.DagsterInstance) -> None:
+def test_usage_schedules_roll_up_yesterday_and_the_months_for_every_tenant(
+    dagster_instance: dg.DagsterInstance,
+) -> None:
     dagster_instance.add_dynamic_partitions("tenants", ["globex", "acme"])
     tick = datetime(2026, 12, 1, 1, 30, tzinfo=UTC)
     data = schedule_tick("usage_daily_schedule", dagster_instance, tick)
     assert [r.partition_key for r in data.run_requests or []] == ["2026-11-30|acme", "2026-11-30|globex"]
+    to_date = schedule_tick("billing_month_to_date_schedule", dagster_instance, tick.replace(hour=2, minute=0))
+    assert [r.partition_key for r in to_date.run_requests or []] == ["2026-12-01|acme", "2026-12-01|globex"]
+    close = schedule_tick("billing_month_close_schedule", dagster_instance, tick.replace(hour=2, minute=30))
+    assert [r.partition_key for r in close.run_requests or []] == ["2026-11-01|acme", "2026-11-01|globex"]
 
 
 def test_hourly_schedule_skips_without_tenants(dagster_instance: dg.DagsterInstance) -> None:

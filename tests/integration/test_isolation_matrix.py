@@ -155,6 +155,7 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("DELETE", "/api/billing/subscription"): "billing:write",
     ("GET", "/api/billing/invoices"): "billing:read",
     ("GET", "/api/billing/usage"): "billing:read",
+    ("GET", "/api/billing/invoice-preview"): "billing:read",
     ("POST", "/api/billing/webhooks/stripe"): None,  # Stripe's signature, not a caller (test_billing_webhooks.py)
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
@@ -369,6 +370,7 @@ def _request(method: str, path: str, params: dict[str, dict], target: str, world
         "policy_id": "on-call",
         "alarm_id": world["alarms"][target],
         "bucket": "1h",
+        "month": DAY["start"][:7],
         **DAY,
         **OVERRIDES.get((method, path), {}),
     }

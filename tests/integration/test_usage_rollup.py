@@ -17,7 +17,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from assets.telemetry import telemetry_lake, telemetry_partition_key
-from assets.usage import stripe_usage_report, usage_daily, usage_daily_matches_in_both_stores
+from assets.usage import (
+    invoice_preview,
+    month_partition_key,
+    stripe_usage_report,
+    usage_daily,
+    usage_daily_matches_in_both_stores,
+    usage_monthly,
+    usage_monthly_equals_daily_sums,
+)
 from lake.storage import read_partition
 from lake.usage import TABLE_NAME, USAGE_SCHEMA
 from orchestration.resources import StripeResource, resources_for
@@ -200,3 +208,51 @@ def test_closed_days_are_reported_to_stripe_once_and_the_rest_is_skipped_with_a_
         assert proxy.requests == []
     finally:
         proxy.close()
+
+
+def test_a_month_sums_its_days_counts_devices_once_and_is_priced_in_its_preview(
+    world: tuple[dg.DagsterInstance, dict[str, Any]], conn: psycopg.Connection, settings: Settings
+) -> None:
+    instance, resources = world
+    month = OLD.replace(day=1)
+    days = [d for d in (OLD, YESTERDAY) if d.replace(day=1) == month]  # both, unless a month began between
+    for day in days:
+        _roll_up(world, "acme", day)
+    result = dg.materialize(
+        [usage_monthly, usage_monthly_equals_daily_sums, invoice_preview],
+        partition_key=month_partition_key("acme", month), resources=resources, instance=instance,
+    )  # fmt: skip
+    assert result.success
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata
+    rows = dict(
+        conn.execute("SELECT resource, quantity FROM usage_monthly WHERE tenant_id = 'acme' AND month = %s", (month,))
+    )
+    conn.commit()
+    expected: dict[str, Any] = {"api_calls": 1234, "ml_inference": 56, "readings": 60, "active_devices": 2}
+    if YESTERDAY in days:  # d1 reported on both days: still two devices
+        (held,) = conn.execute(
+            "SELECT hot_bytes + lake_bytes FROM tenant_usage_snapshots WHERE tenant_id = 'acme'"
+        ).fetchone()
+        conn.commit()
+        expected |= {"readings": 70, "storage_gb_month": (Decimal(held) / 10**9).quantize(Decimal("0.000001"))}
+    assert rows == expected
+
+    # Pro: $99, API calls within the million, 56 inferences = one started block of 1,000 at $0.20.
+    stored = conn.execute(
+        "SELECT plan, currency, total, lines FROM invoice_previews WHERE tenant_id = 'acme' AND month = %s", (month,)
+    ).fetchone()
+    conn.commit()
+    assert stored is not None and stored[:3] == ("pro", "usd", Decimal("99.20"))
+    amounts = {line.get("resource", line["item"]): Decimal(line["amount"]) for line in stored[3]}
+    assert amounts == {"plan": Decimal("99"), "api_calls": 0, "active_devices": 0, "storage_gb_month": 0,
+                       "ml_inference": Decimal("0.20")}  # fmt: skip
+    assert sum(amounts.values()) == stored[2]
+
+    admin = {"X-API-Key": create_api_key(conn, "acme", "billing", role="tenant_admin")}
+    conn.commit()
+    with TestClient(create_app(settings.model_copy(update={"kafka_bootstrap": None}))) as client:
+        live = client.get("/api/billing/invoice-preview", params={"month": f"{month:%Y-%m}"}, headers=admin)
+        assert live.status_code == 200, live.text
+        assert Decimal(live.json()["total"]) == stored[2] and live.json()["lines"] == stored[3]
+        assert client.get("/api/billing/invoice-preview", params={"month": "2026-13"}, headers=admin).status_code == 422

@@ -1,0 +1,119 @@
+"""What a tenant's month will cost: the plan's price and the overage of each metered resource.
+
+Prices are Decimal dollars (USD, the catalogue's currency). Overage is charged per started unit
+block beyond the plan's allowance (e.g. 1,000 API calls) and rounded half-up to the cent per line;
+the total is the sum of the lines, so it always equals what the lines say. The free plan has hard
+limits instead of overage; enterprise is priced per contract (the preview lists usage, no amounts).
+A yearly Pro subscription shows a twelfth of its yearly price as the month's share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from sensormine.billing.stripe_sync import CURRENCY, PRICES
+from sensormine.metering.records import ACTIVE_DEVICES, API_CALLS, ML_INFERENCE, STORAGE_MONTH
+from sensormine.tenancy.config import effective_config
+
+CENT = Decimal("0.01")
+
+
+@dataclass(frozen=True)
+class Overage:
+    """Beyond `included` units of a resource, `price` for every started block of `per` units."""
+
+    resource: str
+    included: Decimal
+    per: Decimal
+    price: Decimal
+
+    def charge(self, used: Decimal) -> tuple[Decimal, Decimal]:
+        """(units beyond the allowance, their charge rounded to the cent)."""
+        beyond = max(Decimal(0), used - self.included)
+        blocks = Decimal(math.ceil(beyond / self.per)) if beyond else Decimal(0)
+        return beyond, (blocks * self.price).quantize(CENT, ROUND_HALF_UP)
+
+
+# The Pro plan's allowances are its limits (tenancy/plans.py); beyond them, these prices.
+OVERAGE: dict[str, tuple[Overage, ...]] = {
+    "pro": (
+        Overage(API_CALLS, Decimal(1_000_000), Decimal(1_000), Decimal("0.50")),
+        Overage(ACTIVE_DEVICES, Decimal(100), Decimal(1), Decimal("1.00")),
+        Overage(STORAGE_MONTH, Decimal(50), Decimal(1), Decimal("0.10")),
+        Overage(ML_INFERENCE, Decimal(0), Decimal(1_000), Decimal("0.20")),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The month's lines and their total (None for a plan priced per contract)."""
+
+    tenant_id: str
+    month: date
+    plan: str
+    currency: str
+    total: Decimal | None
+    lines: list[dict[str, Any]]
+
+
+def _base_price(plan: str, interval: str | None) -> tuple[Decimal, str]:
+    prices = {(p.plan, p.interval): p.amount for p in PRICES}
+    if interval == "year" and (plan, "year") in prices:
+        return (prices[(plan, "year")] / 12).quantize(CENT, ROUND_HALF_UP), f"{plan} plan, a twelfth of the year"
+    return prices.get((plan, "month"), Decimal(0)), f"{plan} plan, monthly"
+
+
+def build_preview(tenant_id: str, month: date, plan: str, interval: str | None, usage: dict[str, Decimal]) -> Preview:
+    """The preview of a month's usage on `plan` (pure: the lines add up to the total)."""
+    if plan == "enterprise":
+        listed: list[dict[str, Any]] = [
+            {"item": "usage", "resource": r, "used": str(q), "amount": None} for r, q in sorted(usage.items())
+        ]
+        return Preview(tenant_id, month, plan, CURRENCY, None, listed)
+    base, label = _base_price(plan, interval)
+    lines: list[dict[str, Any]] = [{"item": "plan", "description": label, "amount": str(base)}]
+    total = base
+    for rule in OVERAGE.get(plan, ()):
+        used = usage.get(rule.resource, Decimal(0))
+        beyond, amount = rule.charge(used)
+        lines.append({
+            "item": "overage", "resource": rule.resource, "used": str(used), "included": str(rule.included),
+            "beyond": str(beyond), "unit_price": str(rule.price), "per": str(rule.per), "amount": str(amount),
+        })  # fmt: skip
+        total += amount
+    return Preview(tenant_id, month, plan, CURRENCY, total, lines)
+
+
+def preview_month(conn: psycopg.Connection, tenant_id: str, month: date) -> Preview:
+    """The month's preview from its `usage_monthly` rows and the tenant's plan in force (caller's role and
+    transaction; the plan applied is today's: plan changes within the month are not prorated here). The
+    asset and the API both call it."""
+    usage: dict[str, Decimal] = dict(
+        conn.execute(
+            "SELECT resource, quantity FROM usage_monthly WHERE tenant_id = %s AND month = %s", (tenant_id, month)
+        ).fetchall()
+    )
+    config = effective_config(conn, tenant_id)
+    sub = conn.execute(
+        "SELECT billing_interval FROM tenant_subscriptions WHERE tenant_id = %s", (tenant_id,)
+    ).fetchone()
+    plan, interval = (config.plan if config else "free"), (sub[0] if sub else None)
+    return build_preview(tenant_id, month, plan, interval, usage)
+
+
+def record_preview(conn: psycopg.Connection, preview: Preview) -> None:
+    """Replace the month's stored preview (caller's transaction, metering role)."""
+    conn.execute(
+        "INSERT INTO invoice_previews (tenant_id, month, plan, currency, total, lines) VALUES (%s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (tenant_id, month) DO UPDATE SET plan = excluded.plan, currency = excluded.currency, "
+        "total = excluded.total, lines = excluded.lines, computed_at = now()",
+        (preview.tenant_id, preview.month, preview.plan, preview.currency, preview.total, Jsonb(preview.lines)),
+    )
