@@ -92,21 +92,40 @@ def build_preview(tenant_id: str, month: date, plan: str, interval: str | None, 
     return Preview(tenant_id, month, plan, CURRENCY, total, lines)
 
 
+def quota_members(conn: psycopg.Connection, tenant_id: str) -> list[str]:
+    """The tenant and the sub-tenants that share its plan (and its invoice), by id."""
+    return sorted(r[0] for r in conn.execute("SELECT sensormine_quota_group(%s)", (tenant_id,)).fetchall())
+
+
+def member_usage(conn: psycopg.Connection, members: list[str], month: date) -> dict[str, dict[str, Decimal]]:
+    """Each member's `usage_monthly` of the month: tenant -> resource -> quantity."""
+    usage: dict[str, dict[str, Decimal]] = {m: {} for m in members}
+    for tenant, resource, quantity in conn.execute(
+        "SELECT tenant_id, resource, quantity FROM usage_monthly WHERE tenant_id = ANY(%s) AND month = %s",
+        (members, month),
+    ).fetchall():
+        usage[tenant][resource] = quantity
+    return usage
+
+
 def preview_month(conn: psycopg.Connection, tenant_id: str, month: date) -> Preview:
-    """The month's preview from its `usage_monthly` rows and the tenant's plan in force (caller's role and
-    transaction; the plan applied is today's: plan changes within the month are not prorated here). The
-    asset and the API both call it."""
-    usage: dict[str, Decimal] = dict(
-        conn.execute(
-            "SELECT resource, quantity FROM usage_monthly WHERE tenant_id = %s AND month = %s", (tenant_id, month)
-        ).fetchall()
-    )
+    """The month's preview of the tenant's invoice (caller's role and transaction; the asset and the API both
+    call it): the plan in force, priced on the `usage_monthly` of the tenant and of the sub-tenants sharing
+    its plan (one invoice). A sub-tenant billed to an ancestor gets a preview without a total naming it.
+    The plan applied is today's: a plan change within the month is not prorated here."""
     config = effective_config(conn, tenant_id)
+    plan = config.plan if config else "free"
+    if config is not None and config.plan_from != tenant_id:
+        lines: list[dict[str, Any]] = [{"item": "billed_to", "tenant_id": config.plan_from, "amount": None}]
+        return Preview(tenant_id, month, plan, CURRENCY, None, lines)
+    usage: dict[str, Decimal] = {}
+    for used in member_usage(conn, quota_members(conn, tenant_id), month).values():
+        for resource, quantity in used.items():
+            usage[resource] = usage.get(resource, Decimal(0)) + quantity
     sub = conn.execute(
         "SELECT billing_interval FROM tenant_subscriptions WHERE tenant_id = %s", (tenant_id,)
     ).fetchone()
-    plan, interval = (config.plan if config else "free"), (sub[0] if sub else None)
-    return build_preview(tenant_id, month, plan, interval, usage)
+    return build_preview(tenant_id, month, plan, sub[0] if sub else None, usage)
 
 
 def record_preview(conn: psycopg.Connection, preview: Preview) -> None:

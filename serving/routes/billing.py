@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from sensormine.billing import usecases, webhooks
+from sensormine.billing import chargeback, usecases, webhooks
 from sensormine.billing.invoice_preview import preview_month
 from sensormine.billing.subscriptions import CatalogMissing, NoSubscription, SubscriptionError, get_subscription
 from sensormine.clients.stripe_api import BillingNotConfigured
@@ -96,6 +96,46 @@ class PreviewOut(BaseModel):
     currency: str
     total: Decimal | None = Field(description="The sum of the lines' amounts; null: priced per contract")
     lines: list[dict[str, Any]]
+
+
+class PolicyIn(BaseModel):
+    """How the invoice is allocated to the sub-tenants that share the plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["direct", "proportional_devices", "proportional_readings", "fixed_percent", "fixed_amount",
+                      "showback"]  # fmt: skip
+    shares: dict[str, Decimal] = Field(
+        default_factory=dict, description="fixed_percent: percent per tenant; fixed_amount: USD per tenant"
+    )
+
+
+class PolicyOut(BaseModel):
+    """The allocation policy in force (direct when none was chosen)."""
+
+    tenant_id: str
+    strategy: str
+    shares: dict[str, Decimal]
+
+
+class AllocationOut(BaseModel):
+    """One tenant's part of the invoice."""
+
+    tenant_id: str
+    amount: Decimal
+    basis: str
+
+
+class AllocationsOut(BaseModel):
+    """A month's invoice (preview) of a paying tenant allocated to it and its sub-tenants; adds up to the cent."""
+
+    tenant_id: str
+    month: str
+    strategy: str
+    billed: bool = Field(description="false for showback: reported, the payer pays all")
+    currency: str
+    total: Decimal
+    allocations: list[AllocationOut]
 
 
 class InvoiceOut(BaseModel):
@@ -199,24 +239,81 @@ def read_usage(
     return UsageOut(tenant_id=tenant, start=start, end=end, days=days, totals=totals)
 
 
+def _month(month: str) -> date:
+    try:
+        return date.fromisoformat(f"{month}-01")
+    except ValueError:
+        raise Problem(422, f"month {month!r} is not a calendar month (YYYY-MM)") from None
+
+
+MonthParam = Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")]
+
+
 @router.get("/invoice-preview", response_model=PreviewOut, responses={422: {}})
 def read_invoice_preview(
     caller: Reader,
     conn: ConnDep,
-    month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")],
+    month: MonthParam,
     tenant_id: TenantParam = None,
 ) -> PreviewOut:
     """The month's invoice preview from its monthly usage rollup (`usage_monthly`, refreshed daily)."""
     tenant = caller.tenant(tenant_id)
-    try:
-        first = date.fromisoformat(f"{month}-01")
-    except ValueError:
-        raise Problem(422, f"month {month!r} is not a calendar month (YYYY-MM)") from None
     with caller.scope(conn):
-        preview = preview_month(conn, tenant, first)
+        preview = preview_month(conn, tenant, _month(month))
     return PreviewOut(
         tenant_id=tenant, month=month, plan=preview.plan, currency=preview.currency, total=preview.total,
         lines=preview.lines,
+    )  # fmt: skip
+
+
+@router.get("/allocation-policy", response_model=PolicyOut)
+def read_allocation_policy(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> PolicyOut:
+    """How the tenant allocates its invoice to the sub-tenants sharing its plan."""
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        strategy, shares = chargeback.get_policy(conn, tenant)
+    return PolicyOut(tenant_id=tenant, strategy=strategy, shares=shares)
+
+
+@router.put("/allocation-policy", response_model=PolicyOut, responses={422: {}})
+def put_allocation_policy(body: PolicyIn, caller: Writer, conn: ConnDep, tenant_id: TenantParam = None) -> PolicyOut:
+    """Choose the allocation strategy (and the fixed shares); audited."""
+    tenant = caller.tenant(tenant_id)
+    conn.commit()
+    try:
+        shares = chargeback.set_policy(conn, caller, tenant, body.strategy, body.shares)
+    except chargeback.ChargebackError as exc:
+        raise Problem(422, str(exc)) from None
+    return PolicyOut(tenant_id=tenant, strategy=body.strategy, shares=shares)
+
+
+@router.get(
+    "/allocations",
+    response_model=AllocationsOut,
+    responses={200: {"content": {"text/csv": {}}}, 409: {}, 422: {}},
+)
+def read_allocations(
+    caller: Reader,
+    conn: ConnDep,
+    month: MonthParam,
+    tenant_id: TenantParam = None,
+    format: Annotated[Literal["json", "csv"], Query(description="csv: one row per tenant and a total row")] = "json",
+) -> Any:
+    """The month's invoice preview allocated to the tenant and its sub-tenants by its policy."""
+    tenant = caller.tenant(tenant_id)
+    first = _month(month)
+    try:
+        with caller.scope(conn):
+            report = chargeback.allocation_report(conn, tenant, first)
+    except chargeback.ChargebackError as exc:
+        raise Problem(409, str(exc)) from None
+    if format == "csv":
+        name = f"allocations-{tenant}-{month}.csv"
+        return Response(chargeback.report_csv(report), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
+    return AllocationsOut(
+        tenant_id=tenant, month=month, strategy=report.strategy, billed=report.billed, currency=report.currency,
+        total=report.total, allocations=[AllocationOut(**vars(a)) for a in report.allocations],
     )  # fmt: skip
 
 

@@ -156,6 +156,9 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/billing/invoices"): "billing:read",
     ("GET", "/api/billing/usage"): "billing:read",
     ("GET", "/api/billing/invoice-preview"): "billing:read",
+    ("GET", "/api/billing/allocation-policy"): "billing:read",
+    ("PUT", "/api/billing/allocation-policy"): "billing:write",
+    ("GET", "/api/billing/allocations"): "billing:read",
     ("POST", "/api/billing/webhooks/stripe"): None,  # Stripe's signature, not a caller (test_billing_webhooks.py)
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
@@ -205,6 +208,7 @@ BODIES: dict[tuple[str, str], Body] = {
         "json": {"url": f"https://sms.{t}.example/send", "token": f"token-{u}"}
     },
     ("PUT", "/api/billing/subscription"): lambda t, u: {"json": {"plan": "pro", "interval": "month"}},
+    ("PUT", "/api/billing/allocation-policy"): lambda t, u: {"json": {"strategy": "proportional_devices"}},
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
@@ -283,7 +287,8 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
     make_tenant(conn, "parent", ["parent-d1", "parent-d2"], plan="enterprise")
     make_tenant(conn, "child", ["child-d1", "child-d2"], parent_id="parent")
     make_tenant(conn, "sibling", ["sibling-d1", "sibling-d2"], parent_id="parent")
-    make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child")
+    # The grandchild pays for its own plan: it has an invoice of its own to preview and allocate.
+    make_tenant(conn, "grandchild", ["grandchild-d1", "grandchild-d2"], parent_id="child", plan="pro")
     make_tenant(conn, OTHER, [f"{OTHER}-d1", f"{OTHER}-d2"], plan="enterprise")
     users, keys, alarms = {}, {}, {}
     for t in (*TENANTS, OTHER):
@@ -351,6 +356,7 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "invoices": "SELECT tenant_id, stripe_invoice_id, status FROM tenant_invoices WHERE tenant_id = ANY(%s)",
         "payment": "SELECT tenant_id, status, grace_until FROM tenant_payment_status WHERE tenant_id = ANY(%s)",
         "usage_daily": "SELECT tenant_id, day, resource, quantity FROM usage_daily WHERE tenant_id = ANY(%s)",
+        "chargeback": "SELECT tenant_id, strategy, shares FROM chargeback_policies WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
