@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         "unset: the e-mail channel is off.",
     )
     smtp_from: str = Field("Sensormine <alerts@sensormine.local>", description="Sender of alarm e-mails.")
+    notice_mail_interval_s: float = Field(
+        5.0, gt=0, description="How often the API's notice mailer mails new quota and billing notices to admins."
+    )
     mqtt_client_id: str | None = Field(
         None,
         description="The ingest daemon's MQTT client id, naming its persistent session "

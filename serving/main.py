@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from sensormine.clients.latest import LatestCache, LatestListener
-from sensormine.clients.postgres import connect, make_pool, migrate_database
+from sensormine.clients.postgres import METERING, connect, make_pool, migrate_database
 from sensormine.identity.tokens import jwt_secret
+from sensormine.metering.notices import NoticeMailer
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache, document_api_keys
 from serving.limits import start_limits, stop_limits
@@ -45,6 +46,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         migrate_database(settings)
         app.state.pool = make_pool(settings)
         start_limits(app, settings)
+        mailer = None
+        if settings.smtp_url:
+            mailer = NoticeMailer(
+                lambda: connect(settings, role=METERING), settings.smtp_url, settings.smtp_from,
+                settings.notice_mail_interval_s,
+            )  # fmt: skip
+            mailer.start()
         listener = None
         if settings.latest_push:
             app.state.latest_cache = LatestCache()
@@ -60,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.unfreeze()  # an app built and stopped inside a longer-lived process (tests) leaves nothing pinned
             if listener is not None:
                 listener.close()
+            if mailer is not None:
+                mailer.close()
             stop_limits(app)  # a last flush of API-call counts
             gate = getattr(app.state, "ingest_gate", None)
             if gate is not None:

@@ -22,20 +22,17 @@ Effects (docs/billing.md):
 - `payment_intent.succeeded|payment_failed`: recorded; a failed payment that no invoice covers is a
   notice.
 
-Notices are tenant events (`tenant_events`, the API's `/api/usage/events`, beside the quota warnings)
-and, with a mail server, an e-mail to the tenant's administrators sent after the commit (to whom, or
-why not, is added to the event's data).
+Notices are tenant events (`tenant_events`, the API's `/api/usage/events`, beside the quota warnings),
+mailed to the tenant's administrators by the notice mailer (`sensormine.metering.notices`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import smtplib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 import psycopg
@@ -45,7 +42,6 @@ from psycopg.types.json import Jsonb
 from sensormine.audit import log as audit
 from sensormine.billing.subscriptions import IN_FORCE, Subscription, end_subscription, record_subscription
 from sensormine.clients.postgres import METERING, connect
-from sensormine.clients.smtp import SmtpServer, redacted
 from sensormine.metering.events import record_tenant_event
 from sensormine.settings import Settings
 
@@ -152,38 +148,35 @@ def handle_event(settings: Settings, event: dict[str, Any]) -> WebhookResult:
     event_id, kind = event["id"], event["type"]
     created = datetime.fromtimestamp(event["created"], UTC)
     obj: dict[str, Any] = event["data"]["object"]
-    with connect(settings, role=METERING) as conn:
-        with conn.transaction():
-            new = conn.execute(
-                "INSERT INTO stripe_webhook_events (event_id, type, stripe_created, outcome, payload) "
-                "VALUES (%s, %s, %s, 'received', %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
-                (event_id, kind, created, Jsonb(event)),
+    with connect(settings, role=METERING) as conn, conn.transaction():
+        new = conn.execute(
+            "INSERT INTO stripe_webhook_events (event_id, type, stripe_created, outcome, payload) "
+            "VALUES (%s, %s, %s, 'received', %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            (event_id, kind, created, Jsonb(event)),
+        ).fetchone()
+        if new is None:
+            row = conn.execute(
+                "SELECT tenant_id, outcome FROM stripe_webhook_events WHERE event_id = %s", (event_id,)
             ).fetchone()
-            if new is None:
-                row = conn.execute(
-                    "SELECT tenant_id, outcome FROM stripe_webhook_events WHERE event_id = %s", (event_id,)
-                ).fetchone()
-                assert row is not None
-                return WebhookResult(event_id, kind, row[0], row[1], duplicate=True)
-            tenant_id = _tenant_of(conn, obj)
-            handler = HANDLERS.get(kind)
-            ev: _Event | None = None
-            if handler is None:
-                outcome = f"ignored: {kind} is not handled"
-            elif tenant_id is None:
-                outcome = f"ignored: no tenant has Stripe customer {_customer_of(obj)!r}"
-            else:
-                ev = _Event(conn, settings, event_id, kind, created, obj, tenant_id)
-                outcome = handler(ev)
-                for n in ev.notices:
-                    data = {"severity": n.severity, "message": n.message, "stripe_event": event_id}
-                    record_tenant_event(conn, tenant_id, n.kind, data, _notice_key(event_id, n))
-            conn.execute(
-                "UPDATE stripe_webhook_events SET tenant_id = %s, outcome = %s WHERE event_id = %s",
-                (tenant_id, outcome, event_id),
-            )
-        if ev is not None and ev.notices:
-            _email_notices(conn, settings, ev)
+            assert row is not None
+            return WebhookResult(event_id, kind, row[0], row[1], duplicate=True)
+        tenant_id = _tenant_of(conn, obj)
+        handler = HANDLERS.get(kind)
+        ev: _Event | None = None
+        if handler is None:
+            outcome = f"ignored: {kind} is not handled"
+        elif tenant_id is None:
+            outcome = f"ignored: no tenant has Stripe customer {_customer_of(obj)!r}"
+        else:
+            ev = _Event(conn, settings, event_id, kind, created, obj, tenant_id)
+            outcome = handler(ev)
+            for n in ev.notices:
+                data = {"severity": n.severity, "message": n.message, "stripe_event": event_id}
+                record_tenant_event(conn, tenant_id, n.kind, data, _notice_key(event_id, n))
+        conn.execute(
+            "UPDATE stripe_webhook_events SET tenant_id = %s, outcome = %s WHERE event_id = %s",
+            (tenant_id, outcome, event_id),
+        )
     log.info("stripe event %s (%s) for tenant %s: %s", event_id, kind, tenant_id, outcome)
     return WebhookResult(event_id, kind, tenant_id, outcome)
 
@@ -420,48 +413,5 @@ HANDLERS: dict[str, Callable[[_Event], str]] = {
 }
 
 
-# -- e-mail ----------------------------------------------------------------------------------------
-
-
-def _email_notices(conn: psycopg.Connection, settings: Settings, ev: _Event) -> None:
-    """Mail the event's notices to the tenant's administrators (after the commit; the outcome is kept on each)."""
-    with conn.transaction():
-        recipients = [
-            r[0]
-            for r in conn.execute(
-                "SELECT email FROM users WHERE tenant_id = %s AND role = 'tenant_admin' AND disabled_at IS NULL "
-                "ORDER BY email",
-                (ev.tenant_id,),
-            ).fetchall()
-        ]
-    for n in ev.notices:
-        error = _send_notice(settings, ev.tenant_id, n, recipients)
-        with conn.transaction():
-            conn.execute(
-                "UPDATE tenant_events SET data = data || %s WHERE dedupe_key = %s",
-                (Jsonb({"emailed_to": [] if error else recipients, "email_error": error}), _notice_key(ev.id, n)),
-            )
-
-
 def _notice_key(event_id: str, n: Notice) -> str:
     return f"stripe:{event_id}:{n.kind}"
-
-
-def _send_notice(settings: Settings, tenant_id: str, n: Notice, recipients: list[str]) -> str | None:
-    """None when sent, else why not."""
-    if not settings.smtp_url:
-        return "no mail server (SENSORMINE_SMTP_URL) is configured"
-    if not recipients:
-        return "the tenant has no administrator to mail"
-    msg = EmailMessage()
-    msg["Subject"] = f"[Sensormine] {tenant_id}: {n.message.split('.')[0]}"
-    msg["From"] = settings.smtp_from
-    msg["To"] = ", ".join(recipients)
-    msg["X-Sensormine-Notice"] = n.kind
-    msg.set_content(f"{n.message}\n\nTenant: {tenant_id}\n")
-    try:
-        SmtpServer(settings.smtp_url).send(msg, settings.smtp_from, recipients)
-    except (smtplib.SMTPException, OSError) as exc:  # a notice's mail never fails the webhook; the error is kept
-        log.warning("billing notice %s for %s not mailed: %s", n.kind, tenant_id, exc)
-        return f"cannot send through {redacted(settings.smtp_url)}: {type(exc).__name__}: {exc}"
-    return None
