@@ -43,12 +43,18 @@ def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 @contextmanager
 def dagster_dev(
-    env: Mapping[str, str], port: int, log: Path, cwd: Path, start_timeout_s: float = 180
+    env: Mapping[str, str],
+    port: int,
+    log: Path,
+    cwd: Path,
+    start_timeout_s: float = 180,
+    stop_timeout_s: float = 30,
 ) -> Iterator[DagsterWebserver]:
     """`dagster dev` in its own process group with `env` (DAGSTER_HOME, SENSORMINE_*), logging to `log`.
 
     Yields a client once the webserver answers; stops the whole group (webserver, daemon, code
-    servers, runs) on exit. Raises RuntimeError, with the log's end, when it does not come up.
+    servers, runs) on exit: SIGTERM, then SIGKILL after `stop_timeout_s`. Raises RuntimeError,
+    with the log's end, when it does not come up.
     """
     proc = subprocess.Popen(
         dagster_dev_command(port),
@@ -72,7 +78,7 @@ def dagster_dev(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(stop_timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -6,6 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster
@@ -81,10 +82,10 @@ def admin_url_of(settings: Settings) -> str:
     return _in_db(os.environ["SENSORMINE_DATABASE_ADMIN_URL"], (settings.database_url or "").rsplit("/", 1)[1])
 
 
-@pytest.fixture
-def database_url(services: dict[str, str]) -> Iterator[str]:
-    """A new database for one test, owned and migrated by the schema owner, dropped afterwards; the URL of
-    the tools' login (sensormine_app: no privilege of its own, every function role)."""
+@contextmanager
+def new_database(services: dict[str, str]) -> Iterator[str]:
+    """A new database, owned and migrated by the schema owner, dropped afterwards; the URL of the tools'
+    login (sensormine_app: no privilege of its own, every function role)."""
     from sensormine.clients.postgres import migrate
 
     admin, owner = services["SENSORMINE_DATABASE_ADMIN_URL"], services["SENSORMINE_DATABASE_MIGRATE_URL"]
@@ -101,12 +102,18 @@ def database_url(services: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Settings:
-    """Settings for one test: its own database, lake folder and Kafka topic namespace."""
+def database_url(services: dict[str, str]) -> Iterator[str]:
+    """A new database for one test (see `new_database`)."""
+    with new_database(services) as url:
+        yield url
+
+
+def settings_for(services: dict[str, str], database_url: str, state_dir: Path) -> Settings:
+    """Settings over one database with the lake and state in `state_dir` and a Kafka topic namespace of their own."""
     return Settings(
         env=(env := f"t{uuid.uuid4().hex[:8]}"),
         consumer_group=f"{env}-hot-writer",
-        state_dir=tmp_path,
+        state_dir=state_dir,
         database_url=database_url,
         database_migrate_url=_in_db(services["SENSORMINE_DATABASE_MIGRATE_URL"], database_url.rsplit("/", 1)[1]),
         kafka_bootstrap=services.get("SENSORMINE_KAFKA_BOOTSTRAP"),
@@ -119,10 +126,16 @@ def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Set
         stripe_api_base=services.get("SENSORMINE_STRIPE_API_BASE"),
         stripe_api_key=services.get("SENSORMINE_STRIPE_API_KEY"),
         stripe_webhook_secret="whsec_test_" + uuid.uuid4().hex,
-        lake_uri=str(tmp_path / "lake"),
+        lake_uri=str(state_dir / "lake"),
         mqtt_session_expiry_s=60,  # broker sessions of finished tests go away soon
         jwt_secret="test-signing-secret-" + uuid.uuid4().hex,
     )
+
+
+@pytest.fixture
+def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own database, lake folder and Kafka topic namespace."""
+    return settings_for(services, database_url, tmp_path)
 
 
 @pytest.fixture
@@ -145,12 +158,8 @@ def dagster_instance() -> Iterator[dagster.DagsterInstance]:
         yield instance
 
 
-@pytest.fixture(params=["local", "s3"])
-def lake_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    """The test's settings with the lake in tmp_path, or in a fresh bucket of the session's S3 server."""
-    if request.param == "local":
-        yield settings
-        return
+def in_new_bucket(settings: Settings) -> Settings:
+    """`settings` with the lake in a fresh bucket of the session's S3 server."""
     import boto3
 
     bucket = f"lake-{uuid.uuid4().hex[:12]}"
@@ -162,4 +171,10 @@ def lake_settings(request: pytest.FixtureRequest, settings: Settings, tmp_path: 
         region_name=settings.s3_region,
     )
     s3.create_bucket(Bucket=bucket)
-    yield settings.model_copy(update={"lake_uri": f"s3://{bucket}/lake"})
+    return settings.model_copy(update={"lake_uri": f"s3://{bucket}/lake"})
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The test's settings with the lake in tmp_path, or in a fresh bucket of the session's S3 server."""
+    return settings if request.param == "local" else in_new_bucket(settings)

@@ -29,6 +29,7 @@ from sensormine.clients.hotstore import HotStoreWriter
 from sensormine.reading import Reading, us_to_datetime
 from sensormine.settings import Settings, reset_settings
 from sensormine.tenancy.tenants import visible_tenant_ids
+from tests.conftest import admin_url_of, in_new_bucket, new_database, settings_for
 from tests.factories import DAY, DAY_US, make_tenant, readings
 
 pytestmark = pytest.mark.integration
@@ -55,18 +56,37 @@ def lake_readings() -> list[Reading]:
     return out
 
 
+@pytest.fixture(scope="module", params=["local", "s3"])
+def lake(
+    request: pytest.FixtureRequest, services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """The tenants in the registry, their readings in the hot store, compacted (and rolled up) into the lake.
+
+    Built once per module for each kind of lake (local folder, S3 bucket), in a database of its own:
+    every test here only reads it (a CLI session's temporary tables live in its own DuckDB).
+    """
+    with new_database(services) as url:
+        settings = settings_for(services, url, tmp_path_factory.mktemp(f"sql-lake-{request.param}"))
+        if request.param == "s3":
+            settings = in_new_bucket(settings)
+        with psycopg.connect(admin_url_of(settings)) as conn:
+            for tenant, parent in FAMILY.items():
+                make_tenant(conn, tenant, ["d1", "d2"], parent_id=parent)
+            HotStoreWriter(conn).write(lake_readings())
+            for tenant in FAMILY:
+                for day in DAYS:
+                    compact_day(conn, settings, tenant, day)
+                    write_rollup(settings, ROLLUP_1M, tenant, day)
+                    write_rollup(settings, ROLLUP_1H, tenant, day)
+            conn.commit()
+        yield settings
+
+
 @pytest.fixture
-def lake(conn: psycopg.Connection, lake_settings: Settings) -> Settings:
-    """The tenants in the registry, their readings in the hot store, compacted (and rolled up) into the lake."""
-    for tenant, parent in FAMILY.items():
-        make_tenant(conn, tenant, ["d1", "d2"], parent_id=parent)
-    HotStoreWriter(conn).write(lake_readings())
-    for tenant in FAMILY:
-        for day in DAYS:
-            compact_day(conn, lake_settings, tenant, day)
-            write_rollup(lake_settings, ROLLUP_1M, tenant, day)
-            write_rollup(lake_settings, ROLLUP_1H, tenant, day)
-    return lake_settings
+def lake_conn(lake: Settings) -> Iterator[psycopg.Connection]:
+    """A superuser connection to the lake's database, for the test's own checks."""
+    with psycopg.connect(admin_url_of(lake)) as c:
+        yield c
 
 
 def hourly(rows: list[Reading], tenant: str, device: str, metric: str) -> list[tuple]:
@@ -122,10 +142,12 @@ def test_catalog_reads_the_compacted_lake(lake: Settings) -> None:
         assert catalog.sql("SELECT count(*) AS n FROM telemetry_1h").column("n").to_pylist() == [5 * 2 * 2 * 48]
 
 
-def test_tenant_sessions_see_themselves_and_their_sub_tenants_only(conn: psycopg.Connection, lake: Settings) -> None:
+def test_tenant_sessions_see_themselves_and_their_sub_tenants_only(
+    lake_conn: psycopg.Connection, lake: Settings
+) -> None:
     rows = lake_readings()
     for tenant, scope in SCOPES.items():
-        visible = visible_tenant_ids(conn, tenant)
+        visible = visible_tenant_ids(lake_conn, tenant)
         assert set(visible) == scope
         with open_catalog(lake, visible) as catalog:
             for table in ("telemetry", "telemetry_1m", "telemetry_1h"):
