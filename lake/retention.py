@@ -69,7 +69,7 @@ def _blockers(conn: psycopg.Connection, day: date, today: date, counts: dict[str
         return []
     plans: dict[str, str] = dict(
         conn.execute(
-            "SELECT id, sensormine_effective_plan(id) FROM tenants WHERE id = ANY(%s)", (list(counts),)
+            "SELECT id, sensormine_contract_plan(id) FROM tenants WHERE id = ANY(%s)", (list(counts),)
         ).fetchall()
     )
     reasons = []
@@ -145,7 +145,7 @@ def apply_lake_retention(
     """Remove every tenant's lake partitions older than its plan's lake retention; returns what went."""
     results = []
     for tenant_id, plan_name in conn.execute(
-        "SELECT id, sensormine_effective_plan(id) FROM tenants ORDER BY id"
+        "SELECT id, sensormine_contract_plan(id) FROM tenants ORDER BY id"
     ).fetchall():
         keep = get_plan(plan_name).lake_retention_days
         if keep is None:

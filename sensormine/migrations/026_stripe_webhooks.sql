@@ -97,6 +97,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
     SELECT EXISTS (SELECT FROM tenant_payment_status p WHERE p.tenant_id = t AND p.grace_until <= now())
 $$;
 
+-- The plan the tenant has chosen (its own or inherited), whatever its payment state: retention keeps
+-- data by it, so an unpaid invoice never deletes a tenant's history.
+CREATE FUNCTION sensormine_contract_plan(t text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT plan FROM sensormine_tenant_ancestors(t) WHERE plan IS NOT NULL ORDER BY depth LIMIT 1
+$$;
+GRANT EXECUTE ON FUNCTION sensormine_contract_plan(text) TO sensormine_lake, sensormine_metering;
+
 -- The plan in force: the nearest plan up the tree, or free while that plan's payer is past its grace.
 CREATE OR REPLACE FUNCTION sensormine_effective_plan(t text) RETURNS text
 LANGUAGE sql STABLE AS $$

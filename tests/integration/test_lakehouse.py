@@ -296,9 +296,16 @@ def test_hot_retention_drops_only_days_the_lake_holds_and_no_plan_keeps(
     assert read_telemetry(settings, ["free-co"], days=[old]).num_rows == 41
 
 
-def test_lake_retention_follows_each_tenants_plan(conn: psycopg.Connection, lake_settings: Settings) -> None:
+def test_lake_retention_follows_each_tenants_chosen_plan(conn: psycopg.Connection, lake_settings: Settings) -> None:
     create_tenant(conn, "free-co", plan="free")  # lake 90 days
     create_tenant(conn, "big-co", plan="enterprise")  # lake forever
+    # big-co's invoice is unpaid past its grace period: the free plan's limits apply, but retention keeps
+    # its data by the plan it chose (an unpaid invoice never deletes history).
+    conn.execute(
+        "INSERT INTO tenant_payment_status (tenant_id, status, past_due_since, grace_until) "
+        "VALUES ('big-co', 'past_due', now() - interval '30 days', now() - interval '23 days')"
+    )
+    assert conn.execute("SELECT sensormine_effective_plan('big-co')").fetchone() == ("free",)
     today = D
     ancient, kept = today - timedelta(days=120), today - timedelta(days=60)
     writer = HotStoreWriter(conn)
