@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, Security
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from sensormine.billing import chargeback, usecases, webhooks
+from sensormine.billing import chargeback, payment_methods, usecases, webhooks
 from sensormine.billing.invoice_preview import preview_month
 from sensormine.billing.subscriptions import CatalogMissing, NoSubscription, SubscriptionError, get_subscription
 from sensormine.clients.stripe_api import BillingNotConfigured
@@ -136,6 +136,35 @@ class AllocationsOut(BaseModel):
     currency: str
     total: Decimal
     allocations: list[AllocationOut]
+
+
+class SetupIntentOut(BaseModel):
+    """What Stripe Elements needs to collect a card for the tenant (confirm it, then POST the payment method)."""
+
+    setup_intent_id: str
+    client_secret: str
+
+
+class PaymentMethodIn(BaseModel):
+    """A payment method collected by Stripe (a confirmed SetupIntent's `payment_method`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payment_method: str = Field(pattern=r"^pm_[A-Za-z0-9_]{1,200}$")
+    default: bool = Field(True, description="Make it the one invoices charge")
+
+
+class PaymentMethodOut(BaseModel):
+    """A payment method as Stripe described it (no card number ever reaches Sensormine)."""
+
+    stripe_payment_method_id: str
+    type: str
+    brand: str | None
+    last4: str | None
+    exp_month: int | None
+    exp_year: int | None
+    is_default: bool
+    created_at: datetime | None
 
 
 class InvoiceOut(BaseModel):
@@ -315,6 +344,59 @@ def read_allocations(
         tenant_id=tenant, month=month, strategy=report.strategy, billed=report.billed, currency=report.currency,
         total=report.total, allocations=[AllocationOut(**vars(a)) for a in report.allocations],
     )  # fmt: skip
+
+
+@router.post("/setup-intent", response_model=SetupIntentOut, responses={502: {}, 503: {}})
+def create_setup_intent(
+    caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
+) -> SetupIntentOut:
+    """Start collecting a card with Stripe Elements (the tenant's customer is made first if needed)."""
+    tenant = caller.tenant(tenant_id)
+    conn.commit()
+    try:
+        intent_id, secret = payment_methods.start_setup(settings, tenant)
+    except (BillingNotConfigured, stripe.StripeError) as exc:
+        raise _problem(exc) from None
+    return SetupIntentOut(setup_intent_id=intent_id, client_secret=secret)
+
+
+@router.get("/payment-methods", response_model=list[PaymentMethodOut])
+def read_payment_methods(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> list[PaymentMethodOut]:
+    """The tenant's payment methods, the default first."""
+    tenant = caller.tenant(tenant_id)
+    with caller.scope(conn):
+        methods = payment_methods.list_payment_methods(conn, tenant)
+    return [PaymentMethodOut(**vars(m)) for m in methods]
+
+
+@router.post("/payment-methods", response_model=PaymentMethodOut, status_code=201, responses={502: {}, 503: {}})
+def add_payment_method(
+    body: PaymentMethodIn, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
+) -> PaymentMethodOut:
+    """Attach a payment method to the tenant's customer (by default the one invoices charge); audited."""
+    tenant = caller.tenant(tenant_id)
+    conn.commit()
+    try:
+        added = payment_methods.add_payment_method(conn, caller, settings, tenant, body.payment_method, body.default)
+    except (BillingNotConfigured, stripe.StripeError) as exc:
+        raise _problem(exc) from None
+    return PaymentMethodOut(**vars(added))
+
+
+@router.delete("/payment-methods/{payment_method_id}", status_code=204, responses={404: {}, 502: {}, 503: {}})
+def delete_payment_method(
+    payment_method_id: str, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
+) -> Response:
+    """Detach a payment method at Stripe and forget it; audited."""
+    tenant = caller.tenant(tenant_id)
+    conn.commit()
+    try:
+        payment_methods.remove_payment_method(conn, caller, settings, tenant, payment_method_id)
+    except payment_methods.UnknownPaymentMethod as exc:
+        raise Problem(404, str(exc)) from None
+    except (BillingNotConfigured, stripe.StripeError) as exc:
+        raise _problem(exc) from None
+    return Response(status_code=204)
 
 
 @router.post("/webhooks/stripe", response_model=WebhookOut, responses={400: {}, 503: {}})

@@ -282,3 +282,51 @@ def test_a_renamed_tenant_is_renamed_at_stripe_and_the_sync_catches_up_after_an_
         ]
     finally:
         proxy.close()
+
+
+def test_a_tenant_admin_collects_attaches_lists_and_detaches_payment_methods(
+    settings: Settings, conn: psycopg.Connection
+) -> None:
+    assert settings.stripe_api_base
+    proxy = RecordingProxy(settings.stripe_api_base)
+    admin = {"X-API-Key": make_tenant(conn, "acme", [], role="tenant_admin")}
+    viewer = {"X-API-Key": create_api_key(conn, "acme", "viewer", role="viewer")}
+    conn.commit()
+    url = "/api/billing/payment-methods"
+    try:
+        through = settings.model_copy(update={"kafka_bootstrap": None, "stripe_api_base": proxy.url})
+        with TestClient(create_app(through)) as client:
+            intent = client.post("/api/billing/setup-intent", headers=admin)
+            assert intent.status_code == 200 and intent.json()["client_secret"].startswith("seti_"), intent.text
+            (customer,) = conn.execute("SELECT stripe_customer_id FROM tenants WHERE id = 'acme'").fetchone()
+            conn.commit()
+            assert customer  # made on the way
+            visa = client.post(url, json={"payment_method": "pm_card_visa"}, headers=admin)
+            assert visa.status_code == 201, visa.text
+            assert {k: visa.json()[k] for k in ("brand", "last4", "is_default")} == {
+                "brand": "visa", "last4": "4242", "is_default": True
+            }  # fmt: skip
+            second = client.post(url, json={"payment_method": "pm_card_mastercard"}, headers=admin)
+            assert second.status_code == 201
+            listed = client.get(url, headers=admin).json()
+            assert [(m["stripe_payment_method_id"], m["is_default"]) for m in listed] == [
+                ("pm_card_mastercard", True), ("pm_card_visa", False)
+            ]  # fmt: skip
+            assert client.post(url, json={"payment_method": "pm_card_visa"}, headers=viewer).status_code == 403
+            assert client.delete(f"{url}/pm_card_visa", headers=admin).status_code == 204
+            assert client.delete(f"{url}/pm_card_visa", headers=admin).status_code == 404
+            assert [m["stripe_payment_method_id"] for m in client.get(url, headers=admin).json()] == [
+                "pm_card_mastercard"
+            ]
+        sent = [(m, p, form) for m, p, form in proxy.requests if m == "POST"]
+        assert ("POST", "/v1/payment_methods/pm_card_visa/attach", {"customer": [customer]}) in sent
+        assert ("POST", "/v1/payment_methods/pm_card_visa/detach", {}) in sent
+        defaults = [f["invoice_settings[default_payment_method]"] for m, p, f in proxy.requests
+                    if p == f"/v1/customers/{customer}"]  # fmt: skip
+        assert defaults == [["pm_card_visa"], ["pm_card_mastercard"]]
+    finally:
+        proxy.close()
+    actions = [
+        a for (a,) in conn.execute("SELECT action FROM audit_log WHERE action LIKE 'billing.payment%' ORDER BY id")
+    ]
+    assert actions == ["billing.payment_method.add", "billing.payment_method.add", "billing.payment_method.remove"]

@@ -159,6 +159,10 @@ PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/billing/allocation-policy"): "billing:read",
     ("PUT", "/api/billing/allocation-policy"): "billing:write",
     ("GET", "/api/billing/allocations"): "billing:read",
+    ("POST", "/api/billing/setup-intent"): "billing:write",
+    ("GET", "/api/billing/payment-methods"): "billing:read",
+    ("POST", "/api/billing/payment-methods"): "billing:write",
+    ("DELETE", "/api/billing/payment-methods/{payment_method_id}"): "billing:write",
     ("POST", "/api/billing/webhooks/stripe"): None,  # Stripe's signature, not a caller (test_billing_webhooks.py)
 }
 # Routes open to every caller for their own record, needing a permission for anyone else's.
@@ -209,6 +213,7 @@ BODIES: dict[tuple[str, str], Body] = {
     },
     ("PUT", "/api/billing/subscription"): lambda t, u: {"json": {"plan": "pro", "interval": "month"}},
     ("PUT", "/api/billing/allocation-policy"): lambda t, u: {"json": {"strategy": "proportional_devices"}},
+    ("POST", "/api/billing/payment-methods"): lambda t, u: {"json": {"payment_method": f"pm_{u}"}},
 }
 # Destructive routes run last, in this order, so the others find their objects.
 LAST = [
@@ -218,6 +223,7 @@ LAST = [
     ("DELETE", "/api/alerts/channels/{channel_id}"),
     ("DELETE", "/api/alerts/sms-provider"),
     ("DELETE", "/api/billing/subscription"),
+    ("DELETE", "/api/billing/payment-methods/{payment_method_id}"),
     ("POST", "/api/devices/{device_id}/rotate-key"),
     ("POST", "/api/devices/{device_id}/revoke-key"),
     ("DELETE", "/api/devices/{device_id}"),
@@ -313,6 +319,11 @@ def world(conn: psycopg.Connection) -> dict[str, Any]:
             (t, DAY["start"][:10]),
         )
         conn.execute(
+            "INSERT INTO tenant_payment_methods (stripe_payment_method_id, tenant_id, type, brand, last4, is_default) "
+            "VALUES (%s, %s, 'card', 'visa', '4242', true)",
+            (f"pm_{t}", t),
+        )
+        conn.execute(
             "INSERT INTO tenant_invoices (stripe_invoice_id, tenant_id, status, currency, amount_due, amount_paid, "
             "stripe_created, event_created) VALUES (%s, %s, 'open', 'usd', 9900, 0, now(), now())",
             (f"in_{t}", t),
@@ -357,6 +368,8 @@ def _snapshot(conn: psycopg.Connection, tenants: tuple[str, ...]) -> dict[str, l
         "payment": "SELECT tenant_id, status, grace_until FROM tenant_payment_status WHERE tenant_id = ANY(%s)",
         "usage_daily": "SELECT tenant_id, day, resource, quantity FROM usage_daily WHERE tenant_id = ANY(%s)",
         "chargeback": "SELECT tenant_id, strategy, shares FROM chargeback_policies WHERE tenant_id = ANY(%s)",
+        "payment_methods": "SELECT tenant_id, stripe_payment_method_id, is_default FROM tenant_payment_methods "
+        "WHERE tenant_id = ANY(%s)",
     }
     out = {name: sorted(map(str, conn.execute(q, (list(tenants),)).fetchall())) for name, q in queries.items()}
     conn.commit()
@@ -377,6 +390,7 @@ def _request(method: str, path: str, params: dict[str, dict], target: str, world
         "alarm_id": world["alarms"][target],
         "bucket": "1h",
         "month": DAY["start"][:7],
+        "payment_method_id": f"pm_{target}",
         **DAY,
         **OVERRIDES.get((method, path), {}),
     }
@@ -471,7 +485,10 @@ def test_callers_elsewhere_in_the_tree_reach_nothing_outside_their_subtree(
     before = _snapshot(conn, outside)
     failures: list[str] = []
     held = ROLE_PERMISSIONS[Role.TENANT_ADMIN]
-    with TestClient(create_app(settings)) as client:
+    # A grandchild caller pays its own pro plan (100 requests a second, bursts of 200), and this sends
+    # hundreds at once: rate limits (tests/integration/test_quotas.py) would answer before tenancy does.
+    unlimited = settings.model_copy(update={"limits_enabled": False})
+    with TestClient(create_app(unlimited)) as client:
         for target, (method, path, perms, params) in itertools.product(outside, _operations(client.app)):
             failures += _check(client, {"X-API-Key": key}, held, method, path, perms, params, target, world, outside)
     assert not failures, "\n".join(failures)
