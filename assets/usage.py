@@ -94,6 +94,7 @@ def usage_daily(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             **{r: dg.MetadataValue.float(q) for r, q in quantities.items()},
             "dagster/row_count": len(result.records),
             "storage_measured_now": result.snapshot_taken,
+            "quota_events": ", ".join(result.quota_events),
             "table_version": result.table_version,
             "uri": dg.MetadataValue.path(table_uri(settings, TABLE_NAME)),
         }

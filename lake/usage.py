@@ -29,6 +29,7 @@ from psycopg import sql
 from lake.rollups import ROLLUP_1H, ROLLUP_1M
 from lake.storage import check_tenant_id, ensure_table, open_table, replace_partition
 from lake.telemetry import TABLE_NAME as TELEMETRY
+from sensormine.limits.storage import check_storage_quota
 from sensormine.metering.records import (
     ACTIVE_DEVICES,
     ADDITIVE,
@@ -62,6 +63,7 @@ class UsageDay:
     records: list[UsageRecord]
     table_version: int
     snapshot_taken: bool
+    quota_events: tuple[str, ...] = ()
 
 
 def lake_bytes(settings: Settings, tenant_id: str) -> int:
@@ -162,7 +164,11 @@ def write_usage_day(
     table = ensure_table(settings, TABLE_NAME, USAGE_SCHEMA, "Usage per tenant, UTC day and metered resource.")
     version = replace_partition(table, rows, tenant_id, day, "usage:daily")
     _replace_rows(metering, "usage_daily", "day", tenant_id, day, records)
-    return UsageDay(records, version, measured)
+    events: list[str] = []
+    if measured:  # a new measurement: the plan's storage quota may be near or past
+        with metering.transaction():
+            events = check_storage_quota(metering, tenant_id, day).events
+    return UsageDay(records, version, measured, tuple(events))
 
 
 def _replace_rows(

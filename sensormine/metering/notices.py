@@ -44,6 +44,9 @@ def render(tenant_id: str, event_type: str, data: dict[str, Any]) -> tuple[str, 
     elif event_type.startswith("quota."):
         what = str(data.get("metric", "usage")).replace("_", " ")
         used, limit, plan = _fmt(data.get("used")), _fmt(data.get("limit")), data.get("plan")
+        if data.get("metric") == "storage_bytes":  # bytes read best as GB
+            what = "storage"
+            used, limit = (f"{(data.get(k) or 0) / 10**9:.2f} GB" for k in ("used", "limit"))
         if event_type.endswith(".exceeded"):
             message = (f"The {plan} plan's limit of {limit} {what} is reached ({used} used): further {what} are "
                        "refused until the limit resets or the plan is upgraded.")  # fmt: skip

@@ -256,3 +256,39 @@ def test_a_month_sums_its_days_counts_devices_once_and_is_priced_in_its_preview(
         assert live.status_code == 200, live.text
         assert Decimal(live.json()["total"]) == stored[2] and live.json()["lines"] == stored[3]
         assert client.get("/api/billing/invoice-preview", params={"month": "2026-13"}, headers=admin).status_code == 422
+
+
+def test_storage_near_and_past_the_plans_limit_raises_one_event_each_per_month(
+    world: tuple[dg.DagsterInstance, dict[str, Any]], conn: psycopg.Connection
+) -> None:
+    instance, _ = world
+    make_tenant(conn, "tiny", [], plan="free")  # 1 GB of storage for the quota group
+    make_tenant(conn, "tiny-lab", [], parent_id="tiny")  # shares it
+    # What the sub-tenant's own run measured yesterday: most of the gigabyte.
+    conn.execute(
+        "INSERT INTO tenant_usage_snapshots (tenant_id, day, devices, hot_bytes, lake_bytes) "
+        "VALUES ('tiny-lab', %s, 0, 800000000, 50000000)",
+        (YESTERDAY,),
+    )
+    conn.commit()
+    instance.add_dynamic_partitions("tenants", ["tiny"])
+
+    def events() -> list[tuple[str, int]]:
+        rows = conn.execute(
+            "SELECT type, (data->>'used')::bigint FROM tenant_events WHERE tenant_id = 'tiny' ORDER BY id"
+        ).fetchall()
+        conn.commit()
+        return rows
+
+    first = _roll_up(world, "tiny", YESTERDAY)
+    [mat] = first.asset_materializations_for_node("billing__usage_daily")
+    assert mat.metadata["quota_events"].value == "quota.storage.warning"
+    ((kind, used),) = events()
+    assert kind == "quota.storage.warning" and used >= 850_000_000  # the group's bytes: tiny's own are tiny
+    _roll_up(world, "tiny", YESTERDAY)
+    assert len(events()) == 1  # once a month
+
+    conn.execute("UPDATE tenant_usage_snapshots SET hot_bytes = 1200000000 WHERE tenant_id = 'tiny-lab'")
+    conn.commit()
+    _roll_up(world, "tiny", YESTERDAY)
+    assert [k for k, _ in events()] == ["quota.storage.warning", "quota.storage.exceeded"]
