@@ -160,6 +160,8 @@ def stripe_usage_report(context: dg.AssetExecutionContext) -> dg.MaterializeResu
         metadata={
             "sent": len(report.sent),
             "already_sent": len(report.kept),
+            "canceled": ", ".join(report.canceled),
+            "overreported": "; ".join(report.overreported),
             "skipped": report.skipped or "",
             "identifiers": ", ".join(report.sent),
         }

@@ -6,6 +6,12 @@ meter event per tenant, resource and day, with the identifier `sensormine:<tenan
 Each event Stripe acknowledges is recorded in `stripe_meter_events` in its own transaction, so a
 re-run or backfill of any range sends only what is missing. Stripe takes events up to 35 days old:
 older days are skipped and say so; today is skipped until it is over.
+
+Corrections: when a day's count changes after it was reported (a late ledger flush), a count that
+grew is topped up by an event of the difference (identifier `...:r<n>`); one that shrank has its
+events cancelled by MeterEventAdjustments and the new count sent, while Stripe still allows that
+(24 hours after an event); later, Stripe cannot take usage back, and the report says so
+(`overreported`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import stripe
 from sensormine.billing.stripe_sync import METERS
 
 MAX_AGE = timedelta(days=35)  # Stripe refuses meter events with older timestamps
+CANCEL_WITHIN = timedelta(hours=23)  # Stripe cancels a meter event up to 24 h after it received it
 
 
 @dataclass
@@ -28,6 +35,8 @@ class UsageReport:
 
     sent: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    canceled: list[str] = field(default_factory=list)
+    overreported: list[str] = field(default_factory=list)
     skipped: str | None = None
 
 
@@ -59,36 +68,62 @@ def report_usage_day(
                 (tenant_id, day, list(METERS)),
             ).fetchall()
         )
-        done = {
-            r[0]
-            for r in conn.execute(
-                "SELECT identifier FROM stripe_meter_events WHERE tenant_id = %s AND day = %s", (tenant_id, day)
-            ).fetchall()
-        }
+        ledger = conn.execute(
+            "SELECT resource, identifier, value, sent_at, canceled_at FROM stripe_meter_events "
+            "WHERE tenant_id = %s AND day = %s ORDER BY sent_at, identifier",
+            (tenant_id, day),
+        ).fetchall()
     if tenant is None or tenant[0] is None:
         report.skipped = f"tenant {tenant_id!r} has no Stripe customer (`sensormine billing sync-customers`)"
         return report
+    customer = tenant[0]
     for resource, (event_name, _) in METERS.items():
         value = int(usage.get(resource) or 0)
-        ident = identifier(tenant_id, resource, day)
-        if ident in done:
-            report.kept.append(ident)
+        rows = [r for r in ledger if r[0] == resource]
+        active = [r for r in rows if r[4] is None]
+        reported = sum(r[2] for r in active)
+        base = identifier(tenant_id, resource, day)
+        ident = base if not rows else f"{base}:r{len(rows)}"
+        if value == reported:
+            report.kept.extend(r[1] for r in active)
             continue
-        if value == 0:
-            continue  # nothing to bill: no event
-        client.v1.billing.meter_events.create(
-            {
-                "event_name": event_name,
-                "identifier": ident,
-                "timestamp": int(stamp.timestamp()),
-                "payload": {"stripe_customer_id": tenant[0], "value": str(value)},
-            }
-        )
-        with conn.transaction():
-            conn.execute(
-                "INSERT INTO stripe_meter_events (identifier, tenant_id, day, resource, event_name, value) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (identifier) DO NOTHING",
-                (ident, tenant_id, day, resource, event_name, value),
+        if value > reported:  # first report, or a count that grew: send the difference
+            _send(conn, client, report, tenant_id, day, resource, event_name, customer, ident, value - reported, stamp)
+            continue
+        if any(now - r[3] > CANCEL_WITHIN for r in active):
+            report.overreported.append(
+                f"{resource}: {reported} reported, {value} now; Stripe takes no usage back after 24 hours"
             )
-        report.sent.append(ident)
+            continue
+        for r in active:  # a count that shrank while Stripe may still cancel: cancel, then send the new count
+            client.v1.billing.meter_event_adjustments.create(
+                {"event_name": event_name, "type": "cancel", "cancel": {"identifier": r[1]}}
+            )
+            with conn.transaction():
+                conn.execute("UPDATE stripe_meter_events SET canceled_at = now() WHERE identifier = %s", (r[1],))
+            report.canceled.append(r[1])
+        if value:
+            _send(conn, client, report, tenant_id, day, resource, event_name, customer, ident, value, stamp)
     return report
+
+
+def _send(
+    conn: psycopg.Connection, client: stripe.StripeClient, report: UsageReport, tenant_id: str, day: date,
+    resource: str, event_name: str, customer: str, ident: str, value: int, stamp: datetime,
+) -> None:  # fmt: skip
+    """One meter event, recorded once Stripe acknowledged it."""
+    client.v1.billing.meter_events.create(
+        {
+            "event_name": event_name,
+            "identifier": ident,
+            "timestamp": int(stamp.timestamp()),
+            "payload": {"stripe_customer_id": customer, "value": str(value)},
+        }
+    )
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO stripe_meter_events (identifier, tenant_id, day, resource, event_name, value) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (identifier) DO NOTHING",
+            (ident, tenant_id, day, resource, event_name, value),
+        )
+    report.sent.append(ident)

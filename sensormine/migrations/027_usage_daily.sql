@@ -24,8 +24,9 @@ CREATE TABLE tenant_usage_snapshots (
     PRIMARY KEY (tenant_id, day)
 );
 
--- Meter events Stripe acknowledged, by their identifier (derived from tenant, resource and day):
--- a re-run or backfill finds them here and sends nothing again.
+-- Meter events Stripe acknowledged, by their identifier (derived from tenant, resource, day and the
+-- correction's number): a re-run or backfill finds them here and sends nothing again; what is
+-- reported for a tenant-day is the sum of the events not cancelled.
 CREATE TABLE stripe_meter_events (
     identifier  text PRIMARY KEY,
     tenant_id   text NOT NULL REFERENCES tenants(id),
@@ -33,7 +34,8 @@ CREATE TABLE stripe_meter_events (
     resource    text NOT NULL,
     event_name  text NOT NULL,
     value       bigint NOT NULL CHECK (value >= 0),
-    sent_at     timestamptz NOT NULL DEFAULT now()
+    sent_at     timestamptz NOT NULL DEFAULT now(),
+    canceled_at timestamptz            -- cancelled at Stripe by a MeterEventAdjustment (a correction)
 );
 CREATE INDEX stripe_meter_events_tenant_day ON stripe_meter_events (tenant_id, day);
 

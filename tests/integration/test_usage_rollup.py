@@ -202,6 +202,38 @@ def test_closed_days_are_reported_to_stripe_once_and_the_rest_is_skipped_with_a_
             (f"sensormine:acme:ml_inference:{OLD}", "ml_inference", 56),
         ]
 
+        # A late ledger flush grows the day: the difference is topped up under a new identifier.
+        conn.execute("UPDATE usage SET value = 1300 WHERE tenant_id = 'acme' AND metric = 'api_calls'")
+        conn.commit()
+        _roll_up(world, "acme", OLD)
+        proxy.requests.clear()
+        grown = report("acme", OLD)
+        assert grown["sent"] == 1 and grown["canceled"] == ""
+        (topped,) = [f for m, p, f in proxy.requests if p == "/v1/billing/meter_events"]
+        assert (topped["identifier"], topped["payload[value]"]) == ([f"sensormine:acme:api_calls:{OLD}:r1"], ["66"])
+        # A correction downwards within 24 hours: both events are cancelled and the new count sent.
+        conn.execute("UPDATE usage SET value = 1000 WHERE tenant_id = 'acme' AND metric = 'api_calls'")
+        conn.commit()
+        _roll_up(world, "acme", OLD)
+        proxy.requests.clear()
+        shrunk = report("acme", OLD)
+        cancels = [
+            f["cancel[identifier]"][0] for m, p, f in proxy.requests if p == "/v1/billing/meter_event_adjustments"
+        ]
+        assert cancels == [f"sensormine:acme:api_calls:{OLD}", f"sensormine:acme:api_calls:{OLD}:r1"]
+        (resent,) = [f for m, p, f in proxy.requests if p == "/v1/billing/meter_events"]
+        assert (resent["identifier"], resent["payload[value]"]) == ([f"sensormine:acme:api_calls:{OLD}:r2"], ["1000"])
+        assert shrunk["sent"] == 1
+        # Later than Stripe may cancel: nothing is sent, and the report says what is over-reported.
+        conn.execute("UPDATE stripe_meter_events SET sent_at = now() - interval '2 days'")
+        conn.execute("UPDATE usage SET value = 900 WHERE tenant_id = 'acme' AND metric = 'api_calls'")
+        conn.commit()
+        _roll_up(world, "acme", OLD)
+        proxy.requests.clear()
+        late = report("acme", OLD)
+        assert late["sent"] == 0 and proxy.requests == []
+        assert "api_calls: 1000 reported, 900 now" in late["overreported"]
+
         assert "not over yet" in report("acme", TODAY)["skipped"]
         assert "older than Stripe accepts" in report("acme", TODAY - timedelta(days=40))["skipped"]
         assert "no Stripe customer" in report("globex", OLD)["skipped"]
