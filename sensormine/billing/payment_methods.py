@@ -23,7 +23,7 @@ class UnknownPaymentMethod(LookupError):
 
 @dataclass(frozen=True)
 class PaymentMethod:
-    """A payment method as Stripe described it."""
+    """A payment method as Stripe described it (no card number ever reaches Sensormine)."""
 
     stripe_payment_method_id: str
     type: str

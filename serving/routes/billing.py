@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sensormine.billing import chargeback, payment_methods, usecases, webhooks
 from sensormine.billing.invoice_preview import preview_month
+from sensormine.billing.payment_methods import PaymentMethod
 from sensormine.billing.subscriptions import CatalogMissing, NoSubscription, SubscriptionError, get_subscription
 from sensormine.clients.stripe_api import BillingNotConfigured
 from sensormine.metering.records import ADDITIVE
@@ -152,19 +153,6 @@ class PaymentMethodIn(BaseModel):
 
     payment_method: str = Field(pattern=r"^pm_[A-Za-z0-9_]{1,200}$")
     default: bool = Field(True, description="Make it the one invoices charge")
-
-
-class PaymentMethodOut(BaseModel):
-    """A payment method as Stripe described it (no card number ever reaches Sensormine)."""
-
-    stripe_payment_method_id: str
-    type: str
-    brand: str | None
-    last4: str | None
-    exp_month: int | None
-    exp_year: int | None
-    is_default: bool
-    created_at: datetime | None
 
 
 class InvoiceOut(BaseModel):
@@ -360,19 +348,19 @@ def create_setup_intent(
     return SetupIntentOut(setup_intent_id=intent_id, client_secret=secret)
 
 
-@router.get("/payment-methods", response_model=list[PaymentMethodOut])
-def read_payment_methods(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> list[PaymentMethodOut]:
+@router.get("/payment-methods", response_model=list[PaymentMethod])
+def read_payment_methods(caller: Reader, conn: ConnDep, tenant_id: TenantParam = None) -> list[PaymentMethod]:
     """The tenant's payment methods, the default first."""
     tenant = caller.tenant(tenant_id)
     with caller.scope(conn):
         methods = payment_methods.list_payment_methods(conn, tenant)
-    return [PaymentMethodOut(**vars(m)) for m in methods]
+    return methods
 
 
-@router.post("/payment-methods", response_model=PaymentMethodOut, status_code=201, responses={502: {}, 503: {}})
+@router.post("/payment-methods", response_model=PaymentMethod, status_code=201, responses={502: {}, 503: {}})
 def add_payment_method(
     body: PaymentMethodIn, caller: Writer, conn: ConnDep, settings: SettingsDep, tenant_id: TenantParam = None
-) -> PaymentMethodOut:
+) -> PaymentMethod:
     """Attach a payment method to the tenant's customer (by default the one invoices charge); audited."""
     tenant = caller.tenant(tenant_id)
     conn.commit()
@@ -380,7 +368,7 @@ def add_payment_method(
         added = payment_methods.add_payment_method(conn, caller, settings, tenant, body.payment_method, body.default)
     except (BillingNotConfigured, stripe.StripeError) as exc:
         raise _problem(exc) from None
-    return PaymentMethodOut(**vars(added))
+    return added
 
 
 @router.delete("/payment-methods/{payment_method_id}", status_code=204, responses={404: {}, 502: {}, 503: {}})
