@@ -39,6 +39,9 @@ pytestmark = pytest.mark.integration
 
 # Routes whose generated calls would change the world outside the test's database.
 EXCLUDED = {("POST", "/api/auth/logout")}
+# Routes no generated call can pass: Stripe's signature over the body (tests/integration/test_billing_webhooks.py
+# covers them); they still must answer without a 5xx and as documented, but do not count towards the 2xx share.
+SIGNED = {("POST", "/api/billing/webhooks/stripe")}
 # Device ids the API refuses to register because fixed routes own the path (/api/devices/status, /import).
 RESERVED_DEVICE_IDS = {"status", "import"}
 
@@ -64,8 +67,13 @@ def admin_key(conn: psycopg.Connection) -> str:
     insert_policy(conn, "acme", "on-call", "on-call", parse_policy([{"after_s": 0, "channels": ["ops"]}], None))
     rule = insert_rule(conn, Rule("acme", "overheat", "overheat", "major", parse_condition(RULE), Scope()))
     (raised,) = apply_transitions(conn, [Transition("raise", rule, "acme", "press-1", DAY_US, "t", 95.0)])
+    conn.execute(
+        "INSERT INTO tenant_payment_methods (stripe_payment_method_id, tenant_id, type, is_default) "
+        "VALUES ('pm_contract', 'acme', 'card', true)"
+    )
     conn.commit()
     REAL.update(
+        payment_method_id="pm_contract",
         device_id="press-1",
         device_type="press",
         version=1,
@@ -115,7 +123,8 @@ def test_generated_calls_reached_the_handlers() -> None:
     """Most routes must have answered 2xx at least once: a contract test of 404s would prove little."""
     if not REACHED:
         pytest.skip("runs after the generated calls (run the whole module)")
-    ok = sorted(op for op, codes in REACHED.items() if any(200 <= c < 300 for c in codes))
-    never = sorted(set(REACHED) - set(ok))
-    print(f"{len(ok)} of {len(REACHED)} routes answered 2xx at least once; never: {never}")
-    assert len(ok) >= 0.75 * len(REACHED), f"only {len(ok)} of {len(REACHED)} routes reached a 2xx; never: {never}"
+    reached = {op: codes for op, codes in REACHED.items() if op not in SIGNED}
+    ok = sorted(op for op, codes in reached.items() if any(200 <= c < 300 for c in codes))
+    never = sorted(set(reached) - set(ok))
+    print(f"{len(ok)} of {len(reached)} routes answered 2xx at least once; never: {never}")
+    assert len(ok) >= 0.75 * len(reached), f"only {len(ok)} of {len(reached)} routes reached a 2xx; never: {never}"
