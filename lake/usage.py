@@ -89,14 +89,18 @@ def hot_bytes(lake_conn: psycopg.Connection, tenant_id: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _telemetry_counts(settings: Settings, tenant_id: str, day: date) -> tuple[int, int]:
+def _device_ids(settings: Settings, tenant_id: str, days: list[date]) -> pa.ChunkedArray | None:
+    """The device id of every reading of the tenant on `days` in the lake (None: no telemetry table yet)."""
     table = open_table(settings, TELEMETRY)
     if table is None:
-        return 0, 0
-    devices = table.to_pyarrow_dataset(
-        partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "=", day.isoformat())]
-    ).to_table(columns=["device_id"])["device_id"]
-    return len(devices), len(pc.unique(devices))
+        return None
+    partitions = [("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "in", [d.isoformat() for d in days])]
+    return table.to_pyarrow_dataset(partitions=partitions).to_table(columns=["device_id"])["device_id"]
+
+
+def _telemetry_counts(settings: Settings, tenant_id: str, day: date) -> tuple[int, int]:
+    devices = _device_ids(settings, tenant_id, [day])
+    return (0, 0) if devices is None else (len(devices), len(pc.unique(devices)))
 
 
 def _snapshot(
@@ -216,11 +220,8 @@ def compute_usage_month(
             (tenant_id, days[0], days[-1]),
         ).fetchone()
     records = [UsageRecord(tenant_id, at, r, Decimal(sums[r]), UNITS[r]) for r in ADDITIVE if r in sums]
-    table = open_table(settings, TELEMETRY)
-    if table is not None:
-        devices = table.to_pyarrow_dataset(
-            partitions=[("tenant_id", "=", check_tenant_id(tenant_id)), ("date", "in", [d.isoformat() for d in days])]
-        ).to_table(columns=["device_id"])["device_id"]
+    devices = _device_ids(settings, tenant_id, days)
+    if devices is not None:
         active = len(pc.unique(devices))
         if active or sums:
             records.append(UsageRecord(tenant_id, at, ACTIVE_DEVICES, Decimal(active), UNITS[ACTIVE_DEVICES]))

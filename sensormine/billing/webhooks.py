@@ -40,7 +40,13 @@ import stripe
 from psycopg.types.json import Jsonb
 
 from sensormine.audit import log as audit
-from sensormine.billing.subscriptions import IN_FORCE, Subscription, end_subscription, record_subscription
+from sensormine.billing.subscriptions import (
+    IN_FORCE,
+    Subscription,
+    end_subscription,
+    get_subscription,
+    record_subscription,
+)
 from sensormine.clients.postgres import METERING, connect
 from sensormine.metering.events import record_tenant_event
 from sensormine.settings import Settings
@@ -222,13 +228,6 @@ def _plan_of_price(conn: psycopg.Connection, price_id: str) -> tuple[str, str] |
     return plan, interval
 
 
-def _current_subscription_id(conn: psycopg.Connection, tenant_id: str) -> str | None:
-    row = conn.execute(
-        "SELECT stripe_subscription_id FROM tenant_subscriptions WHERE tenant_id = %s", (tenant_id,)
-    ).fetchone()
-    return row[0] if row else None
-
-
 def _subscription_changed(ev: _Event) -> str:
     sub = ev.obj
     if not _newest(ev, "subscription"):
@@ -243,20 +242,17 @@ def _subscription_changed(ev: _Event) -> str:
     if found is None:
         return f"ignored: price {price.get('id')!r} is not in the catalogue (`sensormine billing sync-catalog`)"
     plan, interval = found
-    before = ev.conn.execute(
-        "SELECT s.plan, s.billing_interval, s.status, t.plan FROM tenants t "
-        "LEFT JOIN tenant_subscriptions s ON s.tenant_id = t.id WHERE t.id = %s",
-        (ev.tenant_id,),
-    ).fetchone()
-    assert before is not None
+    current = get_subscription(ev.conn, ev.tenant_id)
+    tenant_plan = ev.conn.execute("SELECT plan FROM tenants WHERE id = %s", (ev.tenant_id,)).fetchone()
+    assert tenant_plan is not None
     status = str(sub["status"])
     record_subscription(ev.conn, Subscription(ev.tenant_id, sub["id"], items[0]["id"], plan, interval, status))
     detail: dict[str, Any] = {"plan": plan, "interval": interval, "status": status}
-    if before[0] is not None:
-        detail["from"] = {"plan": before[0], "interval": before[1], "status": before[2]}
-    if status in IN_FORCE and before[3] != plan:
+    if current is not None:
+        detail["from"] = {"plan": current.plan, "interval": current.interval, "status": current.status}
+    if status in IN_FORCE and tenant_plan[0] != plan:
         ev.conn.execute("UPDATE tenants SET plan = %s, updated_at = now() WHERE id = %s", (plan, ev.tenant_id))
-        detail["tenant_plan"] = {"from": before[3], "to": plan}
+        detail["tenant_plan"] = {"from": tenant_plan[0], "to": plan}
     ev.audited("billing.subscription.sync", "subscription", sub["id"], detail)
     return "applied"
 
@@ -265,7 +261,8 @@ def _subscription_ended(ev: _Event, newest_checked: bool = False) -> str:
     sub = ev.obj
     if not newest_checked and not _newest(ev, "subscription"):
         return STALE
-    if _current_subscription_id(ev.conn, ev.tenant_id) != sub.get("id"):
+    current = get_subscription(ev.conn, ev.tenant_id)
+    if current is None or current.stripe_subscription_id != sub.get("id"):
         return "ignored: not the tenant's current subscription"
     end_subscription(ev.conn, ev.tenant_id)
     row = ev.conn.execute("SELECT sensormine_effective_plan(%s)", (ev.tenant_id,)).fetchone()
