@@ -251,10 +251,39 @@ def consume(
     return s.last_commit_at - s.first_message_at, s, batches, sizes
 
 
-def reset_hot_store(url: str) -> None:
-    """Empty the hot store and its offsets, keeping the day partitions, for the next trial."""
+def consume_unmetered(
+    workload: Workload, settings: Settings, url: str, produced: Fingerprint, timeout_s: float
+) -> float:
+    """One end-to-end run without ingest metering on an emptied hot store, left empty; returns its seconds."""
+    say("  end to end, metering off ...")
+    reset_hot_store(url)
+    checkpoint(url)
+    seconds, _, _, _ = consume(workload, settings, timeout_s)
     with psycopg.connect(url) as conn:
-        conn.execute("TRUNCATE telemetry, ingest_offsets")
+        if not table_fingerprint(conn).matches(produced):
+            raise RuntimeError("the hot store does not hold exactly the produced readings (metering off)")
+    if metered_bytes(url) != (0, 0):
+        raise RuntimeError("metering off still metered")
+    say(f"  end to end, metering off: {rate(workload.total, seconds):,.0f} readings/s")
+    reset_hot_store(url)
+    return seconds
+
+
+def reset_hot_store(url: str) -> None:
+    """Empty the hot store, its offsets and the usage it metered, keeping the day partitions, for the next run."""
+    with psycopg.connect(url) as conn:
+        conn.execute("TRUNCATE telemetry, ingest_offsets, usage_events, usage")
+
+
+def metered_bytes(url: str) -> tuple[int, int]:
+    """(bytes in the usage events, bytes in the ledger) of data_ingested: equal when metering worked."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT coalesce(sum(quantity), 0) FROM usage_events WHERE resource = 'data_ingested'), "
+            "(SELECT coalesce(sum(value), 0) FROM usage WHERE metric = 'data_ingested')"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def dump_rows(url: str, order: str) -> list[bytes]:
@@ -304,6 +333,7 @@ class Results:
 
     produce_s: float = 0.0
     e2e_s: list[float] = field(default_factory=list)
+    unmetered_s: list[float] = field(default_factory=list)  # the same end to end with SENSORMINE_METER_INGEST off
     raw_s: dict[str, list[float]] = field(default_factory=lambda: {order: [] for order in CEILINGS})
     stats: ConsumerStats | None = None
     batch_rows: list[int] = field(default_factory=list)  # rows per batch, last trial
@@ -331,6 +361,7 @@ def report(workload: Workload, results: Results, batch_size: int) -> str:
         order: statistics.median(rate(r, e) for e, r in zip(results.e2e_s, s, strict=True))
         for order, s in results.raw_s.items()
     }
+    metering_cost = statistics.median(1 - u / e for e, u in zip(results.e2e_s, results.unmetered_s, strict=True))
     s = results.stats
     sizes = sorted(results.batch_rows)
     width = 100
@@ -344,12 +375,15 @@ def report(workload: Workload, results: Results, batch_size: int) -> str:
         "-" * width,
         row("produce to Kafka (setup, not compared)", [results.produce_s]),
         row("end to end: Kafka -> consumer -> PostgreSQL", results.e2e_s),
+        row("end to end, ingest metering off (SENSORMINE_METER_INGEST)", results.unmetered_s),
         *(row(f"raw ceiling: COPY, {CEILING_LABELS[order]}", results.raw_s[order]) for order in CEILINGS),
         "-" * width,
         ratio("ratio end to end / batch order (like for like)", rate(e2e, raw[BATCH_ORDER])),
         ratio("ratio end to end / key order (bulk-load bound)", rate(e2e, raw["key order"])),
         ratio("ratio end to end / time order (not like for like)", rate(e2e, raw["time order"])),
         "same ratios, median of per-trial ratios: " + ", ".join(f"{o} {paired[o]:.2f}" for o in CEILINGS),
+        f"metering cost on the ingest path (1 - metered / unmetered, median of per-trial pairs): "
+        f"{metering_cost:.1%} (target <= 5 %)",
         "",
         f"consumer (last trial): {s.batches} batches of up to {batch_size:,} messages "
         f"({sizes[0]:,} - {sizes[-1]:,} readings each), {s.readings:,} readings, "
@@ -400,12 +434,23 @@ def run(
                 # A new group each trial: nothing stored for it, so it reads every message from the start.
                 settings = base.model_copy(update={"consumer_group": f"{env}-hot-writer-{trial}"})
                 groups.append(settings.consumer_group)
+                # The same run with ingest metering off, before or after the metered one (alternating).
+                unmetered = settings.model_copy(
+                    update={"consumer_group": f"{env}-unmetered-{trial}", "meter_ingest": False}
+                )
+                groups.append(unmetered.consumer_group)
+                if trial % 2 == 0:
+                    results.unmetered_s.append(consume_unmetered(workload, unmetered, url, produced, timeout_s))
                 say(f"trial {trial}/{trials}: end to end ...")
                 seconds, results.stats, batches, results.batch_rows = consume(workload, settings, timeout_s)
                 with psycopg.connect(url) as conn:
                     if not table_fingerprint(conn).matches(produced):
                         raise RuntimeError("the hot store does not hold exactly the produced readings")
+                events, ledger = metered_bytes(url)
+                if not events or events != ledger:
+                    raise RuntimeError(f"ingest metering went wrong: {events} bytes in events, {ledger} in the ledger")
                 results.e2e_s.append(seconds)
+                say(f"trial {trial}/{trials}: {events:,} payload bytes metered")
                 say(
                     f"trial {trial}/{trials}: end to end {rate(workload.total, seconds):,.0f} readings/s "
                     f"in {len(batches)} batches"
@@ -419,6 +464,10 @@ def run(
                     results.raw_s[order].append(seconds)
                     say(f"trial {trial}/{trials}: raw COPY, {order}: {rate(workload.total, seconds):,.0f} readings/s")
                 del batches, streams
+                if trial % 2 == 1:
+                    reset_hot_store(url)
+                    checkpoint(url)
+                    results.unmetered_s.append(consume_unmetered(workload, unmetered, url, produced, timeout_s))
             del dumps
         finally:
             cleanup_kafka(base, workload, groups)

@@ -174,6 +174,14 @@ def ingest_consumer() -> None:
     main()
 
 
+@ingest_app.command("metering")
+def ingest_metering() -> None:
+    """Run the metering consumer: usage events from Kafka {env}.metering.events into the usage ledger."""
+    from ingest_daemons.metering import main
+
+    main()
+
+
 @ingest_app.command("alerts")
 def ingest_alerts() -> None:
     """Run the stream processor: alarm rules on the Kafka telemetry topics (its own consumer group)."""

@@ -14,17 +14,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from ingest_daemons.runner import stop_on_signals
+from ingest_daemons.runner import run_restarting, stop_on_signals
 from sensormine.clients.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, WriteResult, stored_offsets
 from sensormine.clients.kafka import make_consumer, make_producer
 from sensormine.clients.postgres import INGEST, connect, migrate_database
 from sensormine.ingest.sinks import dlq_headers
+from sensormine.metering.usage_events import DATA_INGESTED, UsageEvent, store_usage_events
 from sensormine.reading import now_us
 from sensormine.schemas.validation import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
 from sensormine.settings import Settings, get_settings
@@ -61,6 +63,7 @@ class PreparedBatch:
 
     rows: CopyBatch
     offsets: list[KafkaOffset]
+    usage: list[UsageEvent] = field(default_factory=list)  # accepted payload bytes, per tenant
 
 
 class BatchWriterThread:
@@ -245,6 +248,8 @@ class HotStoreConsumer:
         """Decode and validate one batch of messages, dead-lettering the invalid; None when it had no message."""
         rows = CopyBatch()
         offsets: dict[tuple[str, int], int] = {}
+        first: dict[tuple[str, int], int] = {}
+        accepted: dict[str, list[int]] = {}  # topic -> [messages, bytes] accepted
         now = now_us()
         limit = future_limit_us(self.settings, now)
         rejected = self.stats.rejected
@@ -258,7 +263,11 @@ class HotStoreConsumer:
                     log.warning("Kafka error: %s", err)
                 continue
             # A message without an error always has a topic, partition and offset.
-            offsets[(cast(str, msg.topic()), cast(int, msg.partition()))] = cast(int, msg.offset()) + 1
+            topic, offset = cast(str, msg.topic()), cast(int, msg.offset())
+            at = (topic, cast(int, msg.partition()))
+            offsets[at] = offset + 1
+            if at not in first:
+                first[at] = offset
             self.stats.messages += 1
             raw = cast(bytes, msg.value())  # None (a tombstone) is rejected as a malformed envelope
             if schema_keys and (msg.topic(), msg.key()) in schema_keys:
@@ -270,16 +279,42 @@ class HotStoreConsumer:
                 reason = self._decode_reference(raw, rows, now)
                 if reason is not None:
                     self._reject(msg, reason)
+                    continue
+            counted = accepted.get(topic)
+            if counted is None:
+                counted = accepted[topic] = [0, 0]
+            counted[0] += 1
+            counted[1] += len(raw)
         if not offsets:
             return None
         if self.stats.rejected != rejected:
             # Dead letters must be durable before the offsets that skip them are committed.
             self.dlq.flush(30)
-        return PreparedBatch(rows, [KafkaOffset(t, p, o) for (t, p), o in offsets.items()])
+        usage = self._usage(accepted, first, now) if self.settings.meter_ingest else []
+        return PreparedBatch(rows, [KafkaOffset(t, p, o) for (t, p), o in offsets.items()], usage)
+
+    def _usage(self, accepted: dict[str, list[int]], first: dict[tuple[str, int], int], now: int) -> list[UsageEvent]:
+        """One data_ingested event per tenant topic of the batch. Its id names the records it covers
+        (topic and first offset per partition): it commits with them, and the same records metered
+        again would carry the same id."""
+        at = datetime.fromtimestamp(now / 1e6, UTC)
+        events = []
+        for topic, (messages, size) in accepted.items():
+            tenant_id = self.settings.tenant_of_telemetry_topic(topic)
+            if tenant_id is None:
+                continue
+            starts = ",".join(f"{p}@{o}" for (t, p), o in sorted(first.items()) if t == topic)
+            event_id = f"ingest:{self.group_id}:{topic}:{starts}"
+            meta = {"messages": str(messages)}
+            events.append(UsageEvent(event_id, tenant_id, at, DATA_INGESTED, size, "ingest:consumer", meta))
+        return events
 
     def write(self, batch: PreparedBatch) -> WriteResult:
         """Write one prepared batch and its offsets in one transaction."""
-        result = self.writer.write_batch(batch.rows, batch.offsets)
+        usage = batch.usage
+        result = self.writer.write_batch(
+            batch.rows, batch.offsets, (lambda conn: store_usage_events(conn, usage)) if usage else None
+        )
         self._kafka_commits.append(batch.offsets)
         self.stats.readings += batch.rows.rows
         self.stats.inserted += result.inserted
@@ -378,40 +413,12 @@ def run_forever(stop: threading.Event, settings: Settings | None = None, max_bac
 
     Starting over is safe at any point: a new consumer resumes from the offsets stored with the rows.
     """
-    backoff = 1.0
-    while not stop.is_set():
-        consumer: HotStoreConsumer | None = None
-        try:
-            consumer = HotStoreConsumer(settings)
-            reporter = threading.Thread(target=_report, args=(consumer, stop), daemon=True)
-            reporter.start()
-            consumer.run(stop)
-            backoff = 1.0
-        except Exception as exc:
-            log.error("consumer failed (%s: %s); starting over in %.0f s", type(exc).__name__, exc, backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, max_backoff_s)
-        finally:
-            if consumer is not None:
-                _log_stats(consumer, "stopped: ")  # what this consumer did, for operators and the restart tests
-                _close_quietly(consumer)
-
-
-def _close_quietly(consumer: HotStoreConsumer) -> None:
-    try:
-        consumer.close()
-    except Exception as exc:  # closing after a failure may fail the same way; the next attempt starts clean
-        log.warning("closing the failed consumer: %s", exc)
+    run_restarting(stop, lambda: HotStoreConsumer(settings), "consumer", _log_stats, max_backoff_s)
 
 
 def main() -> None:
     """Run the consumer until SIGTERM/SIGINT."""
     run_forever(stop_on_signals())
-
-
-def _report(consumer: HotStoreConsumer, stop: threading.Event) -> None:
-    while not stop.wait(10) and consumer.conn is not None and not consumer.conn.closed:
-        _log_stats(consumer, "")
 
 
 def _log_stats(consumer: HotStoreConsumer, prefix: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import signal
@@ -9,8 +10,21 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol, TypeVar
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+log = logging.getLogger("sensormine.daemon")
+
+
+class Restartable(Protocol):
+    """A daemon's one attempt: run until `stop` (or fail), then close."""
+
+    def run(self, stop: threading.Event) -> object: ...
+
+    def close(self) -> None: ...
+
+
+D = TypeVar("D", bound=Restartable)
 
 
 def stop_on_signals() -> threading.Event:
@@ -20,6 +34,47 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def run_restarting(
+    stop: threading.Event,
+    make: Callable[[], D],
+    what: str,
+    report: Callable[[D, str], None],
+    max_backoff_s: float = 30.0,
+) -> None:
+    """Run `make()` until `stop`, starting over after any failure with doubling backoff (from 1 s).
+
+    `report(daemon, prefix)` logs the daemon's counters: every 10 s while it runs, and once it stopped.
+    Starting over must be safe at any point (each daemon says why it is: offsets with the rows, event ids).
+    """
+    backoff = 1.0
+    while not stop.is_set():
+        daemon: D | None = None
+        attempt_over = threading.Event()  # ends this attempt's progress lines
+        try:
+            daemon = make()
+            progress = functools.partial(report, daemon, "")
+            threading.Thread(target=_report_while, args=(stop, attempt_over, progress), daemon=True).start()
+            daemon.run(stop)
+            backoff = 1.0
+        except Exception as exc:
+            log.error("%s failed (%s: %s); starting over in %.0f s", what, type(exc).__name__, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+        finally:
+            attempt_over.set()
+            if daemon is not None:
+                report(daemon, "stopped: ")
+                try:
+                    daemon.close()
+                except Exception as exc:  # closing after a failure may fail the same way; the next attempt starts clean
+                    log.warning("closing the failed %s: %s", what, exc)
+
+
+def _report_while(stop: threading.Event, attempt_over: threading.Event, report: Callable[[], object]) -> None:
+    while not attempt_over.wait(10.0) and not stop.is_set():
+        report()
 
 
 def report_until(stop: threading.Event, report: Callable[[], None], every_s: float = 10.0) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from ingest_daemons.runner import CollectBetweenBatches, stop_on_signals
+from ingest_daemons.runner import CollectBetweenBatches, run_restarting, stop_on_signals
 from sensormine.alerts.processor import AlarmProcessor, recent_readings, start_processor
 from sensormine.alerts.store import AlarmChange
 from sensormine.alerts.windows import WindowAggregate, Windows
@@ -407,24 +407,11 @@ class StreamProcessor:
 
 def run_forever(stop: threading.Event, settings: Settings | None = None, max_backoff_s: float = 30.0) -> None:
     """Process until `stop`, starting over after any failure with backoff (the group resumes from Kafka)."""
-    backoff = 1.0
-    while not stop.is_set():
-        proc: StreamProcessor | None = None
-        try:
-            proc = StreamProcessor(settings)
-            proc.run(stop)
-            backoff = 1.0
-        except Exception as exc:
-            log.error("stream processor failed (%s: %s); starting over in %.0f s", type(exc).__name__, exc, backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, max_backoff_s)
-        finally:
-            if proc is not None:
-                log.info("stopped: %s", proc.stats)
-                try:
-                    proc.close()
-                except Exception as exc:
-                    log.warning("closing the failed stream processor: %s", exc)
+    run_restarting(stop, lambda: StreamProcessor(settings), "stream processor", _log_stats, max_backoff_s)
+
+
+def _log_stats(proc: StreamProcessor, prefix: str) -> None:
+    log.info("%s%s", prefix, proc.stats)
 
 
 def main() -> None:

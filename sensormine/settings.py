@@ -96,10 +96,18 @@ class Settings(BaseSettings):
     quota_flush_interval_s: float = Field(
         5.0, description="How often each API process moves API-call counts from Redis to the usage table."
     )
+    meter_ingest: bool = Field(
+        True,
+        description="Meter accepted payload bytes (usage resource data_ingested) in the hot-store writer's "
+        "transaction; off only for the benchmark that measures what metering costs.",
+    )
+    egress_flush_interval_s: float = Field(
+        5.0, description="How often each API process emits its response-byte counts (data_egress) as usage events."
+    )
     limits_enabled: bool = Field(
         True,
-        description="Enforce per-plan rate limits and monthly quotas on the API (and meter API calls); "
-        "off only for benchmarks that measure the routes themselves.",
+        description="Enforce per-plan rate limits and monthly quotas on the API (and meter API calls and "
+        "response bytes); off only for benchmarks that measure the routes themselves.",
     )
     latest_push: bool = Field(
         True,
@@ -212,6 +220,11 @@ class Settings(BaseSettings):
     def dlq_topic(self) -> str:
         """Kafka topic for rejected messages."""
         return f"{self.env}.dlq"
+
+    @property
+    def metering_topic(self) -> str:
+        """Kafka topic of usage events (sensormine.metering.usage_events)."""
+        return f"{self.env}.metering.events"
 
     def telemetry_topic(self, tenant_id: str) -> str:
         """Kafka topic that carries one tenant's readings."""

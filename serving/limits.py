@@ -54,7 +54,7 @@ class LimitedCaller(Protocol):
 
 
 @contextmanager
-def _metering(app: FastAPI) -> Iterator[psycopg.Connection]:
+def metering_connection(app: FastAPI) -> Iterator[psycopg.Connection]:
     """A pooled connection acting as the metering role for one transaction (usage, flushes, quota events)."""
     with app.state.pool.connection() as conn, role_scope(conn, METERING):
         yield conn
@@ -70,7 +70,7 @@ def make_quotas(app: FastAPI, settings: Settings) -> Quotas:
         backend = MemoryBackend()
     return Quotas(
         backend,
-        lambda: _metering(app),
+        lambda: metering_connection(app),
         flush_interval_s=settings.quota_flush_interval_s,
     )
 

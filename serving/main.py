@@ -17,7 +17,7 @@ from sensormine.metering.notices import NoticeMailer
 from sensormine.settings import Settings, get_settings
 from serving.deps import CredentialCache, document_api_keys
 from serving.limits import start_limits, stop_limits
-from serving.metrics import install_metrics
+from serving.metrics import install_metrics, start_egress, stop_egress
 from serving.problems import install_problem_handlers
 from serving.routes import (
     alerts,
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         migrate_database(settings)
         app.state.pool = make_pool(settings)
         start_limits(app, settings)
+        start_egress(app, settings)
         mailer = None
         if settings.smtp_url:
             mailer = NoticeMailer(
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 listener.close()
             if mailer is not None:
                 mailer.close()
+            stop_egress(app)
             stop_limits(app)  # a last flush of API-call counts
             gate = getattr(app.state, "ingest_gate", None)
             if gate is not None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics at /metrics: requests by route template, method and status, their latency, pool use.
+"""Prometheus metrics at /metrics: requests by route template, method and status, their latency, pool use;
+and the egress meter (usage resource data_egress: response bytes per tenant, docs/billing.md).
 
 A plain ASGI middleware (no BaseHTTPMiddleware), so the cost per request is a dict lookup and two
 metric updates. Labels use the route template (`/api/devices/{device_id}`), never the raw path, so
@@ -15,7 +16,9 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sensormine.metering.usage_events import DATA_EGRESS, ByteMeter, usage_event_sink
 from sensormine.settings import Settings
+from serving.limits import metering_connection
 from serving.problems import Problem
 
 
@@ -38,6 +41,7 @@ class Metrics:
         self.pool_waiting = Gauge(
             "sensormine_db_pool_waiting", "Requests waiting for a connection", registry=self.registry
         )
+        self.egress: ByteMeter | None = None  # response bytes per tenant, set by start_egress
 
 
 class MetricsMiddleware:
@@ -54,11 +58,14 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        sent = 0
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
+            else:
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -75,6 +82,12 @@ class MetricsMiddleware:
                 )
             series[0].inc()
             series[1].observe(time.perf_counter() - start)
+            # Egress: the body bytes sent to an authenticated tenant's caller (serving.deps.authenticate
+            # puts the caller in the request's state).
+            caller = scope.get("state", {}).get("caller")
+            egress = self.metrics.egress
+            if caller is not None and caller.tenant_id is not None and egress is not None:
+                egress.count(caller.tenant_id, sent)
 
 
 METRICS_TOKEN_FILE = "metrics-token"
@@ -104,6 +117,24 @@ def _authorise_scrape(request: Request) -> None:
             f"development {{state_dir}}/{METRICS_TOKEN_FILE})",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def start_egress(app: FastAPI, settings: Settings) -> None:
+    """Meter response bytes per tenant (with the other limits: off when `limits_enabled` is)."""
+    if not settings.limits_enabled:
+        return
+    sink = usage_event_sink(settings, lambda: metering_connection(app))
+    meter = ByteMeter(DATA_EGRESS, "api", sink, settings.egress_flush_interval_s)
+    meter.start()
+    app.state.metrics.egress = meter
+
+
+def stop_egress(app: FastAPI) -> None:
+    """Emit the last egress counts (before the pool closes)."""
+    metrics: Metrics = app.state.metrics
+    meter, metrics.egress = metrics.egress, None
+    if meter is not None:
+        meter.close()
 
 
 def install_metrics(app: FastAPI) -> None:

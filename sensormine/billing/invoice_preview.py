@@ -19,10 +19,18 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from sensormine.billing.stripe_sync import CURRENCY, PRICES
-from sensormine.metering.records import ACTIVE_DEVICES, API_CALLS, ML_INFERENCE, STORAGE_MONTH
+from sensormine.metering.records import (
+    ACTIVE_DEVICES,
+    API_CALLS,
+    DATA_EGRESS,
+    DATA_INGESTED,
+    ML_INFERENCE,
+    STORAGE_MONTH,
+)
 from sensormine.tenancy.config import effective_config
 
 CENT = Decimal("0.01")
+GB = 10**9
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ OVERAGE: dict[str, tuple[Overage, ...]] = {
         Overage(ACTIVE_DEVICES, Decimal(100), Decimal(1), Decimal("1.00")),
         Overage(STORAGE_MONTH, Decimal(50), Decimal(1), Decimal("0.10")),
         Overage(ML_INFERENCE, Decimal(0), Decimal(1_000), Decimal("0.20")),
+        # Bytes, priced per started GB (10^9 bytes) beyond an allowance of our own choosing.
+        Overage(DATA_INGESTED, Decimal(100 * GB), Decimal(GB), Decimal("0.05")),
+        Overage(DATA_EGRESS, Decimal(50 * GB), Decimal(GB), Decimal("0.09")),
     ),
 }
 

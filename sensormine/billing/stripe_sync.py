@@ -54,6 +54,8 @@ PRICES = (
 METERS = {
     "api_calls": ("sensormine_api_calls", "Sensormine API calls"),
     "ml_inference": ("sensormine_ml_inference", "Sensormine ML inferences"),
+    "data_ingested": ("sensormine_data_ingested", "Sensormine data ingested (bytes)"),
+    "data_egress": ("sensormine_data_egress", "Sensormine data egress (bytes)"),
 }
 
 

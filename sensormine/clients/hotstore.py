@@ -147,6 +147,10 @@ class WriteResult:
     partitions_created: list[date] = field(default_factory=list)
 
 
+InTransaction = Callable[[psycopg.Connection], object]
+"""Work done in a batch's transaction, after its rows and offsets."""
+
+
 class HotStoreWriter:
     """Batch writer for one connection; remembers which day partitions exist."""
 
@@ -156,8 +160,13 @@ class HotStoreWriter:
         self._known_days: set[date] = existing_partition_days(conn)
         conn.commit()
 
-    def write(self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
-        """Insert `readings` and record `offsets` in one transaction; rows already present are skipped."""
+    def write(
+        self, readings: Sequence[Reading], offsets: Sequence[KafkaOffset] = (), also: InTransaction | None = None
+    ) -> WriteResult:
+        """Insert `readings` and record `offsets` in one transaction; rows already present are skipped.
+
+        `also` runs in the same transaction (the usage events metering the batch), so it commits exactly
+        when the rows and offsets do."""
         by_day: dict[int, list[Reading]] = {}
         tenant_days: set[tuple[str, int]] = set()
         for r in readings:  # one pass: each day's rows for its partition, and the (tenant, day) pairs
@@ -170,9 +179,12 @@ class HotStoreWriter:
             lambda day, table: self._copy(by_day[day] if day is not None else readings, table),
             offsets,
             lambda: newest_per_series((r.tenant_id, r.device_id, r.metric, r.ts, r.value, r.quality) for r in readings),
+            also,
         )
 
-    def write_batch(self, batch: CopyBatch, offsets: Sequence[KafkaOffset] = ()) -> WriteResult:
+    def write_batch(
+        self, batch: CopyBatch, offsets: Sequence[KafkaOffset] = (), also: InTransaction | None = None
+    ) -> WriteResult:
         """Like `write`, for rows already encoded for binary COPY (the consumer's fast path)."""
         if self.conn.info.encoding != "utf-8":
             # CopyBatch encodes text as UTF-8; the server reads COPY text in the client encoding.
@@ -183,6 +195,7 @@ class HotStoreWriter:
             lambda day, table: self._copy_stream(batch.chunks(day), table),
             offsets,
             batch.newest,
+            also,
         )
 
     def _write(
@@ -192,6 +205,7 @@ class HotStoreWriter:
         copy: Callable[[int | None, str], None],
         offsets: Sequence[KafkaOffset],
         newest: Callable[[], list[SeriesPoint]],
+        also: InTransaction | None,
     ) -> WriteResult:
         result = WriteResult()
         days = {epoch_day_to_date(d) for d in {d for _, d in tenant_days}}
@@ -214,6 +228,8 @@ class HotStoreWriter:
                     notify_latest(self.conn, newest())  # delivered to API processes at commit
             if offsets:
                 self._store_offsets(offsets)
+            if also is not None:
+                also(self.conn)
         # Only now: a failed batch rolls its CREATE TABLE back, and a retry must create the partition again.
         self._known_days |= days
         return result

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Protocol
 
 import psycopg
 from confluent_kafka import KafkaError, Message, Producer
 
 from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.metering.usage_events import DATA_INGESTED, UsageEvent, store_usage_events
 from sensormine.reading import Reading, now_us
 from sensormine.schemas.validation import SchemaDirectory
 from sensormine.settings import Settings, get_settings
@@ -218,7 +221,8 @@ class DirectSink:
     ) -> None:
         reason = validate_message(readings, self.settings) or self._schema_violation(tenant_id, device_id, readings)
         if reason is None:
-            self._run(lambda w: w.write(readings))
+            meter = self._meter(tenant_id, device_id, source, readings)
+            self._run(lambda w: w.write(readings, also=meter))
             if self._after_write is not None:
                 try:
                     self._after_write(readings)
@@ -231,6 +235,19 @@ class DirectSink:
             self._run(lambda w: store_dead_letter(w.conn, source, "in-process", reason, payload, tenant_id, device_id))
         if done is not None:
             done()
+
+    def _meter(
+        self, tenant_id: str, device_id: str, source: str, readings: list[Reading]
+    ) -> Callable[[psycopg.Connection], object] | None:
+        """The usage event of accepted readings: the bytes of the envelope Kafka would have carried."""
+        if not self.settings.meter_ingest:
+            return None
+        size = len(encode_envelope(tenant_id, device_id, source, readings))
+        event = UsageEvent(
+            uuid.uuid4().hex, tenant_id, datetime.now(UTC), DATA_INGESTED, size, "ingest:in-process",
+            {"device_id": device_id, "readings": str(len(readings))},
+        )  # fmt: skip
+        return lambda conn: store_usage_events(conn, [event])
 
     def reject(
         self,

@@ -7,6 +7,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from sensormine.metering.ledger import API_CALLS, ML_INFERENCE
+from sensormine.metering.usage_events import DATA_EGRESS, DATA_INGESTED
 
 # Resource -> unit, as the daily rollup counts them (docs/billing.md, "Usage rollups").
 ACTIVE_DEVICES = "active_devices"
@@ -20,9 +21,11 @@ UNITS = {
     READINGS: "readings",
     STORAGE: "bytes",
     STORAGE_MONTH: "GB-month",
+    DATA_INGESTED: "bytes",
+    DATA_EGRESS: "bytes",
 }
 # Summed over a month; active devices are counted distinct over the month, storage averaged.
-ADDITIVE = (API_CALLS, ML_INFERENCE, READINGS)
+ADDITIVE = (API_CALLS, ML_INFERENCE, READINGS, DATA_INGESTED, DATA_EGRESS)
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ def test_usage_daily_counts_the_ledger_and_the_lake_and_is_replaced_on_rerun(
         body = got.json()
         assert {d["resource"]: Decimal(d["quantity"]) for d in body["days"]} == {**expected, "api_calls": 2000}
         assert {k: Decimal(v) for k, v in body["totals"].items()} == {"api_calls": 2000, "ml_inference": 56,
-                                                                      "readings": 60}  # fmt: skip
+                                                                      "readings": 60, "data_ingested": 0,
+                                                                      "data_egress": 0}  # fmt: skip
         other = client.get("/api/billing/usage", params={**window, "tenant_id": "globex"}, headers=admin)
         assert other.status_code == 404
         backwards = client.get("/api/billing/usage", params={"start": str(TODAY), "end": str(OLD)}, headers=admin)
@@ -278,7 +279,7 @@ def test_a_month_sums_its_days_counts_devices_once_and_is_priced_in_its_preview(
     assert stored is not None and stored[:3] == ("pro", "usd", Decimal("99.20"))
     amounts = {line.get("resource", line["item"]): Decimal(line["amount"]) for line in stored[3]}
     assert amounts == {"plan": Decimal("99"), "api_calls": 0, "active_devices": 0, "storage_gb_month": 0,
-                       "ml_inference": Decimal("0.20")}  # fmt: skip
+                       "ml_inference": Decimal("0.20"), "data_ingested": 0, "data_egress": 0}  # fmt: skip
     assert sum(amounts.values()) == stored[2]
 
     admin = {"X-API-Key": create_api_key(conn, "acme", "billing", role="tenant_admin")}

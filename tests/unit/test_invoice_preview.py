@@ -14,7 +14,8 @@ def _amounts(lines: list[dict]) -> dict[str, Decimal | None]:
 
 def test_pro_overage_is_charged_per_started_block_and_the_total_is_the_sum_of_the_lines() -> None:
     usage = {"api_calls": Decimal(1_000_001), "active_devices": Decimal(103), "storage_gb_month": Decimal("50.5"),
-             "ml_inference": Decimal(2_500)}  # fmt: skip
+             "ml_inference": Decimal(2_500), "data_ingested": Decimal(100 * 10**9 + 1),
+             "data_egress": Decimal(52 * 10**9)}  # fmt: skip
     preview = build_preview("acme", MONTH, "pro", "month", usage)
     amounts = _amounts(preview.lines)
     assert amounts == {
@@ -23,8 +24,10 @@ def test_pro_overage_is_charged_per_started_block_and_the_total_is_the_sum_of_th
         "active_devices": Decimal("3.00"),
         "storage_gb_month": Decimal("0.10"),  # half a GB-month starts a GB
         "ml_inference": Decimal("0.60"),  # 2,500 inferences: three started blocks of 1,000
+        "data_ingested": Decimal("0.05"),  # one byte beyond 100 GB starts a GB
+        "data_egress": Decimal("0.18"),  # 2 GB beyond 50
     }
-    assert preview.total == sum(a for a in amounts.values() if a is not None) == Decimal("103.20")
+    assert preview.total == sum(a for a in amounts.values() if a is not None) == Decimal("103.43")
     assert preview.currency == "usd"
 
 
