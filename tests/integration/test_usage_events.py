@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import duckdb
 import psycopg
@@ -53,13 +54,19 @@ def duckdb_sums(conn: psycopg.Connection, resource: str) -> dict[str, int]:
     return {t: int(v) for t, v in got}
 
 
-def run_metering(settings: Settings, group_id: str | None = None) -> MeteringConsumer:
-    consumer = MeteringConsumer(settings, group_id)
+C = TypeVar("C", HotStoreConsumer, MeteringConsumer)
+
+
+def run_until_idle(consumer: C) -> C:
     try:
         consumer.run(threading.Event(), idle_exit_s=2.0)
     finally:
         consumer.close()
     return consumer
+
+
+def run_metering(settings: Settings, group_id: str | None = None) -> MeteringConsumer:
+    return run_until_idle(MeteringConsumer(settings, group_id))
 
 
 def test_consumer_meters_accepted_payload_bytes_once(settings: Settings, conn: psycopg.Connection) -> None:
@@ -77,12 +84,7 @@ def test_consumer_meters_accepted_payload_bytes_once(settings: Settings, conn: p
     sink.producer.produce(settings.telemetry_topic("acme"), b"not an envelope: not metered", key=b"d1")
     assert sink.flush(30) == 0
 
-    consumer = HotStoreConsumer(settings)
-    try:
-        consumer.run(threading.Event(), idle_exit_s=2.0)
-    finally:
-        consumer.close()
-
+    consumer = run_until_idle(HotStoreConsumer(settings))
     assert consumer.stats.rejected == 1
     assert ledger(conn, DATA_INGESTED) == sent
     assert duckdb_sums(conn, DATA_INGESTED) == sent
@@ -93,11 +95,7 @@ def test_consumer_meters_accepted_payload_bytes_once(settings: Settings, conn: p
     # (the events carry the ids of the records they cover).
     conn.execute("DELETE FROM ingest_offsets")
     conn.commit()
-    again = HotStoreConsumer(settings)
-    try:
-        again.run(threading.Event(), idle_exit_s=2.0)
-    finally:
-        again.close()
+    again = run_until_idle(HotStoreConsumer(settings))
     assert again.stats.messages == 16
     assert ledger(conn, DATA_INGESTED) == sent
 
