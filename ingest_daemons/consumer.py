@@ -26,6 +26,7 @@ from sensormine.clients.hotstore import CopyBatch, HotStoreWriter, KafkaOffset, 
 from sensormine.clients.kafka import make_consumer, make_producer
 from sensormine.clients.postgres import INGEST, connect, migrate_database
 from sensormine.ingest.sinks import dlq_headers
+from sensormine.limits.storage import StorageGate
 from sensormine.metering.usage_events import DATA_INGESTED, UsageEvent, store_usage_events
 from sensormine.reading import now_us
 from sensormine.schemas.validation import SchemaDirectory, SchemaViolation, exact_payload_items, payload_items
@@ -128,6 +129,8 @@ class HotStoreConsumer:
         self.consumer: Consumer = make_consumer(self.group_id, self.settings)
         self.stats = ConsumerStats()
         self.schemas = SchemaDirectory(lambda: connect(self.settings, role=INGEST))
+        # Readings of a quota group that stores its plan's limit or more are dead-lettered (replayable).
+        self.storage = StorageGate(lambda: connect(self.settings, role=INGEST), self.settings.storage_quota_recheck_s)
         # A schema reject reloads the schemas first when they are older than this: a fix is picked up
         # at once, while a flood of bad messages costs one query per interval.
         self.schema_recheck_s = 1.0
@@ -256,6 +259,7 @@ class HotStoreConsumer:
         if self.schemas.due():
             self._refresh_schemas()
         schema_keys = self._schema_keys  # empty unless some device has a schema: then one set lookup each
+        refused: dict[str, str | None] = {}  # topic -> why its tenant's readings are refused now, or None
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -270,6 +274,14 @@ class HotStoreConsumer:
                 first[at] = offset
             self.stats.messages += 1
             raw = cast(bytes, msg.value())  # None (a tombstone) is rejected as a malformed envelope
+            if topic in refused:
+                refusal = refused[topic]
+            else:
+                tenant_id = self.settings.tenant_of_telemetry_topic(topic)
+                refusal = refused[topic] = None if tenant_id is None else self.storage.refusal(tenant_id)
+            if refusal is not None:
+                self._reject(msg, refusal, [("quota", b"storage")])
+                continue
             if schema_keys and (msg.topic(), msg.key()) in schema_keys:
                 schema_reject = self._schema_reject(msg, raw)
                 if schema_reject is not None:
@@ -390,6 +402,7 @@ class HotStoreConsumer:
         self.consumer.close()
         self.dlq.flush(30)
         self.conn.close()
+        self.storage.close()
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes | None]]:

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     egress_flush_interval_s: float = Field(
         5.0, description="How often each API process emits its response-byte counts (data_egress) as usage events."
     )
+    storage_quota_recheck_s: float = Field(
+        60.0,
+        description="How long a writer keeps a tenant's storage-quota verdict before reading it again: readings "
+        "of a group that stores its plan's limit are refused (dead-lettered), and an upgrade is honoured within this.",
+    )
     limits_enabled: bool = Field(
         True,
         description="Enforce per-plan rate limits and monthly quotas on the API (and meter API calls and "

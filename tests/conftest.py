@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster
 import psycopg
 import pytest
 
 from sensormine.settings import Settings, reset_settings
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_VARS = (
@@ -136,6 +140,23 @@ def settings_for(services: dict[str, str], database_url: str, state_dir: Path) -
 def settings(services: dict[str, str], database_url: str, tmp_path: Path) -> Settings:
     """Settings for one test: its own database, lake folder and Kafka topic namespace."""
     return settings_for(services, database_url, tmp_path)
+
+
+@pytest.fixture
+def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Result]]:
+    """`sensormine ...` through the CLI, against the test's database and Kafka namespace."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
+    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
+    monkeypatch.setenv("SENSORMINE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap or "")
+    monkeypatch.setenv("SENSORMINE_ENV", settings.env)
+    reset_settings()
+    runner = CliRunner()
+    yield lambda *args: runner.invoke(app, list(args))
+    reset_settings()
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 
@@ -10,6 +12,27 @@ from sensormine.devices.registry import create_device
 from sensormine.identity.api_keys import create_api_key
 from sensormine.reading import Reading, datetime_to_us
 from sensormine.tenancy.tenants import create_tenant
+
+
+class Daemon(Protocol):
+    """A consumer daemon (hot store, metering, stream processor): runs until stopped or idle."""
+
+    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+D = TypeVar("D", bound=Daemon)
+
+
+def run_until_idle(daemon: D, idle_s: float = 2.0) -> D:
+    """Run `daemon` until nothing arrived for `idle_s`, then close it; returns it (with its stats)."""
+    try:
+        daemon.run(threading.Event(), idle_exit_s=idle_s)
+    finally:
+        daemon.close()
+    return daemon
+
 
 DAY = datetime(2026, 11, 26, tzinfo=UTC)
 DAY_US = datetime_to_us(DAY)

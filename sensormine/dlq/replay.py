@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -28,6 +29,7 @@ from sensormine.dlq.letters import (
     list_dead_letters,
     parse_id,
 )
+from sensormine.limits.storage import storage_position
 from sensormine.reading import Reading, now_us
 from sensormine.schemas.validation import SchemaDirectory
 from sensormine.settings import Settings
@@ -125,7 +127,14 @@ def _device_readings(entry: DeadLetter, tenant_id: str, device_id: str, now: int
     return outcome.readings
 
 
-def _plan(conn: psycopg.Connection, settings: Settings, schemas: SchemaDirectory, entry: DeadLetter, now: int) -> _Plan:
+def _plan(
+    conn: psycopg.Connection,
+    settings: Settings,
+    schemas: SchemaDirectory,
+    entry: DeadLetter,
+    now: int,
+    storage_refusal: Callable[[str], str | None],
+) -> _Plan:
     """What replaying `entry` would submit, checked as its path would check it; _Refused otherwise."""
     doc = _envelope_doc(entry.payload)
     try:
@@ -161,6 +170,8 @@ def _plan(conn: psycopg.Connection, settings: Settings, schemas: SchemaDirectory
         raise _Refused(str(exc)) from None
     if conn.execute("SELECT 1 FROM tenants WHERE id = %s", (tenant_id,)).fetchone() is None:
         raise _Refused(f"unknown tenant {tenant_id!r}")
+    if (refusal := storage_refusal(tenant_id)) is not None:
+        raise _Refused(refusal)  # resubmitted, it would only come back
     if (reason := validate_message(readings, settings, now)) is not None:
         raise _Refused(reason)
     if (violation := schemas.check(tenant_id, device_id, readings)) is not None:
@@ -313,13 +324,22 @@ def replay(
         schemas = SchemaDirectory(lambda: connect(settings, role=INGEST))
         schemas.load(conn)
         now = now_us()
+        today = datetime.fromtimestamp(now / 1e6, UTC).date()
+        refusals: dict[str, str | None] = {}
+
+        def storage_refusal(tenant_id: str) -> str | None:
+            if tenant_id not in refusals:
+                position = storage_position(conn, tenant_id, today)
+                refusals[tenant_id] = None if position is None else position.refusal()
+            return refusals[tenant_id]
+
         plans: list[_Plan] = []
         for entry in entries:
             if entry.id in done:
                 by_id[entry.id] = ReplayOutcome(entry.id, "already_replayed", None, entry.tenant_id, entry.device_id)
                 continue
             try:
-                plans.append(_plan(conn, settings, schemas, entry, now))
+                plans.append(_plan(conn, settings, schemas, entry, now, storage_refusal))
             except _Refused as exc:
                 by_id[entry.id] = ReplayOutcome(entry.id, "still_rejected", str(exc), entry.tenant_id, entry.device_id)
         conn.commit()

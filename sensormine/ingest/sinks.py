@@ -14,6 +14,7 @@ import psycopg
 from confluent_kafka import KafkaError, Message, Producer
 
 from sensormine.clients.hotstore import HotStoreWriter
+from sensormine.limits.storage import StorageGate
 from sensormine.metering.usage_events import DATA_INGESTED, UsageEvent, store_usage_events
 from sensormine.reading import Reading, now_us
 from sensormine.schemas.validation import SchemaDirectory
@@ -184,6 +185,7 @@ class DirectSink:
         self._writer: HotStoreWriter | None = None
         self._lock = threading.Lock()
         self._schemas: SchemaDirectory | None = None
+        self._storage = StorageGate(connect, self.settings.storage_quota_recheck_s)
         self._open()
 
     def _schema_violation(self, tenant_id: str, device_id: str, readings: list[Reading]) -> str | None:
@@ -219,7 +221,11 @@ class DirectSink:
     def publish(
         self, tenant_id: str, device_id: str, source: str, readings: list[Reading], done: Done | None = None
     ) -> None:
-        reason = validate_message(readings, self.settings) or self._schema_violation(tenant_id, device_id, readings)
+        reason = (
+            validate_message(readings, self.settings)
+            or self._storage.refusal(tenant_id)
+            or self._schema_violation(tenant_id, device_id, readings)
+        )
         if reason is None:
             meter = self._meter(tenant_id, device_id, source, readings)
             self._run(lambda w: w.write(readings, also=meter))
@@ -277,6 +283,7 @@ class DirectSink:
             self._on_close()
         if self._conn is not None:
             self._conn.close()
+        self._storage.close()
 
 
 def make_sink(settings: Settings | None = None) -> ReadingSink:

@@ -47,7 +47,11 @@ def render(tenant_id: str, event_type: str, data: dict[str, Any]) -> tuple[str, 
         if data.get("metric") == "storage_bytes":  # bytes read best as GB
             what = "storage"
             used, limit = (f"{(data.get(k) or 0) / 10**9:.2f} GB" for k in ("used", "limit"))
-        if event_type.endswith(".exceeded"):
+        if event_type.endswith(".exceeded") and what == "storage":
+            message = (f"The {plan} plan's limit of {limit} storage is reached ({used} stored): new readings are "
+                       "refused and kept in the dead-letter queue until the plan is upgraded or the data shrinks; "
+                       "replay them after.")  # fmt: skip
+        elif event_type.endswith(".exceeded"):
             message = (f"The {plan} plan's limit of {limit} {what} is reached ({used} used): further {what} are "
                        "refused until the limit resets or the plan is upgraded.")  # fmt: skip
         else:

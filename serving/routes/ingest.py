@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from sensormine.alerts.processor import watched_sink
-from sensormine.clients.postgres import AUTH, role_scope
+from sensormine.clients.postgres import AUTH, INGEST, connect, role_scope
 from sensormine.devices.registry import device_key_holder
 from sensormine.devices.status import TrackingSink, tracked
+from sensormine.limits.storage import StorageGate
 from sensormine.reading import now_us
 from sensormine.settings import Settings
 from sensormine.telemetry.batch import BatchOutcome, parse_csv_batch, parse_json_batch
@@ -54,6 +55,8 @@ class IngestGate:
         self.settings = settings
         self._sink: TrackingSink | None = None
         self._lock = threading.Lock()
+        # A batch of a quota group that stores its plan's limit is refused before it is read.
+        self.storage = StorageGate(lambda: connect(settings, role=INGEST), settings.storage_quota_recheck_s)
 
     def _open(self) -> TrackingSink:
         # Called with the lock held.
@@ -92,6 +95,7 @@ class IngestGate:
                 self._sink.flush(self.settings.http_ingest_timeout_s)
                 self._sink.close()
                 self._sink = None
+        self.storage.close()
 
 
 def _gate(request: Request, settings: Settings) -> IngestGate:
@@ -101,13 +105,22 @@ def _gate(request: Request, settings: Settings) -> IngestGate:
     return gate
 
 
-def _device(request: Request, key: str) -> tuple[str, str] | None:
-    """The device holding `key`, once its tenant's ingest rate admits the request (else a 429 problem)."""
+def _device(request: Request, gate: IngestGate, key: str) -> tuple[str, str] | None:
+    """The device holding `key`, once its tenant's ingest rate admits the request (else a 429 problem)
+    and its storage quota has room (else a 403 problem)."""
     with request.app.state.pool.connection() as conn, role_scope(conn, AUTH):
         holder = device_key_holder(conn, key)
     if holder is None:
         return None
     ingest_rate_guard(request.app, holder.quota_tenant, holder.plan)
+    refusal = gate.storage.refusal(holder.tenant_id)
+    if refusal is not None:
+        raise Problem(
+            403,
+            f"{refusal}; nothing of this batch was stored: send it again once the plan allows",
+            "Storage quota exceeded",
+            kind="storage",
+        )
     return holder.tenant_id, holder.device_id
 
 
@@ -130,6 +143,7 @@ def _device(request: Request, key: str) -> tuple[str, str] | None:
     responses={
         400: {"description": "The body is not a JSON or CSV batch (it is in the dead-letter queue)."},
         401: {"description": "Missing or unknown device key."},
+        403: {"description": "The tenant stores its plan's storage limit or more: upgrade the plan (nothing stored)."},
         413: {"description": "Body larger than SENSORMINE_HTTP_INGEST_MAX_BYTES."},
         429: {"description": "The tenant's plan allows no more ingest requests a second (Retry-After)."},
         415: {"description": "Content type other than application/json or text/csv."},
@@ -150,7 +164,8 @@ async def ingest(
     key = request.headers.get(settings.device_key_header)
     if not key:
         raise Problem(401, f"send the device key in the {settings.device_key_header} header")
-    device = await run_in_threadpool(_device, request, key)
+    gate = _gate(request, settings)
+    device = await run_in_threadpool(_device, request, gate, key)
     if device is None:
         raise Problem(401, "the device key is unknown (revoked, or the device was deleted)")
     tenant_id, device_id = device
@@ -160,7 +175,6 @@ async def ingest(
     parsers = {"application/json": parse_json_batch, "text/csv": parse_csv_batch}
     if media not in parsers:
         raise Problem(415, f"content type {media!r} is not accepted: send application/json or text/csv")
-    gate = _gate(request, settings)
     try:
         outcome = parsers[media](body, tenant_id, device_id, now_us())
     except PayloadError as exc:

@@ -6,28 +6,14 @@ import re
 
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
-from cli.main import app
 from sensormine.clients.kafka import make_admin
 from sensormine.identity.api_keys import resolve_api_key
 from sensormine.identity.secrets import hash_secret
-from sensormine.settings import Settings, reset_settings
+from sensormine.settings import Settings
 from sensormine.tenancy.tenants import visible_tenant_ids
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
-    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
-    monkeypatch.setenv("SENSORMINE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap or "")
-    monkeypatch.setenv("SENSORMINE_ENV", settings.env)
-    reset_settings()
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(app, list(args))
-    reset_settings()
 
 
 def secret(output: str, label: str) -> str:

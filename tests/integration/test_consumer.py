@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import psycopg
 import pytest
 
@@ -13,18 +11,13 @@ from sensormine.clients.kafka import ensure_topics
 from sensormine.ingest.sinks import KafkaSink
 from sensormine.reading import now_us
 from sensormine.settings import Settings
-from tests.factories import drain_topic, make_tenant, readings
+from tests.factories import drain_topic, make_tenant, readings, run_until_idle
 
 pytestmark = pytest.mark.integration
 
 
 def run_consumer(settings: Settings) -> HotStoreConsumer:
-    consumer = HotStoreConsumer(settings)
-    try:
-        consumer.run(threading.Event(), idle_exit_s=4.0)
-    finally:
-        consumer.close()
-    return consumer
+    return run_until_idle(HotStoreConsumer(settings), 4.0)
 
 
 def test_consumer_writes_valid_and_dead_letters_invalid(settings: Settings, conn: psycopg.Connection) -> None:

@@ -13,9 +13,7 @@ from contextlib import contextmanager
 import orjson
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
-from cli.main import app
 from ingest_daemons.consumer import HotStoreConsumer
 from ingest_daemons.mqtt import MqttIngest
 from sensormine.clients.hotstore import stored_offsets
@@ -29,7 +27,7 @@ from sensormine.ingest.sinks import DirectSink, KafkaSink
 from sensormine.reading import Reading
 from sensormine.schemas.compat import IncompatibleSchema
 from sensormine.schemas.store import latest_schema, register_schema
-from sensormine.settings import Settings, reset_settings
+from sensormine.settings import Settings
 from sensormine.tenancy.tenants import create_tenant
 from tests.factories import DAY_US, drain_topic, wait_until
 
@@ -87,19 +85,6 @@ def committed(conn: psycopg.Connection, settings: Settings) -> int:
     done = sum(stored_offsets(conn, settings.consumer_group).values())
     conn.commit()
     return done
-
-
-@pytest.fixture
-def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., object]]:
-    """`sensormine ...` against the test's database and Kafka namespace."""
-    monkeypatch.setenv("SENSORMINE_DATABASE_URL", settings.database_url or "")
-    monkeypatch.setenv("SENSORMINE_DATABASE_MIGRATE_URL", settings.database_migrate_url or "")
-    monkeypatch.setenv("SENSORMINE_KAFKA_BOOTSTRAP", settings.kafka_bootstrap or "")
-    monkeypatch.setenv("SENSORMINE_ENV", settings.env)
-    reset_settings()
-    runner = CliRunner()
-    yield lambda *args: runner.invoke(app, list(args))
-    reset_settings()
 
 
 def test_a_violation_lands_in_the_dlq_and_replay_after_the_fix_brings_it_in_once(

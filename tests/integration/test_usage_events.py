@@ -5,10 +5,8 @@ an independent DuckDB computation over the raw events."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import duckdb
 import psycopg
@@ -28,7 +26,7 @@ from sensormine.reading import now_us
 from sensormine.settings import Settings
 from sensormine.telemetry.payload import encode_envelope
 from serving.main import create_app
-from tests.factories import drain_topic, make_tenant, readings
+from tests.factories import drain_topic, make_tenant, readings, run_until_idle
 
 pytestmark = pytest.mark.integration
 
@@ -52,17 +50,6 @@ def duckdb_sums(conn: psycopg.Connection, resource: str) -> dict[str, int]:
         db.executemany("INSERT INTO ev VALUES (?, ?, ?, ?, ?)", rows)
     got = db.execute("SELECT tenant_id, sum(quantity) FROM ev GROUP BY tenant_id").fetchall()
     return {t: int(v) for t, v in got}
-
-
-C = TypeVar("C", HotStoreConsumer, MeteringConsumer)
-
-
-def run_until_idle(consumer: C) -> C:
-    try:
-        consumer.run(threading.Event(), idle_exit_s=2.0)
-    finally:
-        consumer.close()
-    return consumer
 
 
 def run_metering(settings: Settings, group_id: str | None = None) -> MeteringConsumer:

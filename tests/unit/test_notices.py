@@ -11,6 +11,9 @@ def test_quota_notices_say_what_is_near_or_past_the_plans_limit() -> None:
     devices = {"metric": "devices", "threshold_percent": 100, "used": 10, "limit": 10, "plan": "free"}
     _, text = render("acme", "quota.devices.exceeded", devices)
     assert "The free plan's limit of 10 devices is reached (10 used): further devices are refused" in text
+    full = {**data, "threshold_percent": 100, "used": 1_200_000_000}
+    _, text = render("acme", "quota.storage.exceeded", full)
+    assert "limit of 1.00 GB storage is reached (1.20 GB stored): new readings are refused and kept in the " in text
 
 
 def test_billing_notices_carry_their_own_sentence() -> None:
